@@ -1,0 +1,212 @@
+"""Publishing jobs from any Python service: ``JobClient``.
+
+Every publish is confirmed by the broker before the call returns. Arguments are
+validated against the job's model before anything leaves the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from amqp_jobs.connection import DEFAULT_URL
+from amqp_jobs.contract import ArgsT, Job, check_namespace
+from amqp_jobs.errors import ContractError, PublishError
+from amqp_jobs.link import Link
+from amqp_jobs.message import Envelope, now_ms
+from amqp_jobs.topology import TopologySettings
+
+#: Publishes in flight at once in enqueue_many (confirms are pipelined within it).
+BATCH_WINDOW = 2000
+
+
+class BatchPublishError(PublishError):
+    """Some jobs of an ``enqueue_many`` batch were not confirmed.
+
+    ``job_ids`` lists every job's id in input order; ``failed`` maps the index of each job
+    that was not confirmed to its error. The others were confirmed.
+    """
+
+    def __init__(self, job_ids: list[str], failed: dict[int, BaseException]) -> None:
+        self.job_ids = job_ids
+        self.failed = failed
+        first = failed[min(failed)]
+        super().__init__(
+            f"{len(failed)} of {len(job_ids)} jobs were not confirmed; first error: {first}"
+        )
+
+
+def resolve_eta(delay: timedelta | float | None, run_at: datetime | None) -> int | None:
+    """Absolute ETA in epoch milliseconds, or None to run now."""
+    if delay is not None and run_at is not None:
+        raise ContractError("pass either delay= or run_at=, not both")
+    if delay is not None:
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
+        if isinstance(delay, bool) or not isinstance(delay, int | float):
+            raise ContractError(f"delay must be a timedelta or seconds, got {delay!r}")
+        if delay < 0:
+            raise ContractError(f"delay must not be negative, got {delay}")
+        return now_ms() + round(delay * 1000) if delay > 0 else None
+    if run_at is not None:
+        if not isinstance(run_at, datetime):
+            raise ContractError(f"run_at must be a datetime, got {run_at!r}")
+        if run_at.tzinfo is None or run_at.utcoffset() is None:
+            raise ContractError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
+        eta = round(run_at.timestamp() * 1000)
+        return eta if eta > now_ms() else None
+    return None
+
+
+class JobClient:
+    """Publishes jobs of one namespace; use as ``async with JobClient(url, namespace=...)``.
+
+    With ``declare=True`` (the default) the client declares each job's queue and binding
+    before its first publish, so jobs published before any worker starts wait in the
+    queue. Transient broker failures are retried for ``retry_for`` seconds, then raised.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str,
+        settings: TopologySettings | None = None,
+        declare: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        retry_for: float = 30.0,
+        confirm_timeout: float = 30.0,
+        name: str = "amqp-jobs client",
+    ) -> None:
+        if retry_for < 0 or confirm_timeout <= 0:
+            raise ContractError("retry_for must be >= 0 and confirm_timeout > 0")
+        self.url = url or os.environ.get("AMQP_URL") or DEFAULT_URL
+        self.namespace = check_namespace(namespace)
+        self.settings = settings or TopologySettings()
+        self.retry_for = retry_for
+        self._link = Link(
+            self.url,
+            self.namespace,
+            self.settings,
+            name=name,
+            declare=declare,
+            ssl_context=ssl_context,
+            connect_timeout=retry_for,
+            confirm_timeout=confirm_timeout,
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect now rather than on the first enqueue; raises BrokerUnavailableError."""
+        await self._link.open()
+
+    async def close(self) -> None:
+        await self._link.close()
+
+    @property
+    def declared_queues(self) -> set[str]:
+        """Work queues this client declared (tests use it to clean up)."""
+        link = self._link
+        return link.known_queues | (link.declarer.queues if link.is_open else set())
+
+    def prepare(
+        self,
+        job: Job[ArgsT],
+        args: ArgsT | Mapping[str, Any],
+        *,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Envelope:
+        """Validate and encode one job without sending it."""
+        if not isinstance(job, Job):
+            raise ContractError(f"expected a Job contract, got {job!r}")
+        if job_id is not None and (not isinstance(job_id, str) or not job_id or len(job_id) > 200):
+            raise ContractError(
+                f"job_id must be a non-empty string of at most 200 chars: {job_id!r}"
+            )
+        return Envelope.new(
+            job.name,
+            job.encode_args(args),
+            job.queue,
+            eta_ms=resolve_eta(delay, run_at),
+            job_id=job_id,
+            headers=headers,
+        )
+
+    async def enqueue(
+        self,
+        job: Job[ArgsT],
+        args: ArgsT | Mapping[str, Any],
+        *,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Publish one job, confirmed; returns its job id.
+
+        Raises ArgsValidationError (naming the field) before publishing, and a
+        PublishError or BrokerUnavailableError if the broker did not take it.
+        """
+        envelope = self.prepare(
+            job, args, delay=delay, run_at=run_at, job_id=job_id, headers=headers
+        )
+        await self.send(envelope, job.queue)
+        return envelope.job_id
+
+    async def enqueue_many(
+        self,
+        job: Job[ArgsT],
+        batch: Iterable[ArgsT | Mapping[str, Any]],
+        *,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+    ) -> list[str]:
+        """Publish many jobs with pipelined confirms; returns their ids in input order.
+
+        Every item is validated before the first is published. If some are not
+        confirmed, raises BatchPublishError saying which.
+        """
+        envelopes = [self.prepare(job, args, delay=delay, run_at=run_at) for args in batch]
+        ids = [e.job_id for e in envelopes]
+        failed: dict[int, BaseException] = {}
+        for start in range(0, len(envelopes), BATCH_WINDOW):
+            window = envelopes[start : start + BATCH_WINDOW]
+            results = await asyncio.gather(
+                *(self.send(e, job.queue) for e in window), return_exceptions=True
+            )
+            for offset, result in enumerate(results):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result
+                    failed[start + offset] = result
+        if failed:
+            raise BatchPublishError(ids, failed)
+        return ids
+
+    async def send(self, envelope: Envelope, queue: str) -> None:
+        """Publish a prepared envelope, confirmed, retrying transient failures."""
+        link = self._link
+
+        async def op() -> None:
+            await link.send(envelope, queue, via_jobs_exchange=True)
+
+        await link.retrying(op, give_up_after=self.retry_for)

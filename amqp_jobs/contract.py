@@ -1,0 +1,201 @@
+"""Job contracts: what a job is called, what it takes, where it runs and how it retries.
+
+A contract holds no handler code, so a publishing service imports it without importing
+the worker. Everything here is validated when it is built: a typo fails at import time,
+not when the first job dead-letters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Generic, TypeVar
+
+import pydantic
+from tenacity import RetryCallState, Retrying
+from tenacity.wait import wait_base, wait_exponential_jitter, wait_fixed
+
+from amqp_jobs.errors import ArgsValidationError, ContractError, JobTimeoutError
+
+ArgsT = TypeVar("ArgsT", bound=pydantic.BaseModel)
+
+#: Job names are routing keys on a direct exchange: AMQP allows 255 bytes.
+_JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
+#: Queue names become one word of a topic routing key, so they may not contain dots.
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_ATTEMPTS = 10
+
+
+def check_queue_name(queue: str) -> str:
+    """Return ``queue`` or raise ContractError naming the rule it breaks."""
+    if not isinstance(queue, str) or not _QUEUE_NAME.match(queue):
+        raise ContractError(
+            f"invalid queue name {queue!r}: use 1-100 characters of letters, digits, '_' and '-'"
+            " (no dots: the queue name is one word of the delay routing key)"
+        )
+    return queue
+
+
+def check_namespace(namespace: str) -> str:
+    """Return ``namespace`` or raise ContractError naming the rule it breaks."""
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        raise ContractError(
+            f"invalid namespace {namespace!r}: use 1-64 letters, digits, '_' and '-'"
+        )
+    return namespace
+
+
+def seconds(value: float | timedelta, what: str) -> float:
+    """Turn a number of seconds or a timedelta into seconds, refusing negatives."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ContractError(f"{what} must be seconds or a timedelta, got {value!r}")
+    if value < 0:
+        raise ContractError(f"{what} must be >= 0, got {value}")
+    return float(value)
+
+
+class _WaitState(RetryCallState):
+    """The part of tenacity's call state its wait strategies read."""
+
+    def __init__(self, attempt: int) -> None:
+        super().__init__(Retrying(), None, (), {})
+        self.attempt_number = attempt
+
+
+def _default_backoff() -> wait_base:
+    return wait_exponential_jitter(initial=1, max=3600, exp_base=2, jitter=1)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how soon a failed job runs again.
+
+    ``backoff`` is any tenacity wait strategy (or a fixed number of seconds); it is asked
+    for the delay after attempt *n* fails. The default is exponential from 1 s, doubling,
+    with up to 1 s of jitter, capped at one hour. ``give_up_on`` wins over ``retry_on``;
+    an exception matching neither sends the job to the dead-letter queue at once.
+    A handler timeout is retried unless ``give_up_on`` names JobTimeoutError.
+    """
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    backoff: wait_base | float | timedelta = field(default_factory=_default_backoff)
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    give_up_on: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise ContractError(f"max_attempts must be an int, got {self.max_attempts!r}")
+        if not 1 <= self.max_attempts <= 10_000:
+            raise ContractError(f"max_attempts must be 1..10000, got {self.max_attempts}")
+        if not isinstance(self.backoff, wait_base):
+            object.__setattr__(self, "backoff", wait_fixed(seconds(self.backoff, "backoff")))
+        for attr in ("retry_on", "give_up_on"):
+            value = getattr(self, attr)
+            if isinstance(value, type):
+                value = (value,)
+                object.__setattr__(self, attr, value)
+            if not all(isinstance(t, type) and issubclass(t, BaseException) for t in value):
+                raise ContractError(f"{attr} must be a tuple of exception classes, got {value!r}")
+
+    def delay_after(self, attempt: int) -> float:
+        """Seconds to wait before running again, after attempt ``attempt`` (1-based) failed."""
+        assert isinstance(self.backoff, wait_base)
+        return max(0.0, float(self.backoff(_WaitState(attempt))))
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Whether this exception is worth another attempt (ignoring the attempt count)."""
+        if isinstance(exc, self.give_up_on):
+            return False
+        return isinstance(exc, (JobTimeoutError, *self.retry_on))
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+class Job(Generic[ArgsT]):
+    """A job contract: name, args model, queue, retry policy and timeout.
+
+    Publishers and workers import the same contract; only the worker registers a handler.
+    """
+
+    __slots__ = ("args_model", "name", "queue", "retry", "timeout")
+
+    def __init__(
+        self,
+        name: str,
+        args_model: type[ArgsT],
+        *,
+        queue: str = "default",
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        if not isinstance(name, str) or not _JOB_NAME.match(name):
+            raise ContractError(
+                f"invalid job name {name!r}: use 1-200 characters of letters, digits and"
+                " '_', '.', ':', '-', starting with a letter, digit or '_'"
+            )
+        if not (isinstance(args_model, type) and issubclass(args_model, pydantic.BaseModel)):
+            raise ContractError(
+                f"job {name!r}: args_model must be a pydantic BaseModel subclass,"
+                f" got {args_model!r}"
+            )
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ContractError(f"job {name!r}: retry must be a RetryPolicy, got {retry!r}")
+        self.name = name
+        self.args_model = args_model
+        self.queue = check_queue_name(queue)
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.timeout = None if timeout is None else seconds(timeout, f"job {name!r} timeout")
+        if self.timeout == 0:
+            raise ContractError(f"job {name!r}: timeout must be > 0 (or None for no timeout)")
+
+    def __repr__(self) -> str:
+        return f"Job({self.name!r}, {self.args_model.__name__}, queue={self.queue!r})"
+
+    def validate(self, args: ArgsT | Mapping[str, Any]) -> ArgsT:
+        """Return ``args`` as the job's model, or raise ArgsValidationError naming the field."""
+        if isinstance(args, self.args_model):
+            return args
+        if isinstance(args, pydantic.BaseModel):
+            raise ArgsValidationError(
+                self.name,
+                [
+                    {
+                        "loc": (),
+                        "msg": f"expected {self.args_model.__name__}, got {type(args).__name__}",
+                    }
+                ],
+            )
+        try:
+            return self.args_model.model_validate(args)
+        except pydantic.ValidationError as exc:
+            raise ArgsValidationError(self.name, _errors(exc)) from None
+
+    def encode_args(self, args: ArgsT | Mapping[str, Any]) -> bytes:
+        """Validate and serialise args to the wire body (the model's JSON)."""
+        return self.validate(args).model_dump_json().encode()
+
+    def decode_args(self, body: bytes) -> ArgsT:
+        """Parse a wire body into the model, or raise ArgsValidationError."""
+        try:
+            return self.args_model.model_validate_json(body)
+        except pydantic.ValidationError as exc:
+            raise ArgsValidationError(self.name, _errors(exc)) from None
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the job's body, for publishers in other languages."""
+        return self.args_model.model_json_schema()
+
+
+def _errors(exc: pydantic.ValidationError) -> list[dict[str, object]]:
+    return [
+        {"loc": tuple(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]

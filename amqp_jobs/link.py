@@ -1,0 +1,203 @@
+"""A live link to the broker: connection, declarer and publisher, rebuilt when lost.
+
+Also the one place that decides where a job message goes: straight to the jobs
+exchange, or into the delay cascade when it is due later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from amqp_jobs.connection import TRANSIENT, Publisher, connect, describe, mask_url
+from amqp_jobs.errors import BrokerUnavailableError, PublishError, UnroutableError
+from amqp_jobs.message import Envelope, now_ms
+from amqp_jobs.topology import (
+    Declarer,
+    TopologySettings,
+    dead_exchange,
+    delayed_route,
+    deliver_exchange,
+    jobs_exchange,
+)
+
+log = logging.getLogger("amqp_jobs.link")
+
+#: Channel-level failures that a fresh channel or connection may cure.
+RECOVERABLE = (*TRANSIENT, aiormq.exceptions.ChannelClosed)
+#: ... except these, which say the same thing again however often we ask.
+PERMANENT = (
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ProbableAuthenticationError,
+)
+
+
+class Link:
+    """One connection with its declarer and confirm publisher."""
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        settings: TopologySettings,
+        *,
+        name: str,
+        declare: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float | None = 30.0,
+        confirm_timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.settings = settings
+        self.name = name
+        self.declare = declare
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self.confirm_timeout = confirm_timeout
+        self._connection: AbstractConnection | None = None
+        self._declarer: Declarer | None = None
+        self._publisher: Publisher | None = None
+        self._lock = asyncio.Lock()
+        #: every work queue any declarer of this link declared (for cleanup by tests)
+        self.known_queues: set[str] = set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    @property
+    def connection(self) -> AbstractConnection:
+        if self._connection is None:
+            raise BrokerUnavailableError("not connected; call open() first")
+        return self._connection
+
+    @property
+    def declarer(self) -> Declarer:
+        assert self._declarer is not None, "open() first"
+        return self._declarer
+
+    @property
+    def publisher(self) -> Publisher:
+        assert self._publisher is not None, "open() first"
+        return self._publisher
+
+    async def open(self) -> None:
+        """Connect (again) if not connected; retries as ``connect`` does."""
+        if self.is_open:
+            return
+        async with self._lock:
+            if self.is_open:
+                return
+            if self._declarer is not None:
+                self.known_queues |= self._declarer.queues
+            connection = await connect(
+                self.url,
+                name=self.name,
+                give_up_after=self.connect_timeout,
+                ssl_context=self.ssl_context,
+            )
+            self._connection = connection
+            self._declarer = Declarer(connection, self.namespace, self.settings)
+            self._publisher = Publisher(connection, confirm_timeout=self.confirm_timeout)
+            log.debug("%s connected to %s", self.name, mask_url(self.url))
+
+    async def close(self) -> None:
+        if self._declarer is not None:
+            self.known_queues |= self._declarer.queues
+        if self._connection is not None and not self._connection.is_closed:
+            await self._connection.close()
+        self._connection = None
+
+    def forget_declarations(self) -> None:
+        if self._declarer is not None:
+            self.known_queues |= self._declarer.queues
+            self._declarer.declared.clear()
+
+    # -- sending -------------------------------------------------------------------
+
+    async def send(self, envelope: Envelope, queue: str, *, via_jobs_exchange: bool) -> None:
+        """Publish one job message, confirmed, to where its ETA says.
+
+        Due now and ``via_jobs_exchange``: the jobs exchange, keyed by job name (a fresh
+        job). Otherwise: the delay cascade, which ends in ``queue``'s due queue (retries,
+        re-delays, delayed jobs).
+        """
+        delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - now_ms()
+        if delay_ms <= 0 and via_jobs_exchange:
+            if self.declare:
+                await self.declarer.queue(queue, {envelope.job_name})
+            exchange, key = jobs_exchange(self.namespace), envelope.job_name
+        else:
+            exchange, key = delayed_route(self.namespace, queue, delay_ms, self.settings)
+            if self.declare:
+                await self.declarer.queue(queue, {envelope.job_name})
+                if exchange != deliver_exchange(self.namespace):
+                    await self.declarer.cascade()
+        await self.publisher.publish(exchange, key, envelope.to_message())
+
+    async def send_dead(self, message: aio_pika.Message, queue: str) -> None:
+        """Park a message in ``queue``'s dead-letter queue, confirmed."""
+        if self.declare:
+            await self.declarer.queue(queue, frozenset())
+        await self.publisher.publish(dead_exchange(self.namespace), queue, message)
+
+    async def retrying(
+        self,
+        op: Callable[[], Awaitable[None]],
+        *,
+        give_up_after: float,
+    ) -> None:
+        """Run a publishing operation, reconnecting and retrying transient failures.
+
+        A stale declaration cache (topology deleted under us) is redeclared once.
+        Gives up after ``give_up_after`` seconds by raising the last error, mapped:
+        connection trouble as BrokerUnavailableError, publish trouble as PublishError.
+        """
+        redeclared = False
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RECOVERABLE) & retry_if_not_exception_type(PERMANENT),
+            wait=wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.1),
+            stop=stop_after_delay(give_up_after),
+            reraise=True,
+        )
+        while True:
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self.open()
+                        await op()
+                return
+            except (UnroutableError, PublishError) as exc:
+                if redeclared or not self.declare or not _stale_topology(exc):
+                    raise
+                redeclared = True
+                log.warning("%s: %s; declaring the topology again", self.name, exc)
+                self.forget_declarations()
+            except PERMANENT as exc:
+                raise PublishError(f"the broker refused: {describe(exc)}") from None
+            except RECOVERABLE as exc:
+                raise BrokerUnavailableError(
+                    f"publishing to {mask_url(self.url)} failed for {give_up_after:.0f}s:"
+                    f" {describe(exc)}"
+                ) from None
+
+
+def _stale_topology(exc: PublishError) -> bool:
+    return isinstance(exc, UnroutableError) or isinstance(
+        exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity
+    )

@@ -1,0 +1,328 @@
+"""The wire contract, protocol version 1: how a job travels as an AMQP message.
+
+Encoding and decoding live only here. Decoding never trusts its input: whatever a
+publisher sends, ``decode`` either returns an Envelope or raises PoisonMessage with a
+dead-letter reason, never anything else.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+import aio_pika
+
+PROTOCOL_VERSION = 1
+CONTENT_TYPE = "application/json"
+
+H_PROTOCOL = "job-protocol"
+H_ATTEMPT = "job-attempt"
+H_ETA = "job-eta"
+H_QUEUE = "job-queue"
+H_ERROR_TYPE = "job-error-type"
+H_ERROR_MESSAGE = "job-error-message"
+H_ERROR_TRACEBACK = "job-error-traceback"
+H_FAILED_AT = "job-failed-at"
+H_DEAD_REASON = "job-dead-reason"
+H_TRACEPARENT = "traceparent"
+
+#: Headers of the previous failure; replaced on every republish.
+ERROR_HEADERS = (H_ERROR_TYPE, H_ERROR_MESSAGE, H_ERROR_TRACEBACK, H_FAILED_AT, H_DEAD_REASON)
+
+MAX_ERROR_MESSAGE = 1024
+MAX_TRACEBACK = 8192
+DEFAULT_MAX_BODY = 1024 * 1024
+MAX_ATTEMPT = 1_000_000
+#: ETAs before 2000-01-01 are rejected: most likely seconds sent where milliseconds belong.
+MIN_ETA_MS = 946_684_800_000
+#: ETAs further ahead than this are rejected as absurd (about 100 years).
+MAX_ETA_AHEAD_MS = 100 * 366 * 86_400_000
+
+
+class DeadReason(StrEnum):
+    """Why a job is in the dead-letter queue (header ``job-dead-reason``)."""
+
+    EXHAUSTED = "exhausted"  # failed on its last allowed attempt
+    DISCARDED = "discarded"  # the handler raised Discard
+    NOT_RETRYABLE = "not-retryable"  # the error matched give_up_on, or not retry_on
+    INVALID_ARGS = "invalid-args"  # body is JSON but fails the args model
+    INVALID_JSON = "invalid-json"
+    INVALID_ENCODING = "invalid-encoding"  # body is not UTF-8
+    WRONG_CONTENT_TYPE = "wrong-content-type"
+    MISSING_JOB_NAME = "missing-job-name"  # no `type` property
+    UNKNOWN_JOB = "unknown-job"  # no handler for `type` in this worker
+    INVALID_HEADERS = "invalid-headers"  # job-attempt / job-eta / headers malformed
+    UNSUPPORTED_PROTOCOL = "unsupported-protocol"
+    TOO_LARGE = "too-large"
+    DELIVERY_LIMIT = "delivery-limit"  # dead-lettered by the broker: worker crashed on it
+
+
+class PoisonMessage(Exception):
+    """A delivery that can never run; carries the dead-letter reason."""
+
+    def __init__(self, reason: DeadReason, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class RawMessage(Protocol):
+    """What decode reads from a delivery (aio-pika's IncomingMessage fits)."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def type(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def headers(self) -> Mapping[str, Any]: ...
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A failure as recorded in the error headers (bounded in size)."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        kind = type(exc)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else _qualname(kind)
+        text = "".join(traceback.format_exception(exc))
+        return cls(name, _bounded(str(exc), MAX_ERROR_MESSAGE), _tail(text, MAX_TRACEBACK))
+
+
+def _qualname(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One job message: the args body plus the properties and headers of the contract."""
+
+    job_name: str
+    job_id: str
+    body: bytes
+    queue: str | None = None
+    attempt: int = 1
+    eta_ms: int | None = None
+    enqueued_at: datetime | None = None
+    #: headers this version does not interpret (error headers, traceparent, others' own)
+    extra_headers: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        job_name: str,
+        body: bytes,
+        queue: str,
+        *,
+        eta_ms: int | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Envelope:
+        return cls(
+            job_name=job_name,
+            job_id=job_id or uuid.uuid4().hex,
+            body=body,
+            queue=queue,
+            eta_ms=eta_ms,
+            enqueued_at=datetime.now(UTC).replace(microsecond=0),
+            extra_headers=dict(headers or {}),
+        )
+
+    @property
+    def dead_reason(self) -> str | None:
+        value = self.extra_headers.get(H_DEAD_REASON)
+        return value if isinstance(value, str) else None
+
+    def headers(self) -> dict[str, Any]:
+        headers: dict[str, Any] = {
+            k: v for k, v in self.extra_headers.items() if not _is_broker_header(k)
+        }
+        headers[H_PROTOCOL] = PROTOCOL_VERSION
+        headers[H_ATTEMPT] = self.attempt
+        if self.queue is not None:
+            headers[H_QUEUE] = self.queue
+        if self.eta_ms is not None:
+            headers[H_ETA] = self.eta_ms
+        else:
+            headers.pop(H_ETA, None)
+        return headers
+
+    def to_message(self) -> aio_pika.Message:
+        return aio_pika.Message(
+            body=self.body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=self.job_id,
+            type=self.job_name,
+            timestamp=self.enqueued_at,
+            headers=self.headers(),
+        )
+
+    def delayed(self, eta_ms: int | None) -> Envelope:
+        """The same attempt, due at ``eta_ms``."""
+        return replace(self, eta_ms=eta_ms)
+
+    def next_attempt(self, error: ErrorInfo, eta_ms: int) -> Envelope:
+        """The copy that retries this job: same id, attempt + 1, last error recorded."""
+        return replace(
+            self,
+            attempt=self.attempt + 1,
+            eta_ms=eta_ms,
+            extra_headers=_with_error(self.extra_headers, error, None),
+        )
+
+    def reset_attempts(self) -> Envelope:
+        """The copy an operator replays: attempt 1 again, error headers dropped."""
+        extra = {k: v for k, v in self.extra_headers.items() if k not in ERROR_HEADERS}
+        return replace(self, attempt=1, eta_ms=None, extra_headers=extra)
+
+
+def _with_error(
+    headers: Mapping[str, Any], error: ErrorInfo, reason: DeadReason | None
+) -> dict[str, Any]:
+    out = {k: v for k, v in headers.items() if k not in ERROR_HEADERS}
+    out[H_ERROR_TYPE] = error.type
+    out[H_ERROR_MESSAGE] = error.message
+    if error.traceback:
+        out[H_ERROR_TRACEBACK] = error.traceback
+    out[H_FAILED_AT] = now_ms()
+    if reason is not None:
+        out[H_DEAD_REASON] = str(reason)
+    return out
+
+
+def _is_broker_header(name: str) -> bool:
+    """x-death and friends belong to the broker's last hop; never carried forward."""
+    return name.startswith("x-")
+
+
+def dead_message(
+    raw: RawMessage, reason: DeadReason, error: ErrorInfo, queue: str
+) -> aio_pika.Message:
+    """A copy of ``raw`` for the dead-letter queue, carrying the reason and the error.
+
+    Built from the raw delivery, not an Envelope, so that messages which never decoded
+    are parked exactly as they arrived (body and properties), plus our headers.
+    """
+    headers = raw.headers if isinstance(raw.headers, Mapping) else {}
+    clean = {k: v for k, v in headers.items() if isinstance(k, str) and not _is_broker_header(k)}
+    clean.setdefault(H_QUEUE, queue)
+    return aio_pika.Message(
+        body=raw.body,
+        content_type=raw.content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=raw.message_id,
+        type=raw.type,
+        timestamp=raw.timestamp,
+        headers=_with_error(clean, error, reason),
+    )
+
+
+def decode(raw: RawMessage, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
+    """Read the contract's properties and headers, or raise PoisonMessage saying why not.
+
+    The body is only size-checked here: its JSON is parsed once, by the job's model.
+    """
+    body = raw.body
+    if len(body) > max_body:
+        raise PoisonMessage(DeadReason.TOO_LARGE, f"body of {len(body)} bytes > {max_body}")
+    content_type = raw.content_type
+    if not content_type or content_type.split(";")[0].strip().lower() != CONTENT_TYPE:
+        raise PoisonMessage(
+            DeadReason.WRONG_CONTENT_TYPE,
+            f"content_type must be {CONTENT_TYPE!r}, got {content_type!r}",
+        )
+    job_name = raw.type
+    if not job_name:
+        raise PoisonMessage(DeadReason.MISSING_JOB_NAME, "the `type` property must name the job")
+    headers = raw.headers
+    if not isinstance(headers, Mapping):
+        raise PoisonMessage(DeadReason.INVALID_HEADERS, "headers are not a table")
+    protocol = headers.get(H_PROTOCOL, PROTOCOL_VERSION)
+    if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
+        raise PoisonMessage(
+            DeadReason.UNSUPPORTED_PROTOCOL, f"{H_PROTOCOL}={protocol!r}; this worker speaks 1"
+        )
+    attempt = headers.get(H_ATTEMPT, 1)
+    if isinstance(attempt, bool) or not isinstance(attempt, int):
+        raise PoisonMessage(
+            DeadReason.INVALID_HEADERS, f"{H_ATTEMPT} must be an integer, got {attempt!r}"
+        )
+    if not 1 <= attempt <= MAX_ATTEMPT:
+        raise PoisonMessage(
+            DeadReason.INVALID_HEADERS, f"{H_ATTEMPT} must be 1..{MAX_ATTEMPT}, got {attempt}"
+        )
+    eta_ms = headers.get(H_ETA)
+    if eta_ms is not None:
+        if isinstance(eta_ms, bool) or not isinstance(eta_ms, int):
+            raise PoisonMessage(
+                DeadReason.INVALID_HEADERS,
+                f"{H_ETA} must be integer epoch milliseconds, got {eta_ms!r}",
+            )
+        if eta_ms < MIN_ETA_MS or eta_ms > now_ms() + MAX_ETA_AHEAD_MS:
+            raise PoisonMessage(
+                DeadReason.INVALID_HEADERS,
+                f"{H_ETA}={eta_ms} is not a plausible epoch time in milliseconds",
+            )
+    queue = headers.get(H_QUEUE)
+    job_id = raw.message_id or ""
+    if not job_id:
+        raise PoisonMessage(
+            DeadReason.INVALID_HEADERS, "the `message_id` property (job id) is missing"
+        )
+    timestamp = raw.timestamp
+    return Envelope(
+        job_name=job_name,
+        job_id=job_id,
+        body=body,
+        queue=queue if isinstance(queue, str) else None,
+        attempt=attempt,
+        eta_ms=eta_ms,
+        enqueued_at=timestamp if isinstance(timestamp, datetime) else None,
+        extra_headers={
+            k: v
+            for k, v in headers.items()
+            if isinstance(k, str) and not _is_broker_header(k) and k not in _OWN_HEADERS
+        },
+    )
+
+
+_OWN_HEADERS = frozenset({H_PROTOCOL, H_ATTEMPT, H_ETA, H_QUEUE})
+
+
+def check_body(body: bytes) -> None:
+    """Reject non-UTF-8 bodies before JSON parsing, so the reason says which it is."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoisonMessage(
+            DeadReason.INVALID_ENCODING, f"body is not UTF-8 (byte {exc.start})"
+        ) from None

@@ -1,0 +1,139 @@
+"""Handlers, what a handler is told (JobContext), and what became of a job (Outcome).
+
+Also the lifecycle seam: ``JobHooks`` is told when a job starts and how it was settled.
+Lifecycle events, metrics and tracing plug in here without touching the worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from amqp_jobs.contract import Job
+from amqp_jobs.errors import ContractError
+from amqp_jobs.message import DeadReason, ErrorInfo
+
+Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a running handler may know about its job."""
+
+    job: Job[Any]
+    job_id: str
+    attempt: int
+    queue: str
+    enqueued_at: datetime | None
+    eta: datetime | None
+    logger: logging.LoggerAdapter[logging.Logger]
+
+    @property
+    def max_attempts(self) -> int:
+        return self.job.retry.max_attempts
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt >= self.job.retry.max_attempts
+
+
+class OutcomeKind(StrEnum):
+    SUCCEEDED = "succeeded"
+    RETRYING = "retrying"  # a copy with attempt + 1 is in the delay cascade
+    DEAD = "dead"  # parked in the dead-letter queue
+    ABANDONED = "abandoned"  # not settled: the broker will deliver it again
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt of a job ended."""
+
+    kind: OutcomeKind
+    error: ErrorInfo | None = None
+    retry_in: float | None = None
+    dead_reason: DeadReason | None = None
+    duration: float = 0.0
+
+
+class JobHooks:
+    """Subclass and pass to JobApp(hooks=[...]) to observe every job's lifecycle.
+
+    Hooks run in the worker's event loop and must not block; an exception in a hook
+    is logged and otherwise ignored (it never changes how a job is settled).
+    """
+
+    async def started(self, ctx: JobContext) -> None:
+        """The handler is about to run (after args validated, ETA reached)."""
+
+    async def settled(self, ctx: JobContext, outcome: Outcome) -> None:
+        """The attempt ended and the broker confirmed what follows from it."""
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    job: Job[Any]
+    func: Handler
+    is_async: bool
+    wants_ctx: bool
+
+    @classmethod
+    def build(cls, job: Job[Any], func: Handler) -> HandlerSpec:
+        if not callable(func):
+            raise ContractError(f"handler for {job.name!r} must be callable, got {func!r}")
+        is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+            getattr(func, "__call__", None)  # noqa: B004 - callable objects with async __call__
+        )
+        try:
+            params = [
+                p
+                for p in inspect.signature(func).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            params = []
+        if len(params) not in (1, 2):
+            raise ContractError(
+                f"handler {getattr(func, '__qualname__', func)!r} for {job.name!r} must take"
+                " (args) or (args, ctx)"
+            )
+        return cls(job, func, is_async, wants_ctx=len(params) == 2)
+
+    def call(self, args: Any, ctx: JobContext) -> Any:
+        return self.func(args, ctx) if self.wants_ctx else self.func(args)
+
+
+class Registry:
+    """Job name -> handler. One job name has one handler and runs on one queue."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, HandlerSpec] = {}
+
+    def add(self, job: Job[Any], func: Handler) -> HandlerSpec:
+        if not isinstance(job, Job):
+            raise ContractError(f"expected a Job contract, got {job!r}")
+        if job.name in self._specs:
+            raise ContractError(f"job {job.name!r} already has a handler")
+        spec = HandlerSpec.build(job, func)
+        self._specs[job.name] = spec
+        return spec
+
+    def get(self, name: str) -> HandlerSpec | None:
+        return self._specs.get(name)
+
+    def __iter__(self) -> Iterator[HandlerSpec]:
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @property
+    def queues(self) -> set[str]:
+        return {s.job.queue for s in self._specs.values()}
+
+    def jobs_for(self, queue: str) -> set[str]:
+        return {s.job.name for s in self._specs.values() if s.job.queue == queue}

@@ -1,0 +1,557 @@
+"""The worker: consume, decode, validate, wait for the ETA, run under a timeout, settle.
+
+One process consumes one or more work queues with ``prefetch = concurrency``, plus each
+queue's due queue (delayed jobs within one unit of their ETA) on a channel of its own, so
+jobs held for their last fraction of a second never take the slots of running jobs.
+Async handlers run as tasks, plain functions in a thread pool; both share one limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import logging
+import ssl
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+
+from amqp_jobs.connection import TRANSIENT, connect, describe, mask_url
+from amqp_jobs.contract import Job, check_namespace, check_queue_name
+from amqp_jobs.errors import (
+    ArgsValidationError,
+    BrokerUnavailableError,
+    ContractError,
+    Discard,
+    JobTimeoutError,
+    Retry,
+)
+from amqp_jobs.link import Link
+from amqp_jobs.message import (
+    DEFAULT_MAX_BODY,
+    DeadReason,
+    Envelope,
+    ErrorInfo,
+    PoisonMessage,
+    check_body,
+    dead_message,
+    decode,
+    now_ms,
+)
+from amqp_jobs.registry import JobContext, JobHooks, Outcome, OutcomeKind, Registry
+from amqp_jobs.settle import Ack, Action, Park, Release, Republish, settle
+from amqp_jobs.topology import (
+    TopologySettings,
+    delay_queue,
+    due_queue,
+    work_queue,
+)
+
+log = logging.getLogger("amqp_jobs.worker")
+
+#: RabbitMQ's default consumer_timeout: a delivery unacked for longer closes the channel.
+BROKER_CONSUMER_TIMEOUT = 1800.0
+DEFAULT_CONCURRENCY = 16
+DEFAULT_GRACE = 30.0
+#: Deliveries the due channel may hold at once; all are within one unit of their ETA.
+DUE_PREFETCH = 1000
+
+
+@dataclass
+class WorkerStats:
+    """Counters since start; read by tests, the demo and (later) metrics."""
+
+    received: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    dead: int = 0
+    redelayed: int = 0
+    abandoned: int = 0
+    connections: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    """Runs the handlers of a registry for some of its queues until stopped."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        namespace: str,
+        url: str,
+        queues: Sequence[str] | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        grace: float = DEFAULT_GRACE,
+        settings: TopologySettings | None = None,
+        hooks: Sequence[JobHooks] = (),
+        ssl_context: ssl.SSLContext | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
+        connect_timeout: float = 30.0,
+        consumer_timeout: float = BROKER_CONSUMER_TIMEOUT,
+        name: str = "amqp-jobs worker",
+    ) -> None:
+        if len(registry) == 0:
+            raise ContractError("the app has no handlers: register some with @app.handler(job)")
+        self.registry = registry
+        self.namespace = check_namespace(namespace)
+        self.url = url
+        known = registry.queues
+        self.queues = sorted(set(queues) if queues else known)
+        for q in self.queues:
+            check_queue_name(q)
+            if q not in known:
+                raise ContractError(
+                    f"no handler runs on queue {q!r}; this app's queues: {', '.join(sorted(known))}"
+                )
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ContractError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if grace < 0:
+            raise ContractError(f"grace must be >= 0 seconds, got {grace}")
+        self.concurrency = concurrency
+        self.grace = grace
+        self.settings = settings or TopologySettings()
+        self.hooks = tuple(hooks)
+        self.ssl_context = ssl_context
+        self.max_body = max_body
+        self.connect_timeout = connect_timeout
+        self.name = name
+        _check_timeouts(registry, self.queues, consumer_timeout)
+        self.stats = WorkerStats()
+        self.link = Link(
+            url,
+            self.namespace,
+            self.settings,
+            name=f"{name} (publish)",
+            ssl_context=ssl_context,
+            connect_timeout=connect_timeout,
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._sem: asyncio.Semaphore | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self.running_threads = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask for a graceful stop: no new deliveries, in-flight jobs get ``grace`` seconds."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def started(self) -> None:
+        """Wait until the worker consumes from all its queues."""
+        await self._started.wait()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        """Consume until stop(); reconnect with backoff whenever the connection is lost.
+
+        The first connection gives up after ``connect_timeout`` seconds with
+        BrokerUnavailableError; after that the worker keeps trying, logging each failure.
+        """
+        self._sem = asyncio.Semaphore(self.concurrency)
+        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqp-jobs")
+        failures = 0
+        connection: AbstractConnection | None = None
+        try:
+            while not self._stop.is_set():
+                first = self.stats.connections == 0
+                try:
+                    connection = await connect(
+                        self.url,
+                        name=self.name,
+                        give_up_after=self.connect_timeout if first else None,
+                        ssl_context=self.ssl_context,
+                    )
+                    lost = await self._start_consuming(connection)
+                except BrokerUnavailableError:
+                    raise
+                except (*TRANSIENT, aiormq.exceptions.ChannelClosed) as exc:
+                    if connection is not None and first and not _is_transient(exc):
+                        raise
+                    failures += 1
+                    log.warning("worker setup failed: %s; retrying", describe(exc))
+                    await _close_quietly(connection)
+                    await self._backoff(failures)
+                    continue
+                failures = 0
+                self.stats.connections += 1
+                self._started.set()
+                log.info(
+                    "worker consuming %s from %s (concurrency %d)",
+                    ", ".join(self.queues),
+                    mask_url(self.url),
+                    self.concurrency,
+                )
+                stop_wait = asyncio.ensure_future(self._stop.wait())
+                lost_wait = asyncio.ensure_future(lost.wait())
+                await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                lost_wait.cancel()
+                if self._stop.is_set():
+                    break
+                log.warning("connection to the broker lost; reconnecting")
+                self._consumers = []
+                await _close_quietly(connection)
+                connection = None
+            await self._shutdown(connection)
+        finally:
+            await _close_quietly(connection)
+            await self.link.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _backoff(self, failures: int) -> None:
+        delay = min(5.0, 0.1 * 2 ** min(failures, 6))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _start_consuming(self, connection: AbstractConnection) -> asyncio.Event:
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        await self.link.open()
+        for q in self.queues:
+            await self.link.declarer.queue(q, self.registry.jobs_for(q))
+        work = await connection.channel(publisher_confirms=False)
+        await work.set_qos(prefetch_count=self.concurrency)
+        due = await connection.channel(publisher_confirms=False)
+        await due.set_qos(prefetch_count=DUE_PREFETCH)
+        for channel in (work, due):
+            channel.close_callbacks.add(lambda *_: lost.set())
+        self._consumers = []
+        for q in self.queues:
+            await self._consume(work, work_queue(self.namespace, q), q, is_due=False)
+            await self._consume(due, due_queue(self.namespace, q), q, is_due=True)
+        return lost
+
+    async def _consume(self, channel: AbstractChannel, name: str, queue: str, is_due: bool) -> None:
+        amqp_queue = await channel.get_queue(name, ensure=False)
+        callback = functools.partial(self._process, queue=queue, is_due=is_due)
+        tag = await amqp_queue.consume(callback, no_ack=False)
+        self._consumers.append((amqp_queue, tag))
+
+    async def _shutdown(self, connection: AbstractConnection | None) -> None:
+        """Stop consuming, give running jobs ``grace`` seconds, return the rest."""
+        for amqp_queue, tag in self._consumers:
+            try:
+                await amqp_queue.cancel(tag)
+            except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+                log.debug("cancelling consumer %s: %s", tag, describe(exc))
+        self._consumers = []
+        if self._tasks:
+            log.info("waiting up to %.1fs for %d in-flight jobs", self.grace, len(self._tasks))
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace)
+            if pending:
+                log.warning(
+                    "%d jobs did not finish within %.1fs; returning them to the queue",
+                    len(pending),
+                    self.grace,
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1.0)
+        # Closing the connection returns every unacked delivery to its queue.
+        await _close_quietly(connection)
+        log.info("worker stopped")
+
+    # -- one delivery ----------------------------------------------------------------
+
+    async def _process(self, msg: AbstractIncomingMessage, *, queue: str, is_due: bool) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.stats.received += 1
+        try:
+            await self._pipeline(msg, queue, is_due)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error processing %s; returning it", msg.message_id)
+            await self._settle(msg, Release(), queue)
+        finally:
+            self._tasks.discard(task)
+
+    async def _pipeline(self, msg: AbstractIncomingMessage, queue: str, is_due: bool) -> None:
+        try:
+            env = decode(msg, max_body=self.max_body)
+            spec = self.registry.get(env.job_name)
+            if spec is None:
+                raise PoisonMessage(
+                    DeadReason.UNKNOWN_JOB,
+                    f"no handler for job {env.job_name!r} in this worker"
+                    f" (queues: {', '.join(self.queues)})",
+                )
+            check_body(env.body)
+            args = _decode_args(spec.job, env.body)
+        except PoisonMessage as poison:
+            log.warning("dead-lettering message %s: %s", msg.message_id, poison)
+            error = ErrorInfo("InvalidMessage", poison.detail)
+            await self._park(
+                msg, dead_message(msg, poison.reason, error, queue), queue, poison.reason
+            )
+            return
+
+        if env.eta_ms is not None and env.eta_ms > now_ms():
+            remaining = env.eta_ms - now_ms()
+            if not is_due or remaining > self.settings.hold_window_ms:
+                if await self._settle(msg, Republish(env), queue):
+                    self.stats.redelayed += 1
+                return
+            if not await self._hold_until(env.eta_ms):
+                await self._settle(msg, Release(), queue)
+                return
+
+        if not await self._acquire_slot():
+            await self._settle(msg, Release(), queue)
+            return
+        ctx = JobContext(
+            job=spec.job,
+            job_id=env.job_id,
+            attempt=env.attempt,
+            queue=queue,
+            enqueued_at=env.enqueued_at,
+            eta=None if env.eta_ms is None else datetime.fromtimestamp(env.eta_ms / 1000, UTC),
+            logger=logging.LoggerAdapter(
+                logging.getLogger(f"amqp_jobs.job.{spec.job.name}"),
+                {"job_id": env.job_id, "attempt": env.attempt},
+            ),
+        )
+        await self._hook("started", ctx)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        failure = await self._run_handler(spec, args, ctx)
+        duration = loop.time() - began
+        if failure is None:
+            action: Action = Ack()
+            outcome = Outcome(OutcomeKind.SUCCEEDED, duration=duration)
+        else:
+            action, outcome = self._failure(spec.job, env, msg, queue, failure, duration)
+        if await self._settle(msg, action, queue):
+            self._count(outcome)
+        else:
+            outcome = Outcome(OutcomeKind.ABANDONED, outcome.error, duration=duration)
+            self.stats.abandoned += 1
+        await self._hook("settled", ctx, outcome)
+
+    async def _park(
+        self, msg: AbstractIncomingMessage, dead: Any, queue: str, reason: DeadReason
+    ) -> None:
+        if await self._settle(msg, Park(dead), queue):
+            self.stats.dead += 1
+            self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+
+    async def _hold_until(self, eta_ms: int) -> bool:
+        """Wait for the ETA in memory; False if the worker is stopping first."""
+        while (remaining := eta_ms - now_ms()) > 0:
+            try:
+                await asyncio.wait_for(self._stop.wait(), remaining / 1000)
+                return False
+            except TimeoutError:
+                pass
+        return not self._stop.is_set()
+
+    async def _acquire_slot(self) -> bool:
+        """Take one of ``concurrency`` slots; False if the worker is stopping first."""
+        assert self._sem is not None
+        if self._stop.is_set():
+            return False
+        if not self._sem.locked():
+            await self._sem.acquire()
+            return True
+        acquire = asyncio.ensure_future(self._sem.acquire())
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if self._stop.is_set():
+                self._sem.release()
+                return False
+            return True
+        acquire.cancel()
+        return False
+
+    async def _run_handler(self, spec: Any, args: Any, ctx: JobContext) -> BaseException | None:
+        """Run the handler under the job's timeout; return its exception, if any.
+
+        The slot is released when the handler really ends, which for a timed-out thread
+        (threads cannot be killed) or a task that ignores cancellation may be later.
+        """
+        assert self._sem is not None
+        sem = self._sem
+        future: asyncio.Future[Any]
+        if spec.is_async:
+            future = asyncio.ensure_future(spec.call(args, ctx))
+        else:
+            loop = asyncio.get_running_loop()
+            call = functools.partial(contextvars.copy_context().run, spec.call, args, ctx)
+            future = loop.run_in_executor(self._executor, call)
+        future.add_done_callback(lambda _: sem.release())
+        timeout = spec.job.timeout
+        try:
+            done, _ = await asyncio.wait({future}, timeout=timeout)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        if not done:
+            future.cancel()
+            return JobTimeoutError(f"job {spec.job.name!r} exceeded its timeout of {timeout}s")
+        if future.cancelled():
+            return JobTimeoutError(f"job {spec.job.name!r} was cancelled")
+        return future.exception()
+
+    def _failure(
+        self,
+        job: Job[Any],
+        env: Envelope,
+        msg: AbstractIncomingMessage,
+        queue: str,
+        exc: BaseException,
+        duration: float,
+    ) -> tuple[Action, Outcome]:
+        """Retry or dead-letter, by the job's policy."""
+        error = ErrorInfo.from_exception(exc)
+        policy = job.retry
+        reason: DeadReason | None = None
+        delay: float | None = None
+        if isinstance(exc, Discard):
+            reason = DeadReason.DISCARDED
+        elif isinstance(exc, Retry):
+            delay = exc.delay if exc.delay is not None else policy.delay_after(env.attempt)
+        elif policy.should_retry(exc):
+            delay = policy.delay_after(env.attempt)
+        else:
+            reason = DeadReason.NOT_RETRYABLE
+        if reason is None and env.attempt >= policy.max_attempts:
+            reason = DeadReason.EXHAUSTED
+        if reason is not None:
+            log.warning(
+                "job %s %s (attempt %d) is dead (%s): %s",
+                job.name,
+                env.job_id,
+                env.attempt,
+                reason,
+                error.message or error.type,
+            )
+            dead = dead_message(msg, reason, error, queue)
+            return Park(dead), Outcome(
+                OutcomeKind.DEAD, error, dead_reason=reason, duration=duration
+            )
+        assert delay is not None
+        log.info(
+            "job %s %s attempt %d failed (%s); retrying in %.2fs",
+            job.name,
+            env.job_id,
+            env.attempt,
+            error.type,
+            delay,
+        )
+        retry = env.next_attempt(error, now_ms() + round(delay * 1000))
+        return Republish(retry), Outcome(OutcomeKind.RETRYING, error, delay, duration=duration)
+
+    def _count(self, outcome: Outcome) -> None:
+        if outcome.kind is OutcomeKind.SUCCEEDED:
+            self.stats.succeeded += 1
+        elif outcome.kind is OutcomeKind.RETRYING:
+            self.stats.retried += 1
+        elif outcome.kind is OutcomeKind.DEAD:
+            self.stats.dead += 1
+            reason = str(outcome.dead_reason)
+            self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+
+    async def _settle(self, msg: AbstractIncomingMessage, action: Action, queue: str) -> bool:
+        return await settle(msg, action, self.link, queue)
+
+    async def _hook(self, name: str, ctx: JobContext, *rest: Any) -> None:
+        for hook in self.hooks:
+            try:
+                await getattr(hook, name)(ctx, *rest)
+            except Exception:
+                log.exception("hook %r.%s failed (ignored)", hook, name)
+
+    # -- idleness (tests, demo) ------------------------------------------------------
+
+    async def pending(self) -> int:
+        """Messages not yet done: in this worker, in its queues and in the delay cascade."""
+        await self.link.open()
+        total = self.in_flight
+        channel = await self.link.connection.channel(publisher_confirms=False)
+        try:
+            for q in self.queues:
+                for name in (work_queue(self.namespace, q), due_queue(self.namespace, q)):
+                    declared = await channel.declare_queue(name, passive=True)
+                    total += declared.declaration_result.message_count or 0
+            try:
+                for level in range(self.settings.delay_levels):
+                    name = delay_queue(self.namespace, level)
+                    declared = await channel.declare_queue(name, passive=True)
+                    total += declared.declaration_result.message_count or 0
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                pass  # no cascade declared yet: nothing delayed
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return total
+
+
+def _decode_args(job: Job[Any], body: bytes) -> Any:
+    try:
+        return job.decode_args(body)
+    except ArgsValidationError as exc:
+        bad_json = any(e.get("type") == "json_invalid" for e in exc.errors)
+        reason = DeadReason.INVALID_JSON if bad_json else DeadReason.INVALID_ARGS
+        raise PoisonMessage(reason, str(exc)) from None
+
+
+def _check_timeouts(registry: Registry, queues: Sequence[str], consumer_timeout: float) -> None:
+    for spec in registry:
+        job = spec.job
+        if job.queue not in queues:
+            continue
+        if job.timeout is None:
+            log.warning(
+                "job %s has no timeout: a run longer than the broker's consumer_timeout"
+                " (%.0fs) makes the broker close the channel and deliver the job again",
+                job.name,
+                consumer_timeout,
+            )
+        elif job.timeout >= consumer_timeout:
+            raise ContractError(
+                f"job {job.name!r} has timeout {job.timeout:.0f}s, not below the broker's"
+                f" consumer_timeout ({consumer_timeout:.0f}s): the broker would close the"
+                " channel mid-job. Lower the job's timeout, or raise consumer_timeout in"
+                " rabbitmq.conf and tell the worker (--consumer-timeout)."
+            )
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT)
+
+
+async def _close_quietly(connection: AbstractConnection | None) -> None:
+    if connection is None or connection.is_closed:
+        return
+    try:
+        await connection.close()
+    except Exception as exc:
+        log.debug("closing connection: %s", describe(exc))
