@@ -201,9 +201,7 @@ async def _serve(worker: Worker) -> None:
 
 def _exit_if_threads_linger() -> None:
     """A sync handler past its timeout cannot be killed; do not wait on it at exit."""
-    others = [
-        t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
-    ]
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if others:
         log.warning("%d handler threads still running; exiting without them", len(others))
         logging.shutdown()

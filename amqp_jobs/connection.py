@@ -21,7 +21,8 @@ from tenacity import (
     retry_if_not_exception_type,
     stop_after_delay,
     stop_never,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from amqp_jobs.errors import (
@@ -113,7 +114,7 @@ async def connect(
         & retry_if_not_exception_type(
             (aiormq.exceptions.ProbableAuthenticationError, ssl.SSLCertVerificationError)
         ),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.2),
+        wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.2),
         stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
         before_sleep=_log_attempt(url, "connecting to"),
         reraise=True,

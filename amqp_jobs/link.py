@@ -19,7 +19,8 @@ from tenacity import (
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from amqp_jobs.connection import TRANSIENT, Publisher, connect, describe, mask_url
@@ -171,7 +172,7 @@ class Link:
         redeclared = False
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RECOVERABLE) & retry_if_not_exception_type(PERMANENT),
-            wait=wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.1),
+            wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.1),
             stop=stop_after_delay(give_up_after),
             reraise=True,
         )

@@ -105,8 +105,12 @@ class ErrorInfo:
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
         kind = type(exc)
         name = kind.__qualname__ if kind.__module__ == "builtins" else _qualname(kind)
-        text = "".join(traceback.format_exception(exc))
-        return cls(name, _bounded(str(exc), MAX_ERROR_MESSAGE), _tail(text, MAX_TRACEBACK))
+        message = _bounded(str(exc), MAX_ERROR_MESSAGE)
+        last = f"{name}: {message}\n" if message else f"{name}\n"
+        frames = "Traceback (most recent call last):\n" + "".join(
+            traceback.format_tb(exc.__traceback__)
+        )
+        return cls(name, message, _tail(frames, MAX_TRACEBACK - len(last)) + last)
 
 
 def _qualname(kind: type) -> str:

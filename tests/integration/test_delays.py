@@ -1,0 +1,141 @@
+"""Delayed jobs: broker-side, never early, late by little."""
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+from pydantic import BaseModel
+
+from amqp_jobs import Job, JobContext, TopologySettings
+from amqp_jobs.message import now_ms
+from amqp_jobs.testing import Namespace, run_until_idle
+from amqp_jobs.topology import delay_queue, due_queue, jobs_exchange, work_queue
+
+from .conftest import channel, eventually, queue_count
+
+
+class N(BaseModel):
+    n: int
+
+
+def timed_app(
+    namespace: Namespace, queue: str = "d"
+) -> tuple[Job[N], list[tuple[int, float, int | None]]]:
+    app = namespace.app()
+    job = Job("t.timed", N, queue=queue)
+    started: list[tuple[int, float, int | None]] = []
+
+    @app.handler(job)
+    async def timed(args: N, ctx: JobContext) -> None:
+        eta = None if ctx.eta is None else round(ctx.eta.timestamp() * 1000)
+        started.append((args.n, time.time() * 1000, eta))
+
+    timed_app.app = app  # type: ignore[attr-defined]
+    return job, started
+
+
+async def test_delayed_jobs_never_run_early(namespace: Namespace) -> None:
+    job, started = timed_app(namespace)
+    delays = [0.05, 0.3, 0.9, 1.5, 2.2, 3.1]
+    async with namespace.client() as client:
+        for i, d in enumerate(delays):
+            await client.enqueue(job, {"n": i}, delay=timedelta(seconds=d))
+    stats = await run_until_idle(namespace.worker(timed_app.app))  # type: ignore[attr-defined]
+    assert stats.succeeded == len(delays)
+    lateness = sorted(at - eta for _, at, eta in started if eta is not None)
+    assert len(lateness) == len(delays)
+    assert lateness[0] >= 0, f"a job ran {-lateness[0]:.1f} ms early"
+    assert lateness[-1] < 1000, f"lateness {lateness}"
+
+
+async def test_run_at_in_the_past_runs_now_and_future_waits(namespace: Namespace) -> None:
+    job, started = timed_app(namespace)
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1}, run_at=datetime.now(UTC) - timedelta(days=3))
+        await client.enqueue(job, {"n": 2}, run_at=datetime.now(UTC) + timedelta(seconds=1))
+    assert await queue_count(namespace.url, work_queue(namespace.name, "d")) == 1
+    await run_until_idle(namespace.worker(timed_app.app))  # type: ignore[attr-defined]
+    assert [n for n, _, _ in started] == [1, 2]
+    assert started[1][1] >= started[1][2]  # type: ignore[operator]
+
+
+async def test_delay_is_held_by_the_broker_before_any_worker_exists(namespace: Namespace) -> None:
+    """The publisher declares the cascade; the job waits in a delay level, not a worker."""
+    job, started = timed_app(namespace)
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1}, delay=timedelta(seconds=1.2))
+    # 1.2 s - hop allowance spells 11 units = 0b1011: first stop is level 3 (800 ms)
+    assert await queue_count(namespace.url, delay_queue(namespace.name, 3)) == 1
+    await eventually(
+        lambda: queue_count(namespace.url, due_queue(namespace.name, "d")),
+        timeout=5,
+        what="the job to reach the due queue with no worker running",
+    )
+    await run_until_idle(namespace.worker(timed_app.app))  # type: ignore[attr-defined]
+    assert len(started) == 1
+
+
+async def test_a_year_fits_in_the_cascade(namespace: Namespace) -> None:
+    job, _ = timed_app(namespace)
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1}, delay=timedelta(days=366))
+    units = (366 * 86_400_000 - 25 * 20) // 100
+    top = units.bit_length() - 1
+    assert top <= 28
+    assert await queue_count(namespace.url, delay_queue(namespace.name, top)) == 1
+    assert await queue_count(namespace.url, work_queue(namespace.name, "d")) == 0
+
+
+async def test_early_arrival_is_delayed_again(namespace: Namespace) -> None:
+    """A message published straight to the work queue with a future job-eta still waits."""
+    import aio_pika
+
+    job, started = timed_app(namespace)
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 0})  # declares queue and binding
+    eta = now_ms() + 1500
+    async with channel(namespace.url) as ch:
+        ex = await ch.get_exchange(jobs_exchange(namespace.name), ensure=False)
+        await ex.publish(
+            aio_pika.Message(
+                b'{"n": 1}',
+                content_type="application/json",
+                message_id="early-1",
+                type="t.timed",
+                headers={"job-eta": eta},
+            ),
+            routing_key="t.timed",
+        )
+    stats = await run_until_idle(namespace.worker(timed_app.app))  # type: ignore[attr-defined]
+    assert stats.redelayed == 1
+    late = [at for n, at, _ in started if n == 1]
+    assert late and late[0] >= eta
+
+
+async def test_held_jobs_do_not_take_running_slots(namespace: Namespace) -> None:
+    """With concurrency 1, five held jobs do not block an immediate one.
+
+    A 3 s delay unit sends a 2 s delay straight to the due queue, so the worker holds
+    the jobs for the whole 2 s: long enough to observe.
+    """
+    namespace.settings = TopologySettings(delay_unit_ms=3000)
+    app = namespace.app()
+    job = Job("t.mixed", N, queue="h")
+    ran: list[tuple[int, float]] = []
+    t0 = time.monotonic()
+
+    @app.handler(job)
+    async def mixed(args: N) -> None:
+        ran.append((args.n, time.monotonic() - t0))
+
+    async with namespace.client() as client:
+        await client.enqueue_many(job, [{"n": i} for i in range(1, 6)], delay=2)
+    worker = namespace.worker(app, concurrency=1)
+    task = asyncio.create_task(run_until_idle(worker))
+    await eventually(lambda: worker.in_flight == 5, what="5 delayed jobs held by the worker")
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 0})
+    await asyncio.wait_for(task, 30)
+    assert ran[0][0] == 0, "the immediate job ran while the delayed ones were held"
+    assert ran[0][1] < 2 <= ran[1][1]
+    assert sorted(n for n, _ in ran) == [0, 1, 2, 3, 4, 5]

@@ -1,0 +1,139 @@
+"""Publishing: confirmed, validated, on the wire as the contract says, typed errors."""
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import BaseModel
+
+from amqp_jobs import (
+    ArgsValidationError,
+    BrokerUnavailableError,
+    ContractError,
+    Job,
+    JobClient,
+    PublishRefusedError,
+    TopologyMismatchError,
+    TopologySettings,
+    UnroutableError,
+)
+from amqp_jobs.testing import Namespace
+from amqp_jobs.topology import jobs_exchange, work_queue
+
+from .conftest import channel, drain, queue_count
+
+
+class Email(BaseModel):
+    user_id: int
+    subject: str = "hi"
+
+
+send = Job("emails.send", Email, queue="emails")
+
+
+async def test_enqueue_is_confirmed_and_follows_the_wire_contract(namespace: Namespace) -> None:
+    async with namespace.client() as client:
+        job_id = await client.enqueue(send, Email(user_id=1))
+    [msg] = await drain(namespace.url, work_queue(namespace.name, "emails"), 1)
+    assert json.loads(msg.body) == {"user_id": 1, "subject": "hi"}
+    assert msg.content_type == "application/json"
+    assert msg.delivery_mode == 2
+    assert msg.message_id == job_id
+    assert msg.type == "emails.send"
+    assert msg.timestamp is not None
+    assert msg.headers["job-protocol"] == 1
+    assert msg.headers["job-attempt"] == 1
+    assert msg.headers["job-queue"] == "emails"
+    assert "job-eta" not in msg.headers
+
+
+async def test_enqueue_many_returns_ids_in_order(namespace: Namespace) -> None:
+    async with namespace.client() as client:
+        ids = await client.enqueue_many(send, [{"user_id": i} for i in range(500)])
+    assert len(set(ids)) == 500
+    msgs = await drain(namespace.url, work_queue(namespace.name, "emails"), 500)
+    assert {m.message_id for m in msgs} == set(ids)
+
+
+async def test_invalid_args_raise_before_anything_is_published(namespace: Namespace) -> None:
+    async with namespace.client() as client:
+        with pytest.raises(ArgsValidationError) as info:
+            await client.enqueue(send, {"user_id": "nope"})
+        assert info.value.fields == ["user_id"]
+        with pytest.raises(ArgsValidationError):
+            await client.enqueue_many(send, [{"user_id": 1}, {"subject": "no user"}])
+        await client.enqueue(send, {"user_id": 9})  # declares the queue
+    assert await queue_count(namespace.url, work_queue(namespace.name, "emails")) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"delay": timedelta(seconds=1), "run_at": datetime.now(UTC)},
+        {"delay": -1},
+        {"run_at": datetime(2030, 1, 1)},  # naive
+        {"job_id": ""},
+    ],
+)
+async def test_bad_arguments_raise_typed_errors(
+    namespace: Namespace, kwargs: dict[str, object]
+) -> None:
+    async with namespace.client() as client:
+        with pytest.raises(ContractError):
+            await client.enqueue(send, {"user_id": 1}, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_unroutable_publish_raises(namespace: Namespace) -> None:
+    async with channel(namespace.url) as ch:
+        await ch.declare_exchange(jobs_exchange(namespace.name), "direct", durable=True)
+    async with namespace.client(declare=False, retry_for=1) as client:
+        with pytest.raises(UnroutableError, match="emails.send"):
+            await client.enqueue(send, {"user_id": 1})
+
+
+async def test_refused_publish_raises(namespace: Namespace) -> None:
+    """A queue that rejects publishes (full, reject-publish) makes the broker nack."""
+    async with channel(namespace.url) as ch:
+        ex = await ch.declare_exchange(jobs_exchange(namespace.name), "direct", durable=True)
+        q = await ch.declare_queue(
+            work_queue(namespace.name, "emails"),
+            durable=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        await q.bind(ex, "emails.send")
+    namespace.track("emails")
+    async with namespace.client(declare=False, retry_for=1) as client:
+        with pytest.raises(PublishRefusedError):
+            await client.enqueue(send, {"user_id": 1})
+
+
+async def test_unreachable_broker_raises_with_password_masked() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"amqp://guest:s3cret-pw@127.0.0.1:{port}/"
+    client = JobClient(url, namespace="nowhere", retry_for=0.5)
+    with pytest.raises(BrokerUnavailableError) as info:
+        await client.enqueue(send, {"user_id": 1})
+    assert "s3cret-pw" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+async def test_settings_mismatch_says_which_argument(namespace: Namespace) -> None:
+    async with namespace.client(settings=TopologySettings(queue_type="classic")) as client:
+        await client.enqueue(send, {"user_id": 1})
+    async with namespace.client() as client:
+        with pytest.raises(TopologyMismatchError, match="x-queue-type") as info:
+            await client.enqueue(send, {"user_id": 1})
+    assert "already exists with x-queue-type='classic'" in str(info.value)
+    assert "'quorum'" in str(info.value)
+
+
+async def test_concurrent_enqueues_share_one_connection(namespace: Namespace) -> None:
+    async with namespace.client() as client:
+        ids = await asyncio.gather(*(client.enqueue(send, {"user_id": i}) for i in range(200)))
+    assert len(set(ids)) == 200
+    assert await queue_count(namespace.url, work_queue(namespace.name, "emails")) == 200

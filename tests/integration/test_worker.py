@@ -1,0 +1,169 @@
+"""Workers: async and sync handlers, bounded concurrency, ack only after success."""
+
+import asyncio
+import threading
+import time
+
+from pydantic import BaseModel
+
+from amqp_jobs import Job, JobContext, JobHooks, Outcome, OutcomeKind
+from amqp_jobs.testing import Namespace, run_until_idle
+from amqp_jobs.topology import work_queue
+
+from .conftest import channel, eventually
+
+
+class N(BaseModel):
+    n: int
+
+
+async def test_async_and_sync_handlers_run_with_their_context(namespace: Namespace) -> None:
+    app = namespace.app()
+    a = Job("t.async", N, queue="mixed")
+    s = Job("t.sync", N, queue="mixed")
+    seen: list[tuple[str, int, str, int, str]] = []
+
+    @app.handler(a)
+    async def run_a(args: N, ctx: JobContext) -> None:
+        seen.append(("async", args.n, ctx.job_id, ctx.attempt, threading.current_thread().name))
+
+    @app.handler(s)
+    def run_s(args: N) -> None:  # ctx is optional
+        seen.append(("sync", args.n, "", 1, threading.current_thread().name))
+
+    async with namespace.client() as client:
+        id_a = await client.enqueue(a, {"n": 1})
+        await client.enqueue(s, {"n": 2})
+    stats = await run_until_idle(namespace.worker(app))
+    assert stats.succeeded == 2
+    by_kind = {row[0]: row for row in seen}
+    assert by_kind["async"][1:4] == (1, id_a, 1)
+    assert by_kind["async"][4] == "MainThread"
+    assert by_kind["sync"][4].startswith("amqp-jobs"), "sync handlers run in the pool"
+
+
+async def test_concurrency_bounds_running_jobs(namespace: Namespace) -> None:
+    app = namespace.app()
+    job = Job("t.slow", N, queue="slow")
+    running = 0
+    peak = 0
+    release = asyncio.Event()
+
+    @app.handler(job)
+    async def slow(args: N) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+
+    async with namespace.client() as client:
+        await client.enqueue_many(job, [{"n": i} for i in range(12)])
+    worker = namespace.worker(app, concurrency=3)
+    task = asyncio.create_task(run_until_idle(worker))
+    await eventually(lambda: running == 3, what="3 jobs running")
+    # the broker holds the rest: prefetch = concurrency
+    async with channel(namespace.url) as ch:
+        q = await ch.declare_queue(work_queue(namespace.name, "slow"), passive=True)
+        assert q.declaration_result.message_count == 9
+    release.set()
+    stats = await asyncio.wait_for(task, 30)
+    assert stats.succeeded == 12
+    assert peak == 3
+
+
+async def test_sync_concurrency_uses_a_bounded_pool(namespace: Namespace) -> None:
+    app = namespace.app()
+    job = Job("t.block", N, queue="block")
+    lock = threading.Lock()
+    running = 0
+    peak = 0
+
+    @app.handler(job)
+    def block(args: N) -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+
+    async with namespace.client() as client:
+        await client.enqueue_many(job, [{"n": i} for i in range(20)])
+    stats = await run_until_idle(namespace.worker(app, concurrency=4))
+    assert stats.succeeded == 20
+    assert 2 <= peak <= 4
+
+
+async def test_job_is_acked_only_after_success(namespace: Namespace) -> None:
+    app = namespace.app()
+    job = Job("t.gate", N, queue="gate")
+    started = asyncio.Event()
+    finish = asyncio.Event()
+
+    @app.handler(job)
+    async def gate(args: N) -> None:
+        started.set()
+        await finish.wait()
+
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1})
+    worker = namespace.worker(app)
+    task = asyncio.create_task(run_until_idle(worker))
+    await asyncio.wait_for(started.wait(), 10)
+    assert worker.stats.succeeded == 0
+    assert await worker.pending() == 1, "the running job is still unacked, in flight"
+    finish.set()
+    stats = await asyncio.wait_for(task, 30)
+    assert stats.succeeded == 1
+
+
+async def test_hooks_see_every_attempt_and_its_outcome(namespace: Namespace) -> None:
+    events: list[tuple[str, int, str]] = []
+
+    class Record(JobHooks):
+        async def started(self, ctx: JobContext) -> None:
+            events.append(("started", ctx.attempt, ""))
+
+        async def settled(self, ctx: JobContext, outcome: Outcome) -> None:
+            events.append(("settled", ctx.attempt, outcome.kind))
+
+    from amqp_jobs import RetryPolicy
+
+    app = namespace.app(hooks=[Record()])
+    job = Job("t.once", N, queue="hooks", retry=RetryPolicy(max_attempts=2, backoff=0))
+    calls = 0
+
+    @app.handler(job)
+    async def once(args: N) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("first")
+
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1})
+    await run_until_idle(namespace.worker(app))
+    # the retry copy may start before the first attempt's hook has run: order per attempt
+    for attempt, kind in [(1, OutcomeKind.RETRYING), (2, OutcomeKind.SUCCEEDED)]:
+        mine = [e for e in events if e[1] == attempt]
+        assert mine == [("started", attempt, ""), ("settled", attempt, kind)]
+    assert len(events) == 4
+
+
+async def test_worker_consumes_only_the_queues_asked_for(namespace: Namespace) -> None:
+    app = namespace.app()
+    a = Job("t.a", N, queue="qa")
+    b = Job("t.b", N, queue="qb")
+    ran: list[str] = []
+    app.add_handler(a, lambda args: ran.append("a"))
+    app.add_handler(b, lambda args: ran.append("b"))
+    async with namespace.client() as client:
+        await client.enqueue(a, {"n": 1})
+        await client.enqueue(b, {"n": 1})
+    await run_until_idle(namespace.worker(app, queues=["qa"]))
+    assert ran == ["a"]
+    async with channel(namespace.url) as ch:
+        q = await ch.declare_queue(work_queue(namespace.name, "qb"), passive=True)
+        assert q.declaration_result.message_count == 1
