@@ -25,6 +25,7 @@ from tenacity import (
     wait_random,
 )
 
+from amqp_jobs.channels import open_channel
 from amqp_jobs.errors import (
     BrokerUnavailableError,
     PublishError,
@@ -165,8 +166,8 @@ class Publisher:
             async with self._lock:
                 if self._channel is None or self._channel.is_closed:
                     self._exchanges = {}
-                    self._channel = await self.connection.channel(
-                        publisher_confirms=True, on_return_raises=True
+                    self._channel = await open_channel(
+                        self.connection, publisher_confirms=True, on_return_raises=True
                     )
         return self._channel
 

@@ -23,6 +23,7 @@ from tenacity import (
     wait_random,
 )
 
+from amqp_jobs.channels import is_alive
 from amqp_jobs.connection import TRANSIENT, Publisher, connect, describe, mask_url
 from amqp_jobs.errors import BrokerUnavailableError, PublishError, UnroutableError
 from amqp_jobs.message import Envelope, now_ms
@@ -79,7 +80,7 @@ class Link:
 
     @property
     def is_open(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        return is_alive(self._connection)
 
     @property
     def connection(self) -> AbstractConnection:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
 
+from amqp_jobs.channels import open_channel
 from amqp_jobs.contract import check_namespace, check_queue_name
 from amqp_jobs.errors import ContractError, TopologyMismatchError
 
@@ -270,7 +271,7 @@ class Declarer:
 
     async def _chan(self) -> AbstractChannel:
         if self._channel is None or self._channel.is_closed:
-            self._channel = await self.connection.channel(publisher_confirms=False)
+            self._channel = await open_channel(self.connection, publisher_confirms=False)
         return self._channel
 
     async def close(self) -> None:

@@ -28,6 +28,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
+from amqp_jobs.channels import open_channel
 from amqp_jobs.connection import TRANSIENT, connect, describe, mask_url
 from amqp_jobs.contract import Job, check_namespace, check_queue_name
 from amqp_jobs.errors import (
@@ -233,9 +234,9 @@ class Worker:
         await self.link.open()
         for q in self.queues:
             await self.link.declarer.queue(q, self.registry.jobs_for(q))
-        work = await connection.channel(publisher_confirms=False)
+        work = await open_channel(connection, publisher_confirms=False)
         await work.set_qos(prefetch_count=self.concurrency)
-        due = await connection.channel(publisher_confirms=False)
+        due = await open_channel(connection, publisher_confirms=False)
         await due.set_qos(prefetch_count=DUE_PREFETCH)
         for channel in (work, due):
             channel.close_callbacks.add(lambda *_: lost.set())
@@ -495,7 +496,7 @@ class Worker:
         """Messages not yet done: in this worker, in its queues and in the delay cascade."""
         await self.link.open()
         total = self.in_flight
-        channel = await self.link.connection.channel(publisher_confirms=False)
+        channel = await open_channel(self.link.connection, publisher_confirms=False)
         try:
             for q in self.queues:
                 for name in (work_queue(self.namespace, q), due_queue(self.namespace, q)):

@@ -109,7 +109,8 @@ async def test_early_arrival_is_delayed_again(namespace: Namespace) -> None:
     stats = await run_until_idle(namespace.worker(timed_app.app))  # type: ignore[attr-defined]
     assert stats.redelayed == 1
     late = [at for n, at, _ in started if n == 1]
-    assert late and late[0] >= eta
+    assert late
+    assert late[0] >= eta
 
 
 async def test_held_jobs_do_not_take_running_slots(namespace: Namespace) -> None:

@@ -88,7 +88,7 @@ async def test_unroutable_publish_raises(namespace: Namespace) -> None:
     async with channel(namespace.url) as ch:
         await ch.declare_exchange(jobs_exchange(namespace.name), "direct", durable=True)
     async with namespace.client(declare=False, retry_for=1) as client:
-        with pytest.raises(UnroutableError, match="emails.send"):
+        with pytest.raises(UnroutableError, match=r"emails\.send"):
             await client.enqueue(send, {"user_id": 1})
 
 

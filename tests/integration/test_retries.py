@@ -1,6 +1,7 @@
 """Retries through the delay cascade; dead letters with the error when they run out."""
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -32,7 +33,7 @@ async def test_flaky_job_retries_with_backoff_and_keeps_its_id(namespace: Namesp
         job_id = await client.enqueue(job, {"n": 1})
     stats = await run_until_idle(namespace.worker(app))
     assert [(r[0], r[1]) for r in runs] == [(job_id, 1), (job_id, 2), (job_id, 3)]
-    gaps = [b[2] - a[2] for a, b in zip(runs, runs[1:], strict=False)]
+    gaps = [b[2] - a[2] for a, b in itertools.pairwise(runs)]
     assert all(gap >= 0.3 for gap in gaps), gaps
     assert (stats.succeeded, stats.retried, stats.dead) == (1, 2, 0)
 
@@ -51,7 +52,8 @@ async def test_exhausted_job_is_parked_with_its_error(namespace: Namespace) -> N
     assert (stats.retried, stats.dead) == (2, 1)
     [dead] = await drain(namespace.url, dead_queue(namespace.name, "r"), 1)
     h = dead.headers
-    assert dead.message_id == job_id and dead.type == "t.doomed"
+    assert dead.message_id == job_id
+    assert dead.type == "t.doomed"
     assert dead.body == b'{"n":42}'
     assert h["job-attempt"] == 3
     assert h["job-dead-reason"] == "exhausted"
@@ -84,8 +86,10 @@ async def test_handler_can_ask_for_retry_delay_and_discard(namespace: Namespace)
         await client.enqueue(again, {"n": 1})
         await client.enqueue(drop, {"n": 2})
     stats = await run_until_idle(namespace.worker(app))
-    assert len(times) == 2 and times[1] - times[0] >= 0.4
-    assert stats.succeeded == 1 and stats.dead == 1
+    assert len(times) == 2
+    assert times[1] - times[0] >= 0.4
+    assert stats.succeeded == 1
+    assert stats.dead == 1
     [dead] = await drain(namespace.url, dead_queue(namespace.name, "r"), 1)
     assert dead.headers["job-dead-reason"] == "discarded"
     assert dead.headers["job-error-message"] == "customer deleted"

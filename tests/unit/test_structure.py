@@ -11,6 +11,7 @@ LAYERS = [
     "errors",
     "contract",
     "message",
+    "channels",
     "topology",
     "connection",
     "link",

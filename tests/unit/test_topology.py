@@ -43,7 +43,8 @@ def simulate(exchange: str, key: str, ns: str, s: TopologySettings) -> tuple[int
 
 def test_defaults_reach_beyond_a_year() -> None:
     assert S.max_delay_ms >= YEAR_MS
-    assert S.delay_levels == 29 and S.delay_unit_ms == 100
+    assert S.delay_levels == 29
+    assert S.delay_unit_ms == 100
 
 
 @given(st.integers(min_value=0, max_value=S.max_units), st.sampled_from(["emails", "sms"]))
@@ -109,7 +110,8 @@ def test_queue_arguments() -> None:
         "x-overflow": "reject-publish",
     }
     classic = t.work_queue_arguments("shop", "emails", TopologySettings(queue_type="classic"))
-    assert "x-delivery-limit" not in classic and classic["x-queue-type"] == "classic"
+    assert "x-delivery-limit" not in classic
+    assert classic["x-queue-type"] == "classic"
     level = t.delay_queue_arguments("shop", 4, S)
     assert level["x-message-ttl"] == 1600
     assert level["x-dead-letter-strategy"] == "at-least-once"
