@@ -1,7 +1,8 @@
 """An app for tests that run a real worker process.
 
-Namespace from $SAMPLE_NS; $SAMPLE_FAST makes sleepy jobs skip their sleep. Every handler appends one JSON line to $SAMPLE_LOG when it
-starts and when it ends, so the test sees what ran even if the process is killed.
+Namespace from $SAMPLE_NS; $SAMPLE_FAST makes sleepy jobs skip their sleep. Every
+handler appends one JSON line to $SAMPLE_LOG when it starts and when it ends, so the
+test sees what ran even if the process is killed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,199 @@
+"""End-to-end demo: a user signs up and jobs fan out, retry, wait and die, on a real broker.
+
+Run with ``make demo`` (or ``python -m examples.demo``). Uses $AMQP_URL, else the local
+broker; works in a namespace of its own and deletes it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from amqp_jobs import JobClient, JobContext, JobHooks, Outcome, OutcomeKind
+from amqp_jobs.connection import DEFAULT_URL, connect, mask_url
+from amqp_jobs.topology import dead_queue, delete_namespace
+
+from .shop import contracts as c
+
+TIMEOUT = 30.0
+
+
+@dataclass
+class Row:
+    job: str
+    job_id: str
+    enqueued: float
+    eta: float | None = None
+    attempts: list[tuple[float, str]] = field(default_factory=list)
+    final: str = ""
+    note: str = ""
+
+
+class Recorder(JobHooks):
+    """Collects what happened to every job, through the worker's lifecycle hook."""
+
+    def __init__(self, rows: dict[str, Row], t0: float, done: asyncio.Event) -> None:
+        self.rows, self.t0, self.done = rows, t0, done
+
+    async def settled(self, ctx: JobContext, outcome: Outcome) -> None:
+        row = self.rows[ctx.job_id]
+        at = time.time() - self.t0
+        if outcome.kind is OutcomeKind.RETRYING:
+            row.attempts.append((at, f"failed ({outcome.error.type if outcome.error else '?'})"))
+        elif outcome.kind is OutcomeKind.SUCCEEDED:
+            row.attempts.append((at, "ok"))
+            row.final = "succeeded"
+        elif outcome.kind is OutcomeKind.DEAD:
+            row.attempts.append((at, "failed"))
+            row.final = f"dead ({outcome.dead_reason})"
+            row.note = outcome.error.message if outcome.error else ""
+        if all(r.final for r in self.rows.values()):
+            self.done.set()
+
+
+def reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", parts.port or 5672), 3):
+            return True
+    except OSError:
+        return False
+
+
+def docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
+
+
+def no_broker(url: str) -> None:
+    print(
+        f"No RabbitMQ answers at {mask_url(url)}.\n"
+        "Start one, then run `make demo` again:\n"
+        "  - local server:   rabbitmq-server -detached\n"
+        "                    (install it first if needed: sudo apt-get install rabbitmq-server)\n"
+        "  - with Docker:    docker compose -f compose/docker-compose.yml up -d rabbitmq\n"
+        "  - elsewhere:      AMQP_URL=amqp://user:pass@host:5672/ make demo",
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+
+async def run(url: str) -> None:
+    from .shop.worker import app
+
+    namespace = f"demo-{uuid.uuid4().hex[:6]}"
+    app.namespace = namespace
+    rows: dict[str, Row] = {}
+    done = asyncio.Event()
+    t0 = time.time()
+    worker = app.worker(url, hooks=[Recorder(rows, t0, done)], grace=5)
+    print(f"broker {mask_url(url)}, namespace {namespace}")
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), 30)
+        async with JobClient(url, namespace=namespace) as jobs:
+
+            async def enqueue(job, args, **kw):  # type: ignore[no-untyped-def]
+                queued = time.time() - t0
+                job_id = await jobs.enqueue(job, args, **kw)
+                delay = kw.get("delay")
+                due = None if delay is None else queued + delay.total_seconds()
+                rows[job_id] = Row(job.name, job_id, queued, due)
+
+            user = c.NewUser(user_id=1042, email="ada@example.com", postcode="E1 6AN")
+            print("user 1042 signs up: fanning out jobs …")
+            await enqueue(c.create_crm_record, user)
+            await enqueue(c.assign_fulfilment_centre, user)
+            await enqueue(c.send_welcome, {"user_id": user.user_id, "email": user.email})
+            await enqueue(
+                c.send_reminder,
+                {"user_id": user.user_id, "text": "finish your profile"},
+                delay=timedelta(seconds=4),
+            )
+            await enqueue(c.sync_invoice, {"user_id": user.user_id, "amount_cents": 1999})
+        try:
+            await asyncio.wait_for(done.wait(), TIMEOUT)
+        except TimeoutError:
+            print(f"not every job finished within {TIMEOUT:.0f}s", file=sys.stderr)
+        print_table(rows.values())
+        await show_dead(url, namespace)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        connection = await connect(url, name="demo cleanup")
+        await delete_namespace(connection, namespace, set(app.queues))
+        await connection.close()
+    print(f"\nnamespace {namespace} deleted. Worker stats: {worker.stats}")
+    print("Run the same handlers as a worker process: amqp-jobs worker examples.shop.worker:app")
+
+
+def print_table(rows: object) -> None:
+    headers = ("job", "id", "queued", "due", "attempts", "outcome")
+    lines = []
+    for r in rows:  # type: ignore[attr-defined]
+        timeline = ", ".join(f"{what} @{at:.1f}s" for at, what in r.attempts)
+        due = "now" if r.eta is None else f"{r.eta:.1f}s"
+        lines.append(
+            (r.job, r.job_id[:8], f"{r.enqueued:.2f}s", due, timeline, r.final or "pending")
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print()
+    print(fmt.format(*headers))
+    print(fmt.format(*("-" * w for w in widths)))
+    for line in lines:
+        print(fmt.format(*line))
+
+
+async def show_dead(url: str, namespace: str) -> None:
+    connection = await connect(url, name="demo dead-letter check")
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(dead_queue(namespace, "billing"), passive=True)
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            return
+        h = message.headers
+        print(f"\ndead-letter queue {queue.name}:")
+        print(f"  job {message.type} {message.message_id}")
+        print(f"  reason  {h.get('job-dead-reason')} after {h.get('job-attempt')} attempts")
+        print(f"  error   {h.get('job-error-type')}: {h.get('job-error-message')}")
+        print(f"  args    {message.body.decode()}")
+    finally:
+        await connection.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="  worker log: %(message)s")
+    url = os.environ.get("AMQP_URL") or DEFAULT_URL
+    container = None
+    if not reachable(url):
+        if not os.environ.get("AMQP_URL") and docker_available():
+            from testcontainers.community.rabbitmq import RabbitMqContainer
+
+            print("no local broker; starting RabbitMQ with testcontainers …")
+            container = RabbitMqContainer("rabbitmq:3.13-management-alpine").start()
+            host, port = container.get_container_host_ip(), container.get_exposed_port(5672)
+            url = f"amqp://{container.username}:{container.password}@{host}:{port}/"
+        else:
+            no_broker(url)
+    try:
+        asyncio.run(run(url))
+    finally:
+        if container is not None:
+            container.stop()
+
+
+if __name__ == "__main__":
+    main()
