@@ -16,6 +16,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_delay,
@@ -32,7 +33,6 @@ from amqp_jobs.topology import (
     TopologySettings,
     dead_exchange,
     delayed_route,
-    deliver_exchange,
     jobs_exchange,
 )
 
@@ -139,17 +139,18 @@ class Link:
         job). Otherwise: the delay cascade, which ends in ``queue``'s due queue (retries,
         re-delays, delayed jobs).
         """
+        due_now = envelope.eta_ms is None or envelope.eta_ms <= now_ms()
+        if self.declare:
+            await self.declarer.queue(queue, {envelope.job_name})
+            if not due_now:
+                await self.declarer.cascade()
+        # The route is computed after every await above: time spent declaring must
+        # not be added to the delay.
         delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - now_ms()
         if delay_ms <= 0 and via_jobs_exchange:
-            if self.declare:
-                await self.declarer.queue(queue, {envelope.job_name})
             exchange, key = jobs_exchange(self.namespace), envelope.job_name
         else:
             exchange, key = delayed_route(self.namespace, queue, delay_ms, self.settings)
-            if self.declare:
-                await self.declarer.queue(queue, {envelope.job_name})
-                if exchange != deliver_exchange(self.namespace):
-                    await self.declarer.cascade()
         await self.publisher.publish(exchange, key, envelope.to_message())
 
     async def send_dead(self, message: aio_pika.Message, queue: str) -> None:
@@ -175,6 +176,7 @@ class Link:
             retry=retry_if_exception_type(RECOVERABLE) & retry_if_not_exception_type(PERMANENT),
             wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.1),
             stop=stop_after_delay(give_up_after),
+            before_sleep=_log_retry(self.name),
             reraise=True,
         )
         while True:
@@ -197,6 +199,19 @@ class Link:
                     f"publishing to {mask_url(self.url)} failed for {give_up_after:.0f}s:"
                     f" {describe(exc)}"
                 ) from None
+
+
+def _log_retry(name: str) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s: publish failed (%s); retrying in %.2fs",
+            name,
+            describe(exc),
+            state.upcoming_sleep,
+        )
+
+    return before_sleep
 
 
 def _stale_topology(exc: PublishError) -> bool:
