@@ -317,6 +317,8 @@ class Declarer:
         await self.base()
         ns, s = self.ns, self.settings
         missing = {n for n in job_names if f"bind:{n}" not in self.declared}
+        if not missing and f"queue:{queue}" in self.declared:
+            return
 
         async def declare(ch: AbstractChannel) -> None:
             args = work_queue_arguments(ns, queue, s)

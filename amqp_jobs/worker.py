@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import ssl
 from collections.abc import Sequence
@@ -405,7 +406,9 @@ class Worker:
             future = asyncio.ensure_future(spec.call(args, ctx))
         else:
             loop = asyncio.get_running_loop()
-            call = functools.partial(contextvars.copy_context().run, spec.call, args, ctx)
+            call = functools.partial(
+                contextvars.copy_context().run, _call_sync, spec.call, args, ctx
+            )
             future = loop.run_in_executor(self._executor, call)
         future.add_done_callback(lambda _: sem.release())
         timeout = spec.job.timeout
@@ -513,6 +516,19 @@ class Worker:
             if not channel.is_closed:
                 await channel.close()
         return total
+
+
+def _call_sync(call: Any, args: Any, ctx: JobContext) -> Any:
+    """Run a plain handler in a pool thread; refuse a coroutine it hands back unrun."""
+    result = call(args, ctx)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(
+            f"the handler of {ctx.job.name!r} returned an awaitable from a plain function;"
+            " declare it `async def` so the worker awaits it"
+        )
+    return result
 
 
 def _decode_args(job: Job[Any], body: bytes) -> Any:

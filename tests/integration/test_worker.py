@@ -167,3 +167,27 @@ async def test_worker_consumes_only_the_queues_asked_for(namespace: Namespace) -
     async with channel(namespace.url) as ch:
         q = await ch.declare_queue(work_queue(namespace.name, "qb"), passive=True)
         assert q.declaration_result.message_count == 1
+
+
+async def test_plain_function_returning_a_coroutine_fails_loudly(namespace: Namespace) -> None:
+    """A lambda around an async function must not count as success without running it."""
+    from amqp_jobs import RetryPolicy
+    from amqp_jobs.topology import dead_queue
+
+    from .conftest import drain
+
+    app = namespace.app()
+    job = Job("t.wrapped", N, queue="wrapped", retry=RetryPolicy(max_attempts=1))
+    ran: list[int] = []
+
+    async def real(args: N) -> None:
+        ran.append(args.n)
+
+    app.add_handler(job, lambda args: real(args))
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1})
+    stats = await run_until_idle(namespace.worker(app))
+    assert ran == []
+    assert stats.succeeded == 0
+    [dead] = await drain(namespace.url, dead_queue(namespace.name, "wrapped"), 1)
+    assert "declare it `async def`" in dead.headers["job-error-message"]
