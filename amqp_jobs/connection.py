@@ -76,11 +76,13 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
-def _log_attempt(url: str, what: str) -> Callable[[RetryCallState], None]:
+def log_retries(what: str, url: str) -> Callable[[RetryCallState], None]:
+    """A tenacity ``before_sleep`` that logs each failed attempt, credentials masked."""
+
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning(
-            "%s %s failed (attempt %d): %s; retrying in %.1fs",
+            "%s %s failed (attempt %d): %s; retrying in %.2fs",
             what,
             mask_url(url),
             state.attempt_number,
@@ -117,7 +119,7 @@ async def connect(
         ),
         wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.2),
         stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
-        before_sleep=_log_attempt(url, "connecting to"),
+        before_sleep=log_retries("connecting to", url),
         reraise=True,
     )
     try:

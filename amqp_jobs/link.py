@@ -16,7 +16,6 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from tenacity import (
     AsyncRetrying,
-    RetryCallState,
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_delay,
@@ -25,7 +24,14 @@ from tenacity import (
 )
 
 from amqp_jobs.channels import is_alive
-from amqp_jobs.connection import TRANSIENT, Publisher, connect, describe, mask_url
+from amqp_jobs.connection import (
+    TRANSIENT,
+    Publisher,
+    connect,
+    describe,
+    log_retries,
+    mask_url,
+)
 from amqp_jobs.errors import BrokerUnavailableError, PublishError, UnroutableError
 from amqp_jobs.message import Envelope, now_ms
 from amqp_jobs.topology import (
@@ -176,7 +182,7 @@ class Link:
             retry=retry_if_exception_type(RECOVERABLE) & retry_if_not_exception_type(PERMANENT),
             wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.1),
             stop=stop_after_delay(give_up_after),
-            before_sleep=_log_retry(self.name),
+            before_sleep=log_retries(f"{self.name}: publishing to", self.url),
             reraise=True,
         )
         while True:
@@ -199,19 +205,6 @@ class Link:
                     f"publishing to {mask_url(self.url)} failed for {give_up_after:.0f}s:"
                     f" {describe(exc)}"
                 ) from None
-
-
-def _log_retry(name: str) -> Callable[[RetryCallState], None]:
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "%s: publish failed (%s); retrying in %.2fs",
-            name,
-            describe(exc),
-            state.upcoming_sleep,
-        )
-
-    return before_sleep
 
 
 def _stale_topology(exc: PublishError) -> bool:

@@ -119,10 +119,10 @@ class Namespace:
         self._apps.append(app)
         return app
 
-    def client(self, **kwargs: Any) -> JobClient:
-        """A JobClient for this namespace (use ``async with``)."""
+    def client(self, url: str | None = None, **kwargs: Any) -> JobClient:
+        """A JobClient for this namespace (use ``async with``); ``url`` overrides the broker's."""
         kwargs.setdefault("settings", self.settings)
-        client = JobClient(self.url, namespace=self.name, **kwargs)
+        client = JobClient(url or self.url, namespace=self.name, **kwargs)
         self._clients.append(client)
         return client
 

@@ -59,9 +59,7 @@ async def test_worker_reconnects_and_resumes(namespace: Namespace, proxy: Proxy)
 async def test_publisher_rides_out_a_short_outage(namespace: Namespace, proxy: Proxy) -> None:
     async with namespace.client() as direct:
         await direct.enqueue(job, {"n": 0})  # declare
-    client = namespace.client(retry_for=20)
-    client.url = via(namespace.url, proxy)
-    client._link.url = client.url
+    client = namespace.client(via(namespace.url, proxy), retry_for=20)
     async with client:
         await client.enqueue(job, {"n": 1})
         await proxy.stop_listening()
@@ -75,9 +73,7 @@ async def test_publisher_rides_out_a_short_outage(namespace: Namespace, proxy: P
 
 
 async def test_publisher_gives_up_after_its_bound(namespace: Namespace, proxy: Proxy) -> None:
-    client = namespace.client(retry_for=1.0)
-    client.url = via(namespace.url, proxy)
-    client._link.url = client.url
+    client = namespace.client(via(namespace.url, proxy), retry_for=1.0)
     async with client:
         await client.enqueue(job, {"n": 1})
         await proxy.stop_listening()
