@@ -34,6 +34,9 @@ from amqp_jobs.errors import ContractError, TopologyMismatchError
 
 QueueType = Literal["quorum", "classic"]
 
+#: RabbitMQ refuses an x-message-ttl above ten years.
+MAX_TTL_MS = 315_360_000_000
+
 #: Time allowed per queue hop of the cascade: the publisher aims this much early per hop,
 #: and the worker waits out the rest, so broker latency does not make jobs late.
 HOP_ALLOWANCE_MS = 25
@@ -64,6 +67,12 @@ class TopologySettings:
             raise ContractError(f"delay_unit_ms must be 1..60000, got {self.delay_unit_ms}")
         if not 1 <= self.delay_levels <= 40:
             raise ContractError(f"delay_levels must be 1..40, got {self.delay_levels}")
+        top = self.delay_unit_ms << (self.delay_levels - 1)
+        if top > MAX_TTL_MS:
+            raise ContractError(
+                f"the top delay level's TTL would be {top} ms, above RabbitMQ's limit of"
+                f" {MAX_TTL_MS} ms (ten years): use fewer delay_levels or a smaller delay_unit_ms"
+            )
 
     @property
     def max_units(self) -> int:

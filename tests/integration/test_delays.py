@@ -119,7 +119,7 @@ async def test_held_jobs_do_not_take_running_slots(namespace: Namespace) -> None
     A 3 s delay unit sends a 2 s delay straight to the due queue, so the worker holds
     the jobs for the whole 2 s: long enough to observe.
     """
-    namespace.settings = TopologySettings(delay_unit_ms=3000)
+    namespace.settings = TopologySettings(delay_unit_ms=3000, delay_levels=20)
     app = namespace.app()
     job = Job("t.mixed", N, queue="h")
     ran: list[tuple[int, float]] = []

@@ -20,6 +20,9 @@ LAYERS = [
     "worker",
     "client",
     "app",
+    "ops",
+    "schemas",
+    "commands",
     "testing",
     "cli",
 ]

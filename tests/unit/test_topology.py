@@ -119,7 +119,13 @@ def test_queue_arguments() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"queue_type": "stream"}, {"delivery_limit": 0}, {"delay_unit_ms": 0}, {"delay_levels": 41}],
+    [
+        {"queue_type": "stream"},
+        {"delivery_limit": 0},
+        {"delay_unit_ms": 0},
+        {"delay_levels": 41},
+        {"delay_unit_ms": 3000, "delay_levels": 29},  # top TTL beyond the broker's limit
+    ],
 )
 def test_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ContractError):

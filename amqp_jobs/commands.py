@@ -1,0 +1,529 @@
+"""The operations commands of ``amqp-jobs``: status, dead, enqueue, topology, schemas, asyncapi.
+
+Each takes the parsed arguments and returns an exit status. User mistakes raise
+UsageError (exit 2) or an AmqpJobsError (exit 1); cli.main prints them as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aio_pika.abc import AbstractConnection
+
+from amqp_jobs import ops, schemas
+from amqp_jobs.app import JobApp
+from amqp_jobs.client import JobClient, resolve_eta
+from amqp_jobs.connection import DEFAULT_URL, connect, mask_url
+from amqp_jobs.contract import Job, check_namespace, check_queue_name
+from amqp_jobs.errors import ContractError
+from amqp_jobs.link import Link
+from amqp_jobs.message import Envelope
+from amqp_jobs.topology import (
+    TopologySettings,
+    dead_exchange,
+    dead_queue,
+    delay_exchange,
+    delay_queue,
+    delay_queue_arguments,
+    deliver_binding,
+    deliver_exchange,
+    due_queue,
+    jobs_exchange,
+    level_binding,
+    parking_queue_arguments,
+    unroutable,
+    work_queue,
+    work_queue_arguments,
+)
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A mistake on the command line; printed as one line, exit status 2."""
+
+
+# -- shared plumbing -----------------------------------------------------------------
+
+
+def load_app(target: str) -> JobApp:
+    """Import ``module:attribute`` and return the JobApp it names."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"expected module:app (e.g. myproject.jobs:app), got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if app is None:
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r}")
+    if not isinstance(app, JobApp):
+        raise UsageError(f"{target} is a {type(app).__name__}, not a JobApp")
+    return app
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '5m', '1h30m', '2d', '500ms'."""
+    text = text.strip().lower()
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"duration must not be negative: {text!r}")
+        return value
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (examples: 30s, 5m, 1h30m, 2d, 500ms)"
+        )
+    return total
+
+
+def parse_when(text: str) -> datetime:
+    """An ISO-8601 time; without a zone it is taken as UTC."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO-8601 time: {text!r} (example: 2027-01-01T09:00:00+01:00)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+class Context:
+    """What every operations command needs: URL, namespace, settings, the app if any."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.url: str = args.url or os.environ.get("AMQP_URL") or DEFAULT_URL
+        self.app = load_app(args.app) if getattr(args, "app", None) else None
+        namespace = (
+            args.namespace
+            or (self.app.namespace if self.app else None)
+            or os.environ.get("AMQP_JOBS_NAMESPACE")
+        )
+        if not namespace:
+            raise UsageError("which namespace? pass --namespace NS or --app module:app")
+        try:
+            self.namespace = check_namespace(namespace)
+        except ContractError as exc:
+            raise UsageError(str(exc)) from None
+        self.settings = self.app.settings if self.app else TopologySettings()
+        self.connect_timeout: float = getattr(args, "connect_timeout", 10.0)
+        self.json: bool = getattr(args, "json", False)
+
+    def queues(self, explicit: Sequence[str] | None) -> list[str]:
+        names = set(explicit or [])
+        if self.app:
+            names |= set(self.app.queues)
+        for name in names:
+            try:
+                check_queue_name(name)
+            except ContractError as exc:
+                raise UsageError(str(exc)) from None
+        return sorted(names)
+
+    def run(self, body: Callable[[AbstractConnection], Awaitable[T]]) -> T:
+        async def main() -> T:
+            connection = await connect(
+                self.url, name="amqp-jobs cli", give_up_after=self.connect_timeout
+            )
+            try:
+                return await body(connection)
+            finally:
+                await connection.close()
+
+        return asyncio.run(main())
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*headers), line.format(*("-" * w for w in widths))]
+    out += [line.format(*r) for r in cells]
+    return "\n".join(s.rstrip() for s in out)
+
+
+def emit(ctx: Context, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if ctx.json else text)
+
+
+# -- status --------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    management_url = args.management_url or os.environ.get("AMQP_MANAGEMENT_URL")
+    management = ops.Management(management_url, ctx.url) if management_url else None
+    queues = ctx.queues(args.queues)
+    if not queues and management:
+        queues = management.work_queues(ctx.namespace)
+    if not queues:
+        raise UsageError(
+            "which queues? pass --app module:app or --queue Q (or --management-url to discover)"
+        )
+    result = ctx.run(lambda c: ops.status(c, ctx.namespace, queues, ctx.settings, management))
+    rows = [(q.queue, q.ready, q.unacked, q.consumers, q.due, q.dead) for q in result.queues]
+    text = table(("queue", "ready", "unacked", "consumers", "due", "dead"), rows)
+    text += f"\n\ndelay cascade: {result.delayed} waiting   unroutable: {result.unroutable}"
+    if management is None:
+        text += "\n(unacked needs the management API: --management-url http://host:15672)"
+    emit(ctx, result.to_json(), f"namespace {ctx.namespace} on {mask_url(ctx.url)}\n\n{text}")
+    return 0
+
+
+# -- dead ----------------------------------------------------------------------------
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_dead_list(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    queue = _one_queue(args.queue)
+    selector = ops.select(job=args.job)
+    found = ctx.run(
+        lambda c: ops.list_dead(c, ctx.namespace, queue, limit=args.limit, selector=selector)
+    )
+    rows = [
+        (
+            d.job_id,
+            d.job_name,
+            d.attempts,
+            _when(d.failed_at),
+            d.error_type,
+            _short(d.error_message, 50),
+            d.reason,
+        )
+        for d in found
+    ]
+    text = table(
+        ("job id", "job", "attempts", "failed at (UTC)", "error", "message", "reason"), rows
+    )
+    emit(ctx, [d.summary() for d in found], f"{text}\n\n{len(found)} dead jobs in {queue}")
+    return 0
+
+
+def _one_queue(name: str) -> str:
+    try:
+        return check_queue_name(name)
+    except ContractError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_dead_show(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    queues = ctx.queues(args.queues)
+    if not queues:
+        raise UsageError("which queues to search? pass --queue Q or --app module:app")
+    dead = ctx.run(lambda c: ops.find_dead(c, ctx.namespace, queues, args.job_id))
+    if dead is None:
+        searched = ", ".join(dead_queue(ctx.namespace, q) for q in queues)
+        raise ops.NotFoundError(f"no dead job {args.job_id!r} in {searched}")
+    info = dead.details()
+    lines = [f"{k:>14}: {v}" for k, v in info.items() if k not in ("traceback", "headers", "args")]
+    lines += ["", "args:", f"  {info['args']}", "", "traceback:", info["traceback"] or "  -"]
+    lines += ["", "headers:"] + [f"  {k}: {v}" for k, v in sorted(info["headers"].items())]
+    emit(ctx, info, "\n".join(lines))
+    return 0
+
+
+def cmd_dead_replay(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    queue = _one_queue(args.queue)
+    if not args.all and not args.ids:
+        raise UsageError("say which dead jobs to replay: --id JOB_ID (repeatable) or --all")
+    selector = ops.select(ids=None if args.all else args.ids, job=args.job)
+    bar = _progress_bar(sys.stderr) if not ctx.json else None
+    result = ctx.run(lambda c: ops.replay_dead(c, ctx.namespace, queue, selector, on_progress=bar))
+    if bar is not None and sys.stderr.isatty():
+        print(file=sys.stderr)
+    missing = sorted(set(args.ids or []) - set(result.job_ids))
+    text = f"replayed {result.done} dead jobs from {queue} to {work_queue(ctx.namespace, queue)}"
+    if missing:
+        text += f"\nnot found in {dead_queue(ctx.namespace, queue)}: {', '.join(missing)}"
+    emit(ctx, {"replayed": result.job_ids, "not_found": missing}, text)
+    return 1 if missing else 0
+
+
+def _progress_bar(stream: Any) -> Callable[[ops.Progress], None]:
+    def show(progress: ops.Progress) -> None:
+        if not stream.isatty() or progress.total == 0:
+            return
+        width = 30
+        filled = width * progress.done // progress.total
+        stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total}")
+        stream.flush()
+
+    return show
+
+
+def cmd_dead_purge(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    queue = _one_queue(args.queue)
+    selector = ops.select(job=args.job, older_than=args.older_than)
+    if not args.yes:
+        matching = ctx.run(lambda c: ops.list_dead(c, ctx.namespace, queue, selector=selector))
+        if not matching:
+            emit(ctx, {"removed": 0}, f"no matching dead jobs in {queue}")
+            return 0
+        if not sys.stdin.isatty():
+            raise UsageError(
+                f"{len(matching)} dead jobs would be deleted; confirm with --yes"
+                " (no terminal to ask on)"
+            )
+        answer = input(f"Delete {len(matching)} dead jobs from {queue}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    removed = ctx.run(lambda c: ops.purge_dead(c, ctx.namespace, queue, selector))
+    emit(ctx, {"removed": removed}, f"removed {removed} dead jobs from {queue}")
+    return 0
+
+
+# -- enqueue -------------------------------------------------------------------------
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    try:
+        payload = json.loads(args.args_json)
+    except ValueError as exc:
+        raise UsageError(f"ARGS_JSON is not JSON: {exc}") from None
+    if ctx.app is None and args.schemas is None:
+        raise UsageError("validate against what? pass --app module:app or --schemas DIR")
+    delay = args.delay
+    run_at = args.at
+    if ctx.app is not None:
+        spec = ctx.app.registry.get(args.job)
+        if spec is None:
+            known = ", ".join(sorted(j.name for j in ctx.app.jobs))
+            raise UsageError(f"unknown job {args.job!r}; the app's jobs: {known}")
+        job: Job[Any] = spec.job
+        body = job.encode_args(payload)  # ArgsValidationError names the field
+        queue = job.queue
+    else:
+        known_job = schemas.load_job(Path(args.schemas), args.job)
+        problems = schemas.validate_args(known_job, payload)
+        if problems:
+            raise ContractError(f"invalid args for job {args.job!r}: " + "; ".join(problems))
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        queue = known_job.queue
+    envelope = Envelope.new(args.job, body, queue, eta_ms=resolve_eta(delay, run_at))
+
+    async def send(_: AbstractConnection) -> None:
+        async with JobClient(
+            ctx.url, namespace=ctx.namespace, settings=ctx.settings, retry_for=ctx.connect_timeout
+        ) as client:
+            await client.send(envelope, queue)
+
+    ctx.run(send)
+    due = (
+        f", due {datetime.fromtimestamp(envelope.eta_ms / 1000, UTC).isoformat()}"
+        if envelope.eta_ms
+        else ""
+    )
+    emit(
+        ctx,
+        {"job_id": envelope.job_id, "job": args.job, "queue": queue, "eta_ms": envelope.eta_ms},
+        f"enqueued {args.job} as {envelope.job_id} on {queue}{due}",
+    )
+    return 0
+
+
+# -- topology ------------------------------------------------------------------------
+
+
+def topology_plan(ns: str, queues: dict[str, set[str]], s: TopologySettings) -> dict[str, Any]:
+    """Every exchange, queue and binding the library declares for these queues."""
+    exchanges = [
+        {"name": jobs_exchange(ns), "type": "direct", "arguments": {}},
+        {"name": dead_exchange(ns), "type": "direct", "arguments": {}},
+        {"name": unroutable(ns), "type": "fanout", "arguments": {}},
+        {
+            "name": deliver_exchange(ns),
+            "type": "topic",
+            "arguments": {"alternate-exchange": unroutable(ns)},
+        },
+    ]
+    declared = [{"name": unroutable(ns), "arguments": parking_queue_arguments(s)}]
+    bindings = [{"source": unroutable(ns), "destination": unroutable(ns), "key": ""}]
+    for q, jobs in sorted(queues.items()):
+        args = work_queue_arguments(ns, q, s)
+        declared += [
+            {"name": work_queue(ns, q), "arguments": args},
+            {"name": due_queue(ns, q), "arguments": args},
+            {"name": dead_queue(ns, q), "arguments": parking_queue_arguments(s)},
+        ]
+        bindings += [
+            {"source": jobs_exchange(ns), "destination": work_queue(ns, q), "key": j}
+            for j in sorted(jobs)
+        ]
+        bindings += [
+            {
+                "source": deliver_exchange(ns),
+                "destination": due_queue(ns, q),
+                "key": deliver_binding(q, s),
+            },
+            {"source": dead_exchange(ns), "destination": dead_queue(ns, q), "key": q},
+        ]
+    for level in range(s.delay_levels):
+        below = delay_exchange(ns, level - 1) if level else deliver_exchange(ns)
+        exchanges.append({"name": delay_exchange(ns, level), "type": "topic", "arguments": {}})
+        declared.append(
+            {"name": delay_queue(ns, level), "arguments": delay_queue_arguments(ns, level, s)}
+        )
+        bindings += [
+            {
+                "source": delay_exchange(ns, level),
+                "destination": delay_queue(ns, level),
+                "key": level_binding(level, "1", s),
+            },
+            {
+                "source": delay_exchange(ns, level),
+                "destination": below,
+                "key": level_binding(level, "0", s),
+            },
+        ]
+    return {"namespace": ns, "exchanges": exchanges, "queues": declared, "bindings": bindings}
+
+
+def _queue_jobs(
+    ctx: Context, queues: Sequence[str] | None, jobs: Sequence[str] | None
+) -> dict[str, set[str]]:
+    plan: dict[str, set[str]] = {q: set() for q in ctx.queues(queues)}
+    if ctx.app:
+        for job in ctx.app.jobs:
+            plan.setdefault(job.queue, set()).add(job.name)
+    if jobs:
+        if len(plan) != 1:
+            raise UsageError("--job binds job names to one queue: give exactly one --queue")
+        next(iter(plan.values())).update(jobs)
+    if not plan:
+        raise UsageError("which queues? pass --app module:app or --queue Q")
+    return plan
+
+
+def cmd_topology_show(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    plan = topology_plan(ctx.namespace, _queue_jobs(ctx, args.queues, args.jobs), ctx.settings)
+    lines = ["exchanges:"]
+    lines += [
+        f"  {e['name']}  ({e['type']}{', ' + _args(e['arguments']) if e['arguments'] else ''})"
+        for e in plan["exchanges"]
+    ]
+    lines += ["", "queues:"] + [f"  {q['name']}  {_args(q['arguments'])}" for q in plan["queues"]]
+    lines += ["", "bindings:"] + [
+        f"  {b['source']} -> {b['destination']}  key {b['key']!r}" for b in plan["bindings"]
+    ]
+    emit(ctx, plan, "\n".join(lines))
+    return 0
+
+
+def _args(arguments: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in arguments.items())
+
+
+def cmd_topology_declare(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    plan = _queue_jobs(ctx, args.queues, args.jobs)
+
+    async def declare(_: AbstractConnection) -> None:
+        link = Link(ctx.url, ctx.namespace, ctx.settings, name="amqp-jobs cli (declare)")
+        await link.open()
+        try:
+            for queue, jobs in sorted(plan.items()):
+                await link.declarer.queue(queue, jobs)
+            await link.declarer.cascade()
+        finally:
+            await link.close()
+
+    ctx.run(declare)
+    emit(
+        ctx,
+        {"namespace": ctx.namespace, "queues": sorted(plan)},
+        f"declared namespace {ctx.namespace}: queues {', '.join(sorted(plan))} and the"
+        f" delay cascade ({ctx.settings.delay_levels} levels)",
+    )
+    return 0
+
+
+# -- schemas and asyncapi -------------------------------------------------------------
+
+
+def _app_required(ctx: Context) -> JobApp:
+    if ctx.app is None:
+        raise UsageError("this command reads the job contracts: pass --app module:app")
+    return ctx.app
+
+
+def cmd_schemas_export(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    app = _app_required(ctx)
+    written = schemas.export(Path(args.directory), app.jobs, ctx.namespace)
+    emit(ctx, [str(p) for p in written], "\n".join(f"wrote {p}" for p in written))
+    return 0
+
+
+def cmd_schemas_check(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    app = _app_required(ctx)
+    drift = schemas.check(Path(args.directory), app.jobs, ctx.namespace)
+    if drift.clean:
+        emit(ctx, {"clean": True}, f"{args.directory}: schemas match the code")
+        return 0
+    emit(
+        ctx,
+        {"clean": False, **drift.__dict__},
+        f"{args.directory}: schemas differ from the code ({drift.describe()});"
+        f" run `amqp-jobs schemas export {args.directory} --app {args.app}`",
+    )
+    return 1
+
+
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    app = _app_required(ctx)
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(ctx.url)
+    server = f"{parts.hostname}:{parts.port or 5672}" if parts.hostname else None
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    doc = schemas.asyncapi(app.jobs, ctx.namespace, ctx.settings, server=server, vhost=vhost)
+    text = json.dumps(doc, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,381 @@
+"""Operations commands against the real broker: status, dead, enqueue, topology."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from amqp_jobs import ops
+from amqp_jobs.cli import main
+from amqp_jobs.link import Link
+from amqp_jobs.message import now_ms
+from amqp_jobs.testing import Namespace
+from amqp_jobs.topology import TopologySettings, dead_queue, work_queue
+
+from .conftest import channel, drain, queue_count
+
+APP = "examples.shop.worker:app"
+
+
+def cli(capsys: pytest.CaptureFixture[str], ns: Namespace, *args: str) -> tuple[int, str, str]:
+    code = main([*args, "--url", ns.url, "--namespace", ns.name])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def declare(ns: Namespace, queues: dict[str, set[str]]) -> None:
+    link = Link(ns.url, ns.name, TopologySettings(), name="test declare")
+    await link.open()
+    for queue, jobs in queues.items():
+        await link.declarer.queue(queue, jobs)
+    await link.close()
+    ns.track(*queues)
+
+
+async def park(
+    ns: Namespace, queue: str, jobs: list[tuple[str, str]], failed_ago_ms: int = 0
+) -> None:
+    """Put dead jobs (job id, job name) into ``queue``'s dead-letter queue, as a worker would."""
+    await declare(ns, {queue: set()})
+    link = Link(ns.url, ns.name, TopologySettings(), name="test park")
+    await link.open()
+    for job_id, name in jobs:
+        headers: dict[str, Any] = {
+            "job-protocol": 1,
+            "job-attempt": 3,
+            "job-queue": queue,
+            "job-error-type": "ValueError",
+            "job-error-message": f"{name} broke",
+            "job-error-traceback": 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError',
+            "job-failed-at": now_ms() - failed_ago_ms,
+            "job-dead-reason": "exhausted",
+            "x-death": [{"reason": "rejected"}],
+        }
+        message = aio_pika.Message(
+            json.dumps({"user_id": 7, "amount_cents": 5}).encode(),
+            content_type="application/json",
+            message_id=job_id,
+            type=name,
+            headers=headers,
+        )
+        await link.send_dead(message, queue)
+    await link.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_status_shows_every_kind_of_queue(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, namespace, "topology", "declare", "--app", APP)
+    assert code == 0, err
+    namespace.track("crm", "billing", "emails", "fulfilment")
+    code, _, err = cli(
+        capsys, namespace, "enqueue", "crm.create_record",
+        '{"user_id": 1, "email": "a@b.c", "postcode": "E1 6AN"}', "--app", APP,
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, _ = cli(
+        capsys, namespace, "enqueue", "emails.send_reminder", '{"user_id": 1, "text": "hi"}',
+        "--app", APP, "--delay", "1h",
+    )  # fmt: skip
+    assert code == 0
+    run(park(namespace, "billing", [("d1", "billing.sync_invoice")]))
+    code, out, _ = cli(capsys, namespace, "status", "--app", APP, "--json")
+    assert code == 0
+    data = json.loads(out)
+    rows = {q["queue"]: q for q in data["queues"]}
+    assert rows["crm"]["ready"] == 1
+    assert rows["billing"]["dead"] == 1
+    assert rows["emails"]["ready"] == 0
+    assert data["delayed"] == 1
+    assert data["unroutable"] == 0
+    code, out, _ = cli(capsys, namespace, "status", "--app", APP)
+    assert "queue" in out and "crm" in out and "delay cascade: 1 waiting" in out
+
+
+def test_status_unreachable_broker_is_one_line_with_masked_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        ["status", "--url", "amqp://guest:hunter2@127.0.0.1:1/", "--namespace", "x",
+         "--queue", "q", "--connect-timeout", "0.3"]
+    )  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert "hunter2" not in err
+    assert "guest:***@127.0.0.1:1" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_status_of_unknown_queue(namespace: Namespace, capsys: pytest.CaptureFixture[str]) -> None:
+    run(declare(namespace, {"real": set()}))
+    code, _, err = cli(capsys, namespace, "status", "--queue", "nope")
+    assert code == 1
+    assert f"no work queue '{namespace.name}.q.nope'" in err
+
+
+def test_dead_list_filters_and_leaves_the_queue_as_it_was(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = [(f"id-{i}", "billing.sync_invoice" if i % 2 else "crm.create_record") for i in range(6)]
+    run(park(namespace, "billing", jobs))
+    code, out, _ = cli(capsys, namespace, "dead", "list", "billing", "--json")
+    assert code == 0
+    assert [d["job_id"] for d in json.loads(out)] == [j for j, _ in jobs]
+    code, out, _ = cli(
+        capsys,
+        namespace,
+        "dead",
+        "list",
+        "billing",
+        "--job",
+        "crm.create_record",
+        "--limit",
+        "2",
+        "--json",
+    )
+    listed = json.loads(out)
+    assert [d["job_id"] for d in listed] == ["id-0", "id-2"]
+    assert listed[0]["attempts"] == 3
+    assert listed[0]["reason"] == "exhausted"
+    assert listed[0]["error_type"] == "ValueError"
+    code, out, _ = cli(capsys, namespace, "dead", "list", "billing")
+    assert "id-5" in out and "6 dead jobs in billing" in out
+    # nothing lost, duplicated or reordered
+    msgs = run(drain(namespace.url, dead_queue(namespace.name, "billing"), 6))
+    assert [m.message_id for m in msgs] == [j for j, _ in jobs]
+
+
+def test_dead_show(namespace: Namespace, capsys: pytest.CaptureFixture[str]) -> None:
+    run(park(namespace, "billing", [("a", "billing.sync_invoice"), ("b", "billing.sync_invoice")]))
+    code, out, _ = cli(capsys, namespace, "dead", "show", "b", "--queue", "billing", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["job_id"] == "b"
+    assert "Traceback" in info["traceback"]
+    assert json.loads(info["args"]) == {"user_id": 7, "amount_cents": 5}
+    code, out, _ = cli(capsys, namespace, "dead", "show", "b", "--queue", "billing")
+    assert "traceback:" in out and "billing.sync_invoice broke" in out
+    code, _, err = cli(capsys, namespace, "dead", "show", "zzz", "--queue", "billing")
+    assert code == 1
+    assert "no dead job 'zzz'" in err
+    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 2
+
+
+def test_dead_replay_by_id_and_all(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = [
+        ("r1", "billing.sync_invoice"),
+        ("r2", "crm.create_record"),
+        ("r3", "billing.sync_invoice"),
+    ]
+    run(park(namespace, "billing", jobs))
+    code, out, _ = cli(capsys, namespace, "dead", "replay", "billing", "--id", "r2", "--id", "nope")
+    assert code == 1, "an id that was not found is an error"
+    assert "replayed 1" in out and "not found" in out and "nope" in out
+    [copy] = run(drain(namespace.url, work_queue(namespace.name, "billing"), 1))
+    assert copy.message_id == "r2"
+    assert copy.type == "crm.create_record"
+    assert copy.headers["job-attempt"] == 1
+    assert not any(
+        k.startswith(("job-error", "job-dead", "job-failed", "x-death")) for k in copy.headers
+    )
+    assert json.loads(copy.body) == {"user_id": 7, "amount_cents": 5}
+    code, out, _ = cli(
+        capsys, namespace, "dead", "replay", "billing", "--all", "--job", "billing.sync_invoice"
+    )
+    assert code == 0
+    assert "replayed 2" in out
+    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 0
+    code, _, err = cli(capsys, namespace, "dead", "replay", "billing")
+    assert code == 2 and "--id JOB_ID" in err
+
+
+def test_interrupted_replay_loses_nothing(namespace: Namespace) -> None:
+    jobs = [(f"j{i}", "billing.sync_invoice") for i in range(6)]
+    run(park(namespace, "billing", jobs))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(progress: ops.Progress) -> None:
+        if progress.done == 2:
+            raise Stop
+
+    async def replay(on_progress: Any = None) -> ops.Progress:
+        connection = await aio_pika.connect(namespace.url)
+        try:
+            return await ops.replay_dead(
+                connection, namespace.name, "billing", ops.select(), on_progress=on_progress
+            )
+        finally:
+            await connection.close()
+
+    with pytest.raises(Stop):
+        run(replay(stop_after_two))
+    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 4
+    assert run(queue_count(namespace.url, work_queue(namespace.name, "billing"))) == 2
+    again = run(replay())
+    assert again.job_ids == ["j2", "j3", "j4", "j5"], "the rest, in order"
+    replayed = run(drain(namespace.url, work_queue(namespace.name, "billing"), 6))
+    assert [m.message_id for m in replayed] == [j for j, _ in jobs]
+
+
+def test_dead_purge(namespace: Namespace, capsys: pytest.CaptureFixture[str]) -> None:
+    run(
+        park(
+            namespace,
+            "billing",
+            [("old1", "billing.sync_invoice"), ("old2", "crm.create_record")],
+            failed_ago_ms=3 * 86_400_000,
+        )
+    )
+    run(park(namespace, "billing", [("new1", "billing.sync_invoice")]))
+    code, _, err = cli(capsys, namespace, "dead", "purge", "billing")
+    assert code == 2 and "--yes" in err, "no terminal to ask on: refuse"
+    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 3
+    code, out, _ = cli(
+        capsys,
+        namespace,
+        "dead",
+        "purge",
+        "billing",
+        "--older-than",
+        "2d",
+        "--job",
+        "billing.sync_invoice",
+        "--yes",
+    )
+    assert code == 0 and "removed 1 dead jobs" in out
+    code, out, _ = cli(
+        capsys, namespace, "dead", "purge", "billing", "--older-than", "1h", "--yes", "--json"
+    )
+    assert json.loads(out) == {"removed": 1}
+    left = run(drain(namespace.url, dead_queue(namespace.name, "billing"), 1))
+    assert [m.message_id for m in left] == ["new1"]
+
+
+def test_dead_commands_on_unknown_queue(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(capsys, namespace, "dead", "list", "ghost")
+    assert code == 1
+    assert "no dead-letter queue" in err and "ghost" in err
+    code, _, err = cli(capsys, namespace, "dead", "list", "bad.name")
+    assert code == 2 and "invalid queue name" in err
+
+
+def test_enqueue_validates_against_the_app(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    namespace.track("billing")
+    code, out, _ = cli(
+        capsys,
+        namespace,
+        "enqueue",
+        "billing.sync_invoice",
+        '{"user_id": 1, "amount_cents": 10}',
+        "--app",
+        APP,
+        "--json",
+    )
+    assert code == 0
+    job_id = json.loads(out)["job_id"]
+    [msg] = run(drain(namespace.url, work_queue(namespace.name, "billing"), 1))
+    assert msg.message_id == job_id
+    code, _, err = cli(
+        capsys,
+        namespace,
+        "enqueue",
+        "billing.sync_invoice",
+        '{"user_id": 1, "amount_cents": -5}',
+        "--app",
+        APP,
+    )
+    assert code == 1 and "amount_cents" in err
+    code, _, err = cli(capsys, namespace, "enqueue", "billing.nope", "{}", "--app", APP)
+    assert code == 2 and "unknown job 'billing.nope'" in err
+    code, _, err = cli(
+        capsys, namespace, "enqueue", "billing.sync_invoice", "{not json", "--app", APP
+    )
+    assert code == 2 and "not JSON" in err
+    code, _, err = cli(capsys, namespace, "enqueue", "x", "{}", "--app", APP, "--delay", "soon")
+    assert code == 2
+
+
+def test_enqueue_with_schemas_only(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    namespace.track("billing")
+    code, _, _ = cli(capsys, namespace, "schemas", "export", str(tmp_path), "--app", APP)
+    assert code == 0
+    code, _out, err = cli(
+        capsys,
+        namespace,
+        "enqueue",
+        "billing.sync_invoice",
+        '{"user_id": 2, "amount_cents": 3}',
+        "--schemas",
+        str(tmp_path),
+        "--at",
+        "2000-01-01T00:00:00Z",
+    )
+    assert code == 0, err
+    [msg] = run(drain(namespace.url, work_queue(namespace.name, "billing"), 1))
+    assert json.loads(msg.body) == {"user_id": 2, "amount_cents": 3}
+    assert msg.type == "billing.sync_invoice"
+    code, _, err = cli(
+        capsys,
+        namespace,
+        "enqueue",
+        "billing.sync_invoice",
+        '{"user_id": "x", "amount_cents": 3}',
+        "--schemas",
+        str(tmp_path),
+    )
+    assert code == 1 and "user_id" in err
+    code, _, err = cli(capsys, namespace, "enqueue", "nobody", "{}", "--schemas", str(tmp_path))
+    assert code == 1 and "no schema for job 'nobody'" in err
+
+
+def test_topology_show_and_declare(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = cli(
+        capsys, namespace, "topology", "show", "--queue", "mail", "--job", "mail.send", "--json"
+    )
+    assert code == 0
+    plan = json.loads(out)
+    names = {q["name"] for q in plan["queues"]}
+    assert {
+        f"{namespace.name}.q.mail",
+        f"{namespace.name}.dead.mail",
+        f"{namespace.name}.delay.28",
+    } <= names
+    assert {
+        "source": f"{namespace.name}.jobs",
+        "destination": f"{namespace.name}.q.mail",
+        "key": "mail.send",
+    } in plan["bindings"]
+    namespace.track("mail")
+    code, out, _ = cli(
+        capsys, namespace, "topology", "declare", "--queue", "mail", "--job", "mail.send"
+    )
+    assert code == 0
+
+    async def check() -> None:
+        async with channel(namespace.url) as ch:
+            for q in plan["queues"]:
+                declared = await ch.declare_queue(q["name"], passive=True)
+                assert declared.declaration_result.message_count == 0
+
+    run(check())
