@@ -191,7 +191,7 @@ def _add_operations(sub: Any) -> None:
         help="everything about one dead job",
         description="Everything about one dead job: error, traceback, args and headers.",
     )
-    ds.add_argument("job_id", metavar="JOB_ID")
+    ds.add_argument("job_id", metavar="JOB_ID", help="the job id (message_id) of the dead job")
     ds.add_argument(
         "--queue", "-q", action="append", dest="queues", metavar="QUEUE",
         help="queue(s) to search (default: the app's queues)",
@@ -209,7 +209,7 @@ def _add_operations(sub: Any) -> None:
             " --id was not found."
         ),
     )
-    dr.add_argument("queue", metavar="QUEUE")
+    dr.add_argument("queue", metavar="QUEUE", help="work queue whose dead jobs to replay")
     which = dr.add_mutually_exclusive_group()
     which.add_argument(
         "--id", action="append", dest="ids", metavar="JOB_ID", help="a job to replay (repeatable)"
@@ -227,7 +227,7 @@ def _add_operations(sub: Any) -> None:
             " Asks before deleting unless --yes; says how many it removed."
         ),
     )
-    dp.add_argument("queue", metavar="QUEUE")
+    dp.add_argument("queue", metavar="QUEUE", help="work queue whose dead jobs to delete")
     dp.add_argument("--job", default=None, metavar="NAME", help="only jobs of this name")
     dp.add_argument(
         "--older-than",
@@ -249,7 +249,7 @@ def _add_operations(sub: Any) -> None:
             " A validation error names the field and exits 1."
         ),
     )
-    enq.add_argument("job", metavar="JOB_NAME")
+    enq.add_argument("job", metavar="JOB_NAME", help="the job's name, e.g. emails.send_welcome")
     enq.add_argument("args_json", metavar="ARGS_JSON", help="the args, e.g. '{\"user_id\": 1}'")
     when = enq.add_mutually_exclusive_group()
     when.add_argument(
@@ -296,7 +296,7 @@ def _add_operations(sub: Any) -> None:
     se = ssub.add_parser(
         "export", help="write the schemas to DIR", description="Write the schemas to DIR."
     )
-    se.add_argument("directory", metavar="DIR")
+    se.add_argument("directory", metavar="DIR", help="directory to write (created if missing)")
     _common(se)
     se.set_defaults(handler=commands.cmd_schemas_export)
     sc = ssub.add_parser(
@@ -305,7 +305,7 @@ def _add_operations(sub: Any) -> None:
         description="Exit 1 when the schemas in DIR differ from the code (missing, extra,"
         " changed).",
     )
-    sc.add_argument("directory", metavar="DIR")
+    sc.add_argument("directory", metavar="DIR", help="directory of checked-in schemas")
     _common(sc)
     sc.set_defaults(handler=commands.cmd_schemas_check)
 
@@ -331,6 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return run_worker_command(args)
+        # Operations commands speak for themselves: library retries and the AMQP client's
+        # own log lines would bury the one-line answer (AMQP_JOBS_LOG_LEVEL shows them).
+        logging.basicConfig(
+            level=os.environ.get("AMQP_JOBS_LOG_LEVEL", "CRITICAL"),
+            format="%(levelname)s %(name)s: %(message)s",
+        )
         handler: Any = args.handler
         return int(handler(args))
     except UsageError as exc:

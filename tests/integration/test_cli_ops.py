@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ from amqp_jobs.message import now_ms
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TopologySettings, dead_queue, work_queue
 
-from .conftest import channel, drain, queue_count
+from .conftest import channel, drain, eventually, queue_count
 
 APP = "examples.shop.worker:app"
 
@@ -379,3 +384,78 @@ def test_topology_show_and_declare(
                 assert declared.declaration_result.message_count == 0
 
     run(check())
+
+
+MANAGEMENT = os.environ.get("AMQP_MANAGEMENT_URL", "http://127.0.0.1:15672")
+
+
+def management_available() -> bool:
+    try:
+        with urllib.request.urlopen(MANAGEMENT + "/api/overview", timeout=3):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answers (401 without credentials)
+    except OSError:
+        return False
+
+
+async def test_status_unacked_and_discovery_from_the_management_api(namespace: Namespace) -> None:
+    if not management_available():
+        message = f"no RabbitMQ management API at {MANAGEMENT} (rabbitmq-plugins enable rabbitmq_management)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from pydantic import BaseModel
+
+    from amqp_jobs import Job
+
+    class N(BaseModel):
+        n: int
+
+    app = namespace.app()
+    job = Job("t.hold", N, queue="held")
+    release = asyncio.Event()
+
+    @app.handler(job)
+    async def hold(args: N) -> None:
+        await release.wait()
+
+    async with namespace.client() as client:
+        await client.enqueue_many(job, [{"n": 1}, {"n": 2}, {"n": 3}])
+    worker = namespace.worker(app, concurrency=2)
+    task = asyncio.create_task(worker.run())
+    loop = asyncio.get_running_loop()
+
+    def status() -> dict[str, Any]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(
+                [
+                    "status",
+                    "--url",
+                    namespace.url,
+                    "--namespace",
+                    namespace.name,
+                    "--management-url",
+                    MANAGEMENT,
+                    "--json",
+                ]
+            )
+        assert code == 0
+        return json.loads(out.getvalue())
+
+    try:
+        await worker.started()
+
+        async def two_unacked() -> bool:
+            data = await loop.run_in_executor(None, status)
+            return data["queues"] == [
+                {"queue": "held", "ready": 1, "unacked": 2, "consumers": 1, "due": 0, "dead": 0}
+            ]
+
+        # the management API refreshes queue statistics every few seconds
+        await eventually(two_unacked, timeout=30, interval=0.5, what="2 unacked jobs in the status")
+    finally:
+        release.set()
+        worker.stop()
+        await asyncio.wait_for(task, 15)

@@ -1,5 +1,6 @@
 """Repository artefacts stay true to the code: compose file, README commands, CLI help."""
 
+import argparse
 import re
 from pathlib import Path
 
@@ -38,3 +39,30 @@ def test_every_worker_option_is_documented_in_the_readme() -> None:
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help":
                 assert flag in readme, f"{flag} is not in the README"
+
+
+def _parsers(
+    parser: argparse.ArgumentParser, path: str = "amqp-jobs"
+) -> list[tuple[str, argparse.ArgumentParser]]:
+    found = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _parsers(sub, f"{path} {name}")
+    return found
+
+
+def test_every_command_and_option_has_help() -> None:
+    for path, parser in _parsers(build_parser()):
+        assert parser.description, f"{path} has no description"
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) or action.dest == "help":
+                continue
+            assert action.help, f"{path} {action.option_strings or action.dest} has no help"
+
+
+def test_every_command_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for path, _ in _parsers(build_parser()):
+        if path != "amqp-jobs":
+            assert f"{path.removeprefix('amqp-jobs ')}" in readme, path
