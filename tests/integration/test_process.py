@@ -3,8 +3,10 @@
 import signal
 from pathlib import Path
 
+import aio_pika
 import pytest
 
+from amqp_jobs import ops
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TopologySettings, dead_queue, work_queue
 
@@ -131,6 +133,13 @@ async def test_a_job_that_kills_its_worker_is_dead_lettered_by_the_delivery_limi
             assert await worker.wait(30) == 3, "the crash job kills the process"
         finally:
             worker.stop_now()
+    connection = await aio_pika.connect(namespace.url)
+    try:
+        [listed] = await ops.list_dead(connection, namespace.name, "work")
+    finally:
+        await connection.close()
+    assert listed.reason == "delivery-limit", "the operator sees why the broker parked it"
+    assert listed.job_name == "sample.crash"
     [msg] = await drain(namespace.url, dead, 1)
     assert msg.type == "sample.crash"
     assert msg.headers["x-death"][0]["reason"] == "delivery_limit"
