@@ -203,11 +203,6 @@ class Envelope:
             extra_headers=_with_error(self.extra_headers, error, None),
         )
 
-    def reset_attempts(self) -> Envelope:
-        """The copy an operator replays: attempt 1 again, error headers dropped."""
-        extra = {k: v for k, v in self.extra_headers.items() if k not in ERROR_HEADERS}
-        return replace(self, attempt=1, eta_ms=None, extra_headers=extra)
-
 
 def _with_error(
     headers: Mapping[str, Any], error: ErrorInfo, reason: DeadReason | None
@@ -236,9 +231,27 @@ def dead_message(
     Built from the raw delivery, not an Envelope, so that messages which never decoded
     are parked exactly as they arrived (body and properties), plus our headers.
     """
-    headers = raw.headers if isinstance(raw.headers, Mapping) else {}
-    clean = {k: v for k, v in headers.items() if isinstance(k, str) and not _is_broker_header(k)}
+    clean = _own_headers(raw)
     clean.setdefault(H_QUEUE, queue)
+    return _copy(raw, _with_error(clean, error, reason))
+
+
+def replay_message(raw: RawMessage, queue: str) -> aio_pika.Message:
+    """The copy that replays a dead job: same id and args, attempt 1, errors dropped."""
+    headers = {k: v for k, v in _own_headers(raw).items() if k not in ERROR_HEADERS}
+    headers.pop(H_ETA, None)
+    headers[H_ATTEMPT] = 1
+    headers.setdefault(H_QUEUE, queue)
+    return _copy(raw, headers)
+
+
+def _own_headers(raw: RawMessage) -> dict[str, Any]:
+    headers = raw.headers if isinstance(raw.headers, Mapping) else {}
+    return {k: v for k, v in headers.items() if isinstance(k, str) and not _is_broker_header(k)}
+
+
+def _copy(raw: RawMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A persistent copy of a delivery's body and properties with new headers."""
     return aio_pika.Message(
         body=raw.body,
         content_type=raw.content_type,
@@ -246,7 +259,7 @@ def dead_message(
         message_id=raw.message_id,
         type=raw.type,
         timestamp=raw.timestamp,
-        headers=_with_error(clean, error, reason),
+        headers=headers,
     )
 
 

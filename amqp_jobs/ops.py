@@ -27,15 +27,13 @@ from amqp_jobs.channels import open_channel
 from amqp_jobs.connection import Publisher, mask_url
 from amqp_jobs.errors import AmqpJobsError
 from amqp_jobs.message import (
-    ERROR_HEADERS,
     H_ATTEMPT,
     H_DEAD_REASON,
     H_ERROR_MESSAGE,
     H_ERROR_TRACEBACK,
     H_ERROR_TYPE,
-    H_ETA,
     H_FAILED_AT,
-    H_QUEUE,
+    replay_message,
 )
 from amqp_jobs.topology import (
     TopologySettings,
@@ -398,28 +396,6 @@ async def find_dead(
         if matches:
             return matches[0]
     return None
-
-
-def replay_message(message: AbstractIncomingMessage, queue: str) -> aio_pika.Message:
-    """The copy that replays a dead job: same id and args, attempt 1, errors dropped."""
-    headers = {
-        k: v
-        for k, v in (message.headers or {}).items()
-        if not k.startswith("x-") and k not in ERROR_HEADERS and k != H_ETA
-    }
-    headers[H_ATTEMPT] = 1
-    headers.setdefault(H_QUEUE, queue)
-    return aio_pika.Message(
-        body=message.body,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        type=message.type,
-        timestamp=message.timestamp,
-        correlation_id=message.correlation_id,
-        headers=headers,
-    )
 
 
 @dataclass
