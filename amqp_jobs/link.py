@@ -177,6 +177,17 @@ class Link:
         Gives up after ``give_up_after`` seconds by raising the last error, mapped:
         connection trouble as BrokerUnavailableError, publish trouble as PublishError.
         """
+        if self.is_open:
+            # Fast path: one attempt without building a retry loop, which would cost
+            # more than the publish itself. Anything worth retrying falls through.
+            try:
+                await op()
+                return
+            except RECOVERABLE:
+                pass
+            except PublishError as exc:
+                if not (self.declare and _stale_topology(exc)):
+                    raise
         redeclared = False
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RECOVERABLE) & retry_if_not_exception_type(PERMANENT),
