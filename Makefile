@@ -39,3 +39,6 @@ worker: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
+
+bench: install
+	$(BIN)/python -m bench.run

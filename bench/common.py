@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmarks: namespaces, statistics, broker CPU and RSS readings."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aio_pika.abc import AbstractConnection
+from pydantic import BaseModel
+
+from amqp_jobs import Job, TopologySettings
+from amqp_jobs.connection import DEFAULT_URL, connect
+from amqp_jobs.topology import delete_namespace
+
+URL = os.environ.get("AMQP_URL") or DEFAULT_URL
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Signup(BaseModel):
+    """A realistic small job body (about 80 bytes of JSON)."""
+
+    user_id: int
+    email: str
+    plan: str = "free"
+    referrer: str | None = None
+
+
+def bench_job(queue: str = "bench") -> Job[Signup]:
+    return Job("bench.signup", Signup, queue=queue)
+
+
+def args(i: int) -> dict[str, object]:
+    return {"user_id": i, "email": f"user{i}@example.com", "plan": "pro"}
+
+
+def namespace(label: str) -> str:
+    return f"bench-{label}-{uuid.uuid4().hex[:6]}"
+
+
+async def cleanup(ns: str, queues: set[str]) -> None:
+    connection = await connect(URL, name="bench cleanup")
+    try:
+        await delete_namespace(connection, ns, queues, TopologySettings())
+    finally:
+        await connection.close()
+
+
+async def queue_depth(connection: AbstractConnection, name: str) -> int:
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count or 0
+    finally:
+        await channel.close()
+
+
+def broker_pid() -> int | None:
+    """The RabbitMQ node's OS process on this machine (beam.smp), if it runs here."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == "beam.smp":
+                cmdline = (entry / "cmdline").read_bytes()
+                if b"rabbit" in cmdline:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def fmt(self, unit: str = "", digits: int = 0) -> str:
+        return f"{self.median:,.{digits}f}{unit} ({self.low:,.{digits}f}-{self.high:,.{digits}f})"
+
+    def to_json(self) -> dict[str, float]:
+        return {"median": self.median, "min": self.low, "max": self.high}

@@ -1,0 +1,387 @@
+"""The benchmark suite: amqp-jobs against raw aio-pika doing the same AMQP work.
+
+    python -m bench.run [--runs 5] [--jobs 20000] [--skip memory,delay] [--output FILE]
+
+Each comparison alternates amqp-jobs and the raw aio-pika baseline on the same broker,
+queue type and queue, ``--runs`` times, and prints the median with min-max and the
+ratio to the baseline (above 1.0 means faster than raw). Results go to
+bench/results/latest.json as well. See bench/README.md for what each workload measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from amqp_jobs import JobClient, JobContext, RetryPolicy
+from amqp_jobs.connection import connect
+from amqp_jobs.message import Envelope
+from amqp_jobs.topology import jobs_exchange, work_queue
+from bench.common import (
+    URL,
+    Signup,
+    Spread,
+    args,
+    bench_job,
+    broker_pid,
+    cleanup,
+    cpu_seconds,
+    namespace,
+    queue_depth,
+    rss_mb,
+)
+from bench.delay_precision import measure as measure_delays
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Comparison:
+    """One figure measured for amqp-jobs and the baseline in alternating runs."""
+
+    name: str
+    unit: str
+    ours: list[float] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    higher_is_better: bool = True
+    target: float | None = None  # minimum ratio ours/raw (for rates) expected
+
+    def ratios(self) -> list[float]:
+        pairs = zip(self.ours, self.raw, strict=True)
+        if self.higher_is_better:
+            return [o / r for o, r in pairs]
+        return [r / o for o, r in pairs]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "amqp_jobs": Spread.of(self.ours).to_json(),
+            "raw_aio_pika": Spread.of(self.raw).to_json(),
+            "ratio": Spread.of(self.ratios()).to_json(),
+            "target_ratio": self.target,
+        }
+
+
+# -- workload 1: enqueue ------------------------------------------------------------
+
+
+def raw_message(i: int) -> aio_pika.Message:
+    """What a careful raw aio-pika publisher sends: the same body, properties, headers."""
+    envelope = Envelope.new("bench.signup", json.dumps(args(i)).encode(), "bench")
+    return envelope.to_message()
+
+
+async def enqueue_raw(ns: str, n: int) -> float:
+    connection = await aio_pika.connect(URL)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(jobs_exchange(ns), ensure=False)
+        began = time.perf_counter()
+        await asyncio.gather(
+            *(exchange.publish(raw_message(i), "bench.signup", mandatory=True) for i in range(n))
+        )
+        return time.perf_counter() - began
+    finally:
+        await connection.close()
+
+
+async def enqueue_ours(ns: str, n: int, many: bool) -> float:
+    job = bench_job()
+    async with JobClient(URL, namespace=ns) as client:
+        await client.enqueue(job, args(-1))  # connect and declare outside the timing
+        began = time.perf_counter()
+        if many:
+            await client.enqueue_many(job, [args(i) for i in range(n)])
+        else:
+            await asyncio.gather(*(client.enqueue(job, args(i)) for i in range(n)))
+        return time.perf_counter() - began
+
+
+async def purge(ns: str) -> None:
+    connection = await connect(URL, name="bench purge")
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(work_queue(ns, "bench"), ensure=False)
+        await queue.purge()
+    finally:
+        await connection.close()
+
+
+async def bench_enqueue(n: int, runs: int, beam: int | None) -> list[Comparison]:
+    ns = namespace("enqueue")
+    loop_cmp = Comparison("enqueue (concurrent calls)", "jobs/s", target=0.9)
+    many_cmp = Comparison("enqueue_many", "jobs/s", target=1.0)
+    cpu = Comparison("broker CPU per 1,000 enqueued", "CPU ms", higher_is_better=False, target=None)
+    try:
+        async with JobClient(URL, namespace=ns) as client:
+            await client.enqueue(bench_job(), args(0))
+        for run in range(runs):
+            order = ["raw", "ours", "many"] if run % 2 == 0 else ["many", "ours", "raw"]
+            seconds: dict[str, float] = {}
+            broker: dict[str, float] = {}
+            for kind in order:
+                await purge(ns)
+                before = cpu_seconds(beam)
+                if kind == "raw":
+                    seconds[kind] = await enqueue_raw(ns, n)
+                else:
+                    seconds[kind] = await enqueue_ours(ns, n, many=kind == "many")
+                after = cpu_seconds(beam)
+                if before is not None and after is not None:
+                    broker[kind] = (after - before) * 1000 / (n / 1000)
+            loop_cmp.raw.append(n / seconds["raw"])
+            loop_cmp.ours.append(n / seconds["ours"])
+            many_cmp.raw.append(n / seconds["raw"])
+            many_cmp.ours.append(n / seconds["many"])
+            if broker:
+                cpu.raw.append(broker["raw"])
+                cpu.ours.append(broker["ours"])
+    finally:
+        await cleanup(ns, {"bench"})
+    return [loop_cmp, many_cmp] + ([cpu] if cpu.ours else [])
+
+
+# -- workload 2: drain --------------------------------------------------------------
+
+
+def drain_child(mode: str, ns: str, n: int, prefetch: int) -> dict[str, float]:
+    spawned = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.drain_child", mode, ns, str(n), str(prefetch)],
+        cwd=ROOT,
+        env={**os.environ, "AMQP_URL": URL, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    exited = time.time()
+    if result.returncode != 0:
+        raise RuntimeError(f"{mode} drain failed: {result.stderr[-2000:]}")
+    times: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**times, "spawned": spawned, "exited": exited}
+
+
+async def fill(ns: str, n: int) -> None:
+    async with JobClient(URL, namespace=ns) as client:
+        await client.enqueue_many(bench_job(), [args(i) for i in range(n)])
+
+
+async def bench_drain(n: int, runs: int, beam: int | None) -> list[Comparison]:
+    from amqp_jobs.worker import DEFAULT_CONCURRENCY
+
+    ns = namespace("drain")
+    rate = Comparison(f"drain {n:,} jobs (process start to empty)", "jobs/s", target=0.8)
+    startup = Comparison("start-up: process start to first job", "s", higher_is_better=False)
+    cpu = Comparison("broker CPU per 1,000 drained", "CPU ms", higher_is_better=False)
+    try:
+        for run in range(runs):
+            order = ["raw", "worker"] if run % 2 == 0 else ["worker", "raw"]
+            for mode in order:
+                await fill(ns, n)
+                before = cpu_seconds(beam)
+                loop = asyncio.get_running_loop()
+                times = await loop.run_in_executor(
+                    None, drain_child, mode, ns, n, DEFAULT_CONCURRENCY
+                )
+                after = cpu_seconds(beam)
+                connection = await connect(URL, name="bench check")
+                left = await queue_depth(connection, work_queue(ns, "bench"))
+                await connection.close()
+                if left:
+                    raise RuntimeError(f"{mode} left {left} jobs in the queue")
+                seconds = times["done"] - times["spawned"]
+                target = rate.ours if mode == "worker" else rate.raw
+                target.append(n / seconds)
+                (startup.ours if mode == "worker" else startup.raw).append(
+                    times["first"] - times["spawned"]
+                )
+                if before is not None and after is not None:
+                    (cpu.ours if mode == "worker" else cpu.raw).append(
+                        (after - before) * 1000 / (n / 1000)
+                    )
+    finally:
+        await cleanup(ns, {"bench"})
+    return [rate, startup] + ([cpu] if cpu.ours else [])
+
+
+# -- workload 3: retry round trip ---------------------------------------------------
+
+
+async def bench_retry(n: int) -> dict[str, Any]:
+    ns = namespace("retry")
+    from amqp_jobs import Job, JobApp
+
+    job = Job("bench.flaky", Signup, queue="bench", retry=RetryPolicy(max_attempts=3, backoff=0))
+    app = JobApp(ns)
+    succeeded: dict[str, int] = {}
+    done = asyncio.Event()
+
+    @app.handler(job)
+    async def flaky(args: Signup, ctx: JobContext) -> None:
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        succeeded[ctx.job_id] = succeeded.get(ctx.job_id, 0) + 1
+        if len(succeeded) == n:
+            done.set()
+
+    worker = app.worker(URL)
+    task = asyncio.create_task(worker.run())
+    try:
+        await worker.started()
+        async with JobClient(URL, namespace=ns) as client:
+            await client.enqueue(job, args(-1), delay=0.2)  # declare the cascade first
+            began = time.perf_counter()
+            ids = await client.enqueue_many(job, [args(i) for i in range(n)])
+        await asyncio.wait_for(done.wait(), 300)
+        seconds = time.perf_counter() - began
+    finally:
+        worker.stop()
+        await task
+        await cleanup(ns, {"bench"})
+    exactly_once = all(succeeded.get(i) == 1 for i in ids)
+    return {"jobs": n, "seconds": seconds, "all_succeeded_exactly_once": exactly_once}
+
+
+# -- workload 5: memory with pending delays -----------------------------------------
+
+
+async def bench_memory(n: int) -> dict[str, Any]:
+    ns = namespace("memory")
+    child = subprocess.Popen(  # noqa: ASYNC220 - a long-lived child, not awaited
+        [sys.executable, "-m", "bench.idle_worker", ns],
+        cwd=ROOT,
+        env={**os.environ, "AMQP_URL": URL, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        loop = asyncio.get_running_loop()
+        ready = await loop.run_in_executor(None, child.stdout.readline)
+        if "ready" not in ready:
+            raise RuntimeError("the idle worker did not start")
+        before = rss_mb(child.pid)
+        async with JobClient(URL, namespace=ns) as client:
+            job = bench_job()
+            for start in range(0, n, 10_000):
+                await client.enqueue_many(
+                    job, [args(i) for i in range(start, min(n, start + 10_000))],
+                    delay=timedelta(hours=1),
+                )  # fmt: skip
+        await asyncio.sleep(2)  # let the worker receive anything it would receive
+        after = rss_mb(child.pid)
+        connection = await connect(URL, name="bench check")
+        in_work_queue = await queue_depth(connection, work_queue(ns, "bench"))
+        await connection.close()
+    finally:
+        child.terminate()
+        child.wait(30)
+        await cleanup(ns, {"bench"})
+    return {
+        "pending_delayed_jobs": n,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "growth_mb": after - before,
+        "jobs_in_work_queue": in_work_queue,
+        "target_growth_mb": 20,
+    }
+
+
+# -- report -------------------------------------------------------------------------
+
+
+def report(comparisons: list[Comparison], extra: dict[str, Any]) -> str:
+    rows = []
+    for c in comparisons:
+        digits = 3 if c.unit == "s" else 0 if c.unit == "jobs/s" else 1
+        ratio = Spread.of(c.ratios())
+        target = f"  target ≥ {c.target:.1f}x" if c.target else ""
+        rows.append(
+            f"{c.name:<44} {Spread.of(c.ours).fmt(' ' + c.unit, digits):>34}"
+            f"   raw {Spread.of(c.raw).fmt(' ' + c.unit, digits):>34}"
+            f"   {ratio.median:.2f}x ({ratio.low:.2f}-{ratio.high:.2f}){target}"
+        )
+    lines = ["amqp-jobs vs raw aio-pika (median of alternating runs, min-max)", ""]
+    lines += rows
+    if "retry" in extra:
+        r = extra["retry"]
+        lines.append(
+            f"\nretry round trip: {r['jobs']:,} jobs failing once, {r['seconds']:.2f} s,"
+            f" all succeeded exactly once: {r['all_succeeded_exactly_once']}"
+        )
+    if "delay" in extra:
+        d = extra["delay"]
+        lines.append(
+            f"delay precision: {d['jobs']} jobs over 1-10 s, lateness p50 {d['p50_ms']:.1f} ms,"
+            f" p99 {d['p99_ms']:.1f} ms, max {d['max_ms']:.1f} ms, min {d['min_ms']:.1f} ms"
+            " (target p99 ≤ 100 ms, never negative)"
+        )
+    if "memory" in extra:
+        m = extra["memory"]
+        lines.append(
+            f"memory: {m['pending_delayed_jobs']:,} jobs delayed 1 h, worker RSS"
+            f" {m['rss_before_mb']:.1f} → {m['rss_after_mb']:.1f} MB"
+            f" (+{m['growth_mb']:.1f} MB, target < {m['target_growth_mb']} MB)"
+        )
+    return "\n".join(lines)
+
+
+async def main_async(options: argparse.Namespace) -> dict[str, Any]:
+    beam = broker_pid()
+    skip = set(options.skip.split(",")) if options.skip else set()
+    comparisons: list[Comparison] = []
+    extra: dict[str, Any] = {}
+    if "enqueue" not in skip:
+        comparisons += await bench_enqueue(options.jobs, options.runs, beam)
+    if "drain" not in skip:
+        comparisons += await bench_drain(options.jobs, options.runs, beam)
+    if "retry" not in skip:
+        extra["retry"] = await bench_retry(options.retry_jobs)
+    if "delay" not in skip:
+        extra["delay"] = await measure_delays(URL, options.delay_jobs, 16)
+    if "memory" not in skip:
+        extra["memory"] = await bench_memory(options.memory_jobs)
+    print(report(comparisons, extra))
+    return {
+        "broker_cpu_measured": beam is not None,
+        "jobs": options.jobs,
+        "runs": options.runs,
+        "comparisons": {c.name: c.to_json() for c in comparisons},
+        **extra,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="amqp-jobs benchmarks against raw aio-pika")
+    parser.add_argument("--runs", type=int, default=5, help="alternating runs per comparison")
+    parser.add_argument("--jobs", type=int, default=20_000, help="jobs per enqueue/drain run")
+    parser.add_argument("--retry-jobs", type=int, default=1_000)
+    parser.add_argument("--delay-jobs", type=int, default=300)
+    parser.add_argument("--memory-jobs", type=int, default=100_000)
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: enqueue,drain,retry,delay,memory"
+    )
+    parser.add_argument("--output", default=str(RESULTS / "latest.json"))
+    options = parser.parse_args(argv)
+    results = asyncio.run(main_async(options))
+    out = Path(options.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The benchmark suite still runs (at tiny sizes); it measures, this only checks it works."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+def test_bench_runs_at_tiny_sizes(tmp_path: Path, amqp_url: str) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--runs", "1", "--jobs", "300", "--retry-jobs", "50",
+         "--delay-jobs", "20", "--memory-jobs", "500", "--output", str(out)],
+        cwd=ROOT, env={**os.environ, "AMQP_URL": amqp_url}, capture_output=True, text=True,
+        timeout=280, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["retry"]["all_succeeded_exactly_once"] is True
+    assert data["delay"]["min_ms"] >= 0
+    assert data["memory"]["jobs_in_work_queue"] == 0
+    assert "enqueue_many" in data["comparisons"]
+    assert "amqp-jobs vs raw aio-pika" in result.stdout
