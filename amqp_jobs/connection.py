@@ -9,11 +9,12 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -154,39 +155,74 @@ class Publisher:
 
     Returns (no queue bound) raise UnroutableError, nacks PublishRefusedError, a missing
     confirm PublishTimeoutError. The channel is reopened if something closed it.
+    Frames go straight to the channel below aio-pika's wrappers, with properties built
+    once by the caller: publishing is the hot path of every enqueue.
     """
 
     def __init__(self, connection: AbstractConnection, *, confirm_timeout: float = 30.0) -> None:
         self.connection = connection
         self.confirm_timeout = confirm_timeout
         self._channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._underlay: aiormq.Channel | None = None
         self._lock = asyncio.Lock()
+        # Confirm deadlines: one watchdog task instead of a timer per publish, which
+        # would cost a tenth of the publish itself.
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
-    async def channel(self) -> AbstractChannel:
-        if self._channel is None or self._channel.is_closed:
+    async def channel(self) -> aiormq.Channel:
+        underlay = self._underlay
+        if underlay is None or underlay.is_closed:
             async with self._lock:
-                if self._channel is None or self._channel.is_closed:
-                    self._exchanges = {}
+                if self._underlay is None or self._underlay.is_closed:
                     self._channel = await open_channel(
                         self.connection, publisher_confirms=True, on_return_raises=True
                     )
-        return self._channel
+                    fresh = await self._channel.get_underlay_channel()
+                    assert isinstance(fresh, aiormq.Channel)
+                    self._underlay = fresh
+                underlay = self._underlay
+                assert underlay is not None
+        return underlay
 
-    async def _exchange(self, name: str) -> AbstractExchange:
-        channel = await self.channel()
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
-
-    async def publish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.Message | tuple[bytes, aiormq.spec.Basic.Properties],
+    ) -> None:
         """Publish mandatory, wait for the confirm; raise a PublishError if not stored."""
-        ex = await self._exchange(exchange)
+        if isinstance(message, aio_pika.Message):
+            body, properties = message.body, message.properties
+        else:
+            body, properties = message
+        channel = await self.channel()
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        self._deadlines[task] = loop.time() + self.confirm_timeout
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._watch())
         try:
-            await ex.publish(message, routing_key, mandatory=True, timeout=self.confirm_timeout)
-        except aio_pika.exceptions.PublishError as exc:
+            await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                wait=False,
+            )
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            self._expired.discard(task)
+            task.uncancel()
+            raise PublishTimeoutError(
+                f"no publisher confirm within {self.confirm_timeout}s for {exchange!r} /"
+                f" {routing_key!r}; the job may or may not be stored"
+            ) from None
+        except aiormq.exceptions.PublishError as exc:
             raise UnroutableError(
                 f"no queue is bound to {exchange!r} for routing key {routing_key!r}"
                 " (is the topology declared, or the queue deleted?)"
@@ -195,14 +231,24 @@ class Publisher:
             raise PublishRefusedError(
                 f"the broker refused the message for {exchange!r} / {routing_key!r}: {exc}"
             ) from exc
-        except TimeoutError as exc:
-            raise PublishTimeoutError(
-                f"no publisher confirm within {self.confirm_timeout}s for {exchange!r} /"
-                f" {routing_key!r}; the job may or may not be stored"
-            ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise PublishError(f"exchange {exchange!r} does not exist: {exc}") from exc
+        finally:
+            self._deadlines.pop(task, None)
+
+    async def _watch(self) -> None:
+        """Cancel publishes whose confirm is overdue; they raise PublishTimeoutError."""
+        loop = asyncio.get_running_loop()
+        while self._deadlines:
+            await asyncio.sleep(min(1.0, self.confirm_timeout / 4))
+            now = loop.time()
+            for task, deadline in list(self._deadlines.items()):
+                if deadline <= now and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()

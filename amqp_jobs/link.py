@@ -81,6 +81,8 @@ class Link:
         self._declarer: Declarer | None = None
         self._publisher: Publisher | None = None
         self._lock = asyncio.Lock()
+        #: (queue, job name) pairs, and "cascade", known declared on this connection
+        self._ready: set[tuple[str, str] | str] = set()
         #: every work queue any declarer of this link declared (for cleanup by tests)
         self.known_queues: set[str] = set()
 
@@ -121,6 +123,7 @@ class Link:
             )
             self._connection = connection
             self._declarer = Declarer(connection, self.namespace, self.settings)
+            self._ready = set()
             self._publisher = Publisher(connection, confirm_timeout=self.confirm_timeout)
             log.debug("%s connected to %s", self.name, mask_url(self.url))
 
@@ -135,6 +138,7 @@ class Link:
         if self._declarer is not None:
             self.known_queues |= self._declarer.queues
             self._declarer.declared.clear()
+        self._ready = set()
 
     # -- sending -------------------------------------------------------------------
 
@@ -147,9 +151,7 @@ class Link:
         """
         due_now = envelope.eta_ms is None or envelope.eta_ms <= now_ms()
         if self.declare:
-            await self.declarer.queue(queue, {envelope.job_name})
-            if not due_now:
-                await self.declarer.cascade()
+            await self._declare(queue, envelope.job_name, cascade=not due_now)
         # The route is computed after every await above: time spent declaring must
         # not be added to the delay.
         delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - now_ms()
@@ -157,7 +159,17 @@ class Link:
             exchange, key = jobs_exchange(self.namespace), envelope.job_name
         else:
             exchange, key = delayed_route(self.namespace, queue, delay_ms, self.settings)
-        await self.publisher.publish(exchange, key, envelope.to_message())
+        await self.publisher.publish(exchange, key, (envelope.body, envelope.properties()))
+
+    async def _declare(self, queue: str, job_name: str, *, cascade: bool) -> None:
+        """Declare what a publish needs, skipping the declarer once it is known done."""
+        ready = self._ready
+        if (queue, job_name) not in ready:
+            await self.declarer.queue(queue, {job_name})
+            ready.add((queue, job_name))
+        if cascade and "cascade" not in ready:
+            await self.declarer.cascade()
+            ready.add("cascade")
 
     async def send_dead(self, message: aio_pika.Message, queue: str) -> None:
         """Park a message in ``queue``'s dead-letter queue, confirmed."""

@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import aio_pika
+import aiormq
 
 PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -178,6 +179,17 @@ class Envelope:
         else:
             headers.pop(H_ETA, None)
         return headers
+
+    def properties(self) -> aiormq.spec.Basic.Properties:
+        """The AMQP properties, built directly (the publish hot path skips aio-pika's Message)."""
+        return aiormq.spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=2,
+            message_id=self.job_id,
+            message_type=self.job_name,
+            timestamp=self.enqueued_at,
+            headers=self.headers(),
+        )
 
     def to_message(self) -> aio_pika.Message:
         return aio_pika.Message(

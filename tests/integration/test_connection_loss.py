@@ -94,3 +94,19 @@ async def test_worker_gives_up_on_first_connect_with_a_clear_error(
     worker = app.worker(via(namespace.url, proxy), connect_timeout=0.5)
     with pytest.raises(BrokerUnavailableError, match="cannot reach the broker"):
         await asyncio.wait_for(run_until_idle(worker), 15)
+
+
+async def test_missing_confirm_raises_publish_timeout(namespace: Namespace, proxy: Proxy) -> None:
+    """The broker stops answering: the publish gives up after confirm_timeout, typed."""
+    from amqp_jobs import PublishTimeoutError
+
+    client = namespace.client(via(namespace.url, proxy), retry_for=0, confirm_timeout=1.0)
+    async with client:
+        await client.enqueue(job, {"n": 1})
+        proxy.flowing.clear()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(PublishTimeoutError, match="may or may not be stored"):
+            await client.enqueue(job, {"n": 2})
+        assert 1.0 <= loop.time() - began < 5
+        proxy.flowing.set()
