@@ -7,6 +7,9 @@ AMQPConnectionError that the retry logic above understands.
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -38,3 +41,43 @@ async def open_channel(
         raise aiormq.exceptions.AMQPConnectionError(
             "the connection to the broker is closed"
         ) from exc
+
+
+class Delivery:
+    """One delivery, read straight off the channel below aio-pika.
+
+    aio-pika wraps every delivery in an IncomingMessage, which costs about a tenth of a
+    no-op job; the worker needs only these fields, an ack and a nack.
+    """
+
+    __slots__ = (
+        "body",
+        "channel",
+        "content_type",
+        "delivery_tag",
+        "headers",
+        "message_id",
+        "redelivered",
+        "timestamp",
+        "type",
+    )
+
+    def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
+        properties = message.header.properties
+        self.channel: aiormq.abc.AbstractChannel = message.channel
+        self.body: bytes = message.body
+        self.content_type: str | None = properties.content_type
+        self.type: str | None = properties.message_type
+        self.message_id: str | None = properties.message_id
+        self.timestamp: datetime | None = properties.timestamp
+        self.headers: dict[str, Any] = dict(properties.headers or {})
+        delivery = message.delivery
+        assert isinstance(delivery, aiormq.spec.Basic.Deliver)
+        self.delivery_tag: int = delivery.delivery_tag or 0
+        self.redelivered: bool = bool(delivery.redelivered)
+
+    async def ack(self) -> None:
+        await self.channel.basic_ack(self.delivery_tag)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        await self.channel.basic_nack(self.delivery_tag, requeue=requeue)

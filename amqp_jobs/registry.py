@@ -80,6 +80,7 @@ class HandlerSpec:
     func: Handler
     is_async: bool
     wants_ctx: bool
+    logger: logging.Logger
 
     @classmethod
     def build(cls, job: Job[Any], func: Handler) -> HandlerSpec:
@@ -101,7 +102,8 @@ class HandlerSpec:
                 f"handler {getattr(func, '__qualname__', func)!r} for {job.name!r} must take"
                 " (args) or (args, ctx)"
             )
-        return cls(job, func, is_async, wants_ctx=len(params) == 2)
+        logger = logging.getLogger(f"amqp_jobs.job.{job.name}")
+        return cls(job, func, is_async, wants_ctx=len(params) == 2, logger=logger)
 
     def call(self, args: Any, ctx: JobContext) -> Any:
         return self.func(args, ctx) if self.wants_ctx else self.func(args)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage
 
+from amqp_jobs.channels import Delivery
 from amqp_jobs.connection import describe
 from amqp_jobs.link import Link
 from amqp_jobs.message import Envelope
@@ -52,7 +52,7 @@ class Release:
 Action = Ack | Republish | Park | Release
 
 
-async def settle(delivery: AbstractIncomingMessage, action: Action, link: Link, queue: str) -> bool:
+async def settle(delivery: Delivery, action: Action, link: Link, queue: str) -> bool:
     """Carry out ``action`` for ``delivery`` consumed from ``queue``.
 
     Returns True when the delivery was acked, False when it stays with the broker (to be
@@ -105,7 +105,7 @@ async def settle(delivery: AbstractIncomingMessage, action: Action, link: Link, 
     return True
 
 
-async def _release(delivery: AbstractIncomingMessage) -> None:
+async def _release(delivery: Delivery) -> None:
     if delivery.channel.is_closed:
         return
     try:

@@ -22,14 +22,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from amqp_jobs.channels import open_channel
+from amqp_jobs.channels import Delivery, open_channel
 from amqp_jobs.connection import TRANSIENT, connect, describe, mask_url
 from amqp_jobs.contract import Job, check_namespace, check_queue_name
 from amqp_jobs.errors import (
@@ -145,7 +140,7 @@ class Worker:
         self._started = asyncio.Event()
         self._sem: asyncio.Semaphore | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._consumers: list[tuple[aiormq.abc.AbstractChannel, str]] = []
         self.running_threads = 0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -248,16 +243,20 @@ class Worker:
         return lost
 
     async def _consume(self, channel: AbstractChannel, name: str, queue: str, is_due: bool) -> None:
-        amqp_queue = await channel.get_queue(name, ensure=False)
-        callback = functools.partial(self._process, queue=queue, is_due=is_due)
-        tag = await amqp_queue.consume(callback, no_ack=False)
-        self._consumers.append((amqp_queue, tag))
+        underlay = await channel.get_underlay_channel()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            await self._process(Delivery(message), queue=queue, is_due=is_due)
+
+        ok = await underlay.basic_consume(name, on_message, no_ack=False)
+        assert ok.consumer_tag is not None
+        self._consumers.append((underlay, ok.consumer_tag))
 
     async def _shutdown(self, connection: AbstractConnection | None) -> None:
         """Stop consuming, give running jobs ``grace`` seconds, return the rest."""
-        for amqp_queue, tag in self._consumers:
+        for channel, tag in self._consumers:
             try:
-                await amqp_queue.cancel(tag)
+                await channel.basic_cancel(tag)
             except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
                 log.debug("cancelling consumer %s: %s", tag, describe(exc))
         self._consumers = []
@@ -279,7 +278,7 @@ class Worker:
 
     # -- one delivery ----------------------------------------------------------------
 
-    async def _process(self, msg: AbstractIncomingMessage, *, queue: str, is_due: bool) -> None:
+    async def _process(self, msg: Delivery, *, queue: str, is_due: bool) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -294,7 +293,7 @@ class Worker:
         finally:
             self._tasks.discard(task)
 
-    async def _pipeline(self, msg: AbstractIncomingMessage, queue: str, is_due: bool) -> None:
+    async def _pipeline(self, msg: Delivery, queue: str, is_due: bool) -> None:
         try:
             env = decode(msg, max_body=self.max_body)
             spec = self.registry.get(env.job_name)
@@ -335,8 +334,7 @@ class Worker:
             enqueued_at=env.enqueued_at,
             eta=None if env.eta_ms is None else datetime.fromtimestamp(env.eta_ms / 1000, UTC),
             logger=logging.LoggerAdapter(
-                logging.getLogger(f"amqp_jobs.job.{spec.job.name}"),
-                {"job_id": env.job_id, "attempt": env.attempt},
+                spec.logger, {"job_id": env.job_id, "attempt": env.attempt}
             ),
         )
         await self._hook("started", ctx)
@@ -356,9 +354,7 @@ class Worker:
             self.stats.abandoned += 1
         await self._hook("settled", ctx, outcome)
 
-    async def _park(
-        self, msg: AbstractIncomingMessage, dead: Any, queue: str, reason: DeadReason
-    ) -> None:
+    async def _park(self, msg: Delivery, dead: Any, queue: str, reason: DeadReason) -> None:
         if await self._settle(msg, Park(dead), queue):
             self.stats.dead += 1
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
@@ -401,23 +397,37 @@ class Worker:
         """
         assert self._sem is not None
         sem = self._sem
+        loop = asyncio.get_running_loop()
         future: asyncio.Future[Any]
         if spec.is_async:
-            future = asyncio.ensure_future(spec.call(args, ctx))
+            future = loop.create_task(spec.call(args, ctx))
         else:
-            loop = asyncio.get_running_loop()
             call = functools.partial(
                 contextvars.copy_context().run, _call_sync, spec.call, args, ctx
             )
             future = loop.run_in_executor(self._executor, call)
-        future.add_done_callback(lambda _: sem.release())
+        # One future woken by whichever comes first, the handler or its deadline: cheaper
+        # than asyncio.wait, and, unlike awaiting the handler under asyncio.timeout, not
+        # held hostage by a handler that swallows its cancellation.
+        woken = loop.create_future()
+
+        def finished(_: object) -> None:
+            sem.release()
+            if not woken.done():
+                woken.set_result(True)
+
+        future.add_done_callback(finished)
         timeout = spec.job.timeout
+        timer = None if timeout is None else loop.call_later(timeout, _wake, woken)
         try:
-            done, _ = await asyncio.wait({future}, timeout=timeout)
+            await woken
         except asyncio.CancelledError:
             future.cancel()
             raise
-        if not done:
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not future.done():
             future.cancel()
             return JobTimeoutError(f"job {spec.job.name!r} exceeded its timeout of {timeout}s")
         if future.cancelled():
@@ -428,7 +438,7 @@ class Worker:
         self,
         job: Job[Any],
         env: Envelope,
-        msg: AbstractIncomingMessage,
+        msg: Delivery,
         queue: str,
         exc: BaseException,
         duration: float,
@@ -483,7 +493,7 @@ class Worker:
             reason = str(outcome.dead_reason)
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
 
-    async def _settle(self, msg: AbstractIncomingMessage, action: Action, queue: str) -> bool:
+    async def _settle(self, msg: Delivery, action: Action, queue: str) -> bool:
         return await settle(msg, action, self.link, queue)
 
     async def _hook(self, name: str, ctx: JobContext, *rest: Any) -> None:
@@ -516,6 +526,11 @@ class Worker:
             if not channel.is_closed:
                 await channel.close()
         return total
+
+
+def _wake(woken: asyncio.Future[bool]) -> None:
+    if not woken.done():
+        woken.set_result(False)
 
 
 def _call_sync(call: Any, args: Any, ctx: JobContext) -> Any:
