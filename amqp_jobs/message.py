@@ -7,9 +7,9 @@ dead-letter reason, never anything else.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -153,7 +153,8 @@ class Envelope:
     ) -> Envelope:
         return cls(
             job_name=job_name,
-            job_id=job_id or uuid.uuid4().hex,
+            # 128 random bits as 32 hex digits; uuid4() costs four times as much
+            job_id=job_id or os.urandom(16).hex(),
             body=body,
             queue=queue,
             eta_ms=eta_ms,

@@ -58,7 +58,5 @@ class Proxy:
                     await dst.drain()
             dst.transport.abort()
 
-        await asyncio.gather(
-            pipe(reader, up_writer, None), pipe(up_reader, writer, self.flowing)
-        )
+        await asyncio.gather(pipe(reader, up_writer, None), pipe(up_reader, writer, self.flowing))
         self._writers -= {writer, up_writer}
