@@ -124,14 +124,16 @@ class Worker:
         self.ssl_context = ssl_context
         self.max_body = max_body
         self.connect_timeout = connect_timeout
-        self.name = name
+        # the namespace in the connection name lets operators (and the management UI) tell
+        # which application a connection belongs to
+        self.name = f"{name} [{self.namespace}]"
         _check_timeouts(registry, self.queues, consumer_timeout)
         self.stats = WorkerStats()
         self.link = Link(
             url,
             self.namespace,
             self.settings,
-            name=f"{name} (publish)",
+            name=f"{self.name} (publish)",
             ssl_context=ssl_context,
             connect_timeout=connect_timeout,
         )

@@ -6,9 +6,6 @@ import asyncio
 import contextlib
 import io
 import json
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +18,7 @@ from amqp_jobs.link import Link
 from amqp_jobs.message import now_ms
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TopologySettings, dead_queue, work_queue
-
-from .conftest import channel, drain, eventually, queue_count
+from tests.support import MANAGEMENT, channel, drain, eventually, queue_count, require_management
 
 APP = "examples.shop.worker:app"
 
@@ -386,25 +382,8 @@ def test_topology_show_and_declare(
     run(check())
 
 
-MANAGEMENT = os.environ.get("AMQP_MANAGEMENT_URL", "http://127.0.0.1:15672")
-
-
-def management_available() -> bool:
-    try:
-        with urllib.request.urlopen(MANAGEMENT + "/api/overview", timeout=3):
-            return True
-    except urllib.error.HTTPError:
-        return True  # it answers (401 without credentials)
-    except OSError:
-        return False
-
-
 async def test_status_unacked_and_discovery_from_the_management_api(namespace: Namespace) -> None:
-    if not management_available():
-        message = f"no RabbitMQ management API at {MANAGEMENT} (rabbitmq-plugins enable rabbitmq_management)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_management()
     from pydantic import BaseModel
 
     from amqp_jobs import Job

@@ -10,8 +10,8 @@ from pydantic import BaseModel
 from amqp_jobs import BrokerUnavailableError, Job
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import work_queue
+from tests.support import eventually, queue_count
 
-from .conftest import eventually, queue_count
 from .proxy import Proxy
 
 

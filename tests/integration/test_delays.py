@@ -10,8 +10,7 @@ from amqp_jobs import Job, JobContext, TopologySettings
 from amqp_jobs.message import now_ms
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import delay_queue, due_queue, jobs_exchange, work_queue
-
-from .conftest import channel, eventually, queue_count
+from tests.support import channel, eventually, queue_count
 
 
 class N(BaseModel):

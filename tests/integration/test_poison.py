@@ -8,8 +8,7 @@ from pydantic import BaseModel, ConfigDict
 from amqp_jobs import Job
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import dead_queue, jobs_exchange
-
-from .conftest import channel, drain
+from tests.support import channel, drain
 
 
 class Strict(BaseModel):

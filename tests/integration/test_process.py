@@ -9,9 +9,9 @@ import pytest
 from amqp_jobs import ops
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TopologySettings, dead_queue, work_queue
+from tests.support import WorkerProcess, drain, eventually, queue_count, read_log
 
 from . import sample_app
-from .conftest import WorkerProcess, drain, eventually, queue_count, read_log
 
 
 def events(log: Path, kind: str) -> list[int]:

@@ -20,8 +20,7 @@ from amqp_jobs import (
 )
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import jobs_exchange, work_queue
-
-from .conftest import channel, drain, queue_count
+from tests.support import channel, drain, queue_count
 
 
 class Email(BaseModel):

@@ -10,8 +10,7 @@ from pydantic import BaseModel
 from amqp_jobs import Discard, Job, JobContext, JobTimeoutError, Retry, RetryPolicy
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import dead_queue
-
-from .conftest import drain
+from tests.support import drain
 
 
 class N(BaseModel):

@@ -9,8 +9,7 @@ from pydantic import BaseModel
 from amqp_jobs import Job, JobContext, JobHooks, Outcome, OutcomeKind
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import work_queue
-
-from .conftest import channel, eventually
+from tests.support import channel, eventually
 
 
 class N(BaseModel):
@@ -173,8 +172,7 @@ async def test_plain_function_returning_a_coroutine_fails_loudly(namespace: Name
     """A lambda around an async function must not count as success without running it."""
     from amqp_jobs import RetryPolicy
     from amqp_jobs.topology import dead_queue
-
-    from .conftest import drain
+    from tests.support import drain
 
     app = namespace.app()
     job = Job("t.wrapped", N, queue="wrapped", retry=RetryPolicy(max_attempts=1))

@@ -1,0 +1,245 @@
+"""Fault injection: every confirmed job runs, none early, duplicates bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from amqp_jobs.testing import Namespace
+from amqp_jobs.topology import delay_exchange, work_queue
+from tests.reliability import rel_app
+from tests.reliability.harness import Harness
+from tests.support import (
+    MANAGEMENT,
+    WorkerProcess,
+    channel,
+    eventually,
+    queue_count,
+    require_management,
+)
+
+APP = "tests.reliability.rel_app:app"
+CONCURRENCY = 8
+
+
+@pytest.fixture
+def harness(namespace: Namespace, tmp_path: Path) -> Harness:
+    return Harness(namespace, tmp_path / "events.log")
+
+
+def start(h: Harness, *extra: str, env: dict[str, str] | None = None) -> WorkerProcess:
+    return WorkerProcess(
+        h.namespace, h.log_path, "--concurrency", str(CONCURRENCY), *extra, env=env, app=APP
+    )
+
+
+def load(n: int) -> list[dict[str, object]]:
+    """Jobs that take a moment; every third fails once and is retried."""
+    return [{"n": i, "fail_first": i % 3 == 0, "seconds": 0.02} for i in range(n)]
+
+
+async def until_successes(h: Harness, count: int) -> None:
+    await eventually(lambda: len(h.succeeded_ids()) >= count, timeout=60, what=f"{count} successes")
+
+
+async def test_kill_9_twice_mid_load(harness: Harness) -> None:
+    await harness.publish(rel_app.work, load(300))
+    for target in (60, 150):
+        worker = start(harness)
+        try:
+            await until_successes(harness, target)
+            worker.kill()
+            await worker.wait(15)
+        finally:
+            worker.stop_now()
+    last = start(harness)
+    try:
+        await harness.wait_all()
+    finally:
+        last.signal(signal.SIGTERM)
+        await last.wait(30)
+        last.stop_now()
+    report = await harness.report("kill -9 twice mid-load (retries in flight)")
+    assert report.lost == 0
+    assert report.early == 0
+    # at most what was in flight at each kill: running jobs and unacked retry copies
+    assert report.duplicates <= 2 * 2 * CONCURRENCY
+
+
+async def test_sigterm_mid_load(harness: Harness) -> None:
+    await harness.publish(rel_app.work, [{"n": i, "seconds": 0.1} for i in range(200)])
+    first = start(harness, "--grace", "30")
+    try:
+        await until_successes(harness, 40)
+        first.signal(signal.SIGTERM)
+        assert await first.wait(30) == 0, first.output()
+    finally:
+        first.stop_now()
+    started = {e["id"] for e in harness.events("start")}
+    assert started <= harness.succeeded_ids(), "every job that started before SIGTERM finished"
+    second = start(harness)
+    try:
+        await harness.wait_all()
+    finally:
+        second.signal(signal.SIGTERM)
+        await second.wait(30)
+        second.stop_now()
+    report = await harness.report("SIGTERM mid-load")
+    assert report.lost == 0
+    assert report.duplicates == 0, "nothing acked that did not finish, nothing finished twice"
+
+
+def close_connections(amqp_url: str, marker: str) -> int:
+    """Close, from the broker's side, every connection whose name contains ``marker``."""
+    parts = urllib.parse.urlsplit(amqp_url)
+    auth = f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode()
+    import base64
+
+    headers = {"Authorization": "Basic " + base64.b64encode(auth).decode()}
+    request = urllib.request.Request(f"{MANAGEMENT}/api/connections", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        connections = json.load(response)
+    closed = 0
+    for conn in connections:
+        name = (conn.get("client_properties") or {}).get("connection_name", "")
+        if marker in name:
+            quoted = urllib.parse.quote(conn["name"], safe="")
+            delete = urllib.request.Request(
+                f"{MANAGEMENT}/api/connections/{quoted}", headers=headers, method="DELETE"
+            )
+            urllib.request.urlopen(delete, timeout=10).close()
+            closed += 1
+    return closed
+
+
+async def test_connections_closed_by_the_broker_mid_load(harness: Harness) -> None:
+    require_management()
+    await harness.publish(rel_app.work, load(300))
+    worker = start(harness)
+    try:
+        await until_successes(harness, 60)
+        marker = f"[{harness.namespace.name}]"
+        loop = asyncio.get_running_loop()
+        closed = 0
+
+        async def some_closed() -> bool:
+            nonlocal closed
+            closed += await loop.run_in_executor(
+                None, close_connections, harness.namespace.url, marker
+            )
+            return closed >= 2
+
+        # the management API lists a connection a moment after it opens
+        await eventually(some_closed, timeout=20, interval=0.5, what="worker connections to close")
+        await harness.wait_all()
+        assert worker.proc.poll() is None, "the worker reconnected instead of dying"
+    finally:
+        worker.signal(signal.SIGTERM)
+        await worker.wait(30)
+        worker.stop_now()
+    report = await harness.report("connections closed by the broker mid-load")
+    assert report.lost == 0
+    assert report.duplicates <= 2 * CONCURRENCY
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: jobs running beside the poison job share its crashes, so the"
+    " broker's delivery limit dead-letters them too (reason delivery-limit, replayable);"
+    " isolating redelivered jobs is still to do",
+)
+async def test_a_job_that_kills_its_worker_every_time(harness: Harness) -> None:
+    from amqp_jobs import TopologySettings
+    from amqp_jobs.topology import dead_queue
+
+    limit = 2
+    env = {"REL_DELIVERY_LIMIT": str(limit)}
+    settings = TopologySettings(delivery_limit=limit)
+    harness.namespace.settings = settings
+    async with harness.namespace.client(settings=settings) as client:
+        good = await client.enqueue_many(
+            rel_app.work, [{"n": i, "seconds": 0.05} for i in range(60)]
+        )
+        doomed = await client.enqueue(rel_app.crash, {"n": -1})
+        good += await client.enqueue_many(
+            rel_app.work, [{"n": i, "seconds": 0.05} for i in range(60, 120)]
+        )
+    for job_id in [*good, doomed]:
+        harness.confirmed[job_id] = None
+    dead = dead_queue(harness.namespace.name, "rel")
+    for _ in range(limit + 3):
+        if await queue_count(harness.namespace.url, dead) >= 1:
+            break
+        worker = start(harness, env=env)
+        try:
+            assert await worker.wait(60) == 7, "the poison job ends the process"
+        finally:
+            worker.stop_now()
+    last = start(harness, env=env)
+    try:
+        await harness.wait_all(dead={doomed}, timeout=20)
+    finally:
+        last.signal(signal.SIGTERM)
+        await last.wait(30)
+        last.stop_now()
+    report = await harness.report("os._exit on every attempt", dead={doomed})
+    assert report.lost == 0
+    assert report.dead == 1
+
+
+async def test_retry_republish_to_a_vanished_exchange_loses_nothing(harness: Harness) -> None:
+    """The delay level a retry needs is deleted under the worker: redeclared, not lost."""
+    worker = start(harness)
+    try:
+        # a first retry makes the worker declare (and cache) the cascade
+        await harness.publish(rel_app.work, [{"n": 0, "fail_first": True}])
+        await until_successes(harness, 1)
+        async with channel(harness.namespace.url) as ch:
+            await ch.exchange_delete(delay_exchange(harness.namespace.name, 0))
+        await harness.publish(rel_app.work, [{"n": i, "fail_first": True} for i in range(1, 21)])
+        await harness.wait_all()
+    finally:
+        worker.signal(signal.SIGTERM)
+        await worker.wait(30)
+        worker.stop_now()
+    assert "declaring the topology again" in worker.output()
+    report = await harness.report("retry republish into a deleted exchange")
+    assert report.lost == 0
+
+
+async def test_blocked_thread_still_times_out_and_shuts_down(harness: Harness) -> None:
+    """A sync handler sleeping past its timeout is retried on time; shutdown is not held."""
+    worker = start(harness, "--grace", "1")
+    try:
+        [blocked] = await harness.publish(rel_app.block, [{"n": 1, "seconds": 5}])
+        await until_successes(harness, 1)
+        starts = [e for e in harness.events("start") if e["id"] == blocked]
+        assert [e["attempt"] for e in starts] == [1, 2]
+        assert starts[1]["t"] - starts[0]["t"] < 2.5, "retried at its 0.5 s timeout, not after 5 s"
+        [stuck] = await harness.publish(rel_app.block_long, [{"n": 2, "seconds": 30}])
+        await eventually(
+            lambda: stuck in {e["id"] for e in harness.events("start")}, what="the long job"
+        )
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(15) == 0
+        assert loop.time() - began < 10, "shutdown waited --grace, not the blocked thread"
+    finally:
+        worker.stop_now()
+    await eventually(
+        lambda: _equals(
+            queue_count(harness.namespace.url, work_queue(harness.namespace.name, "rel")), 1
+        ),
+        what="the unfinished job back in its queue",
+    )
+
+
+async def _equals(value: object, expected: int) -> bool:
+    return (await value) == expected  # type: ignore[misc]
