@@ -44,6 +44,14 @@ def load(n: int) -> list[dict[str, object]]:
     return [{"n": i, "fail_first": i % 3 == 0, "seconds": 0.02} for i in range(n)]
 
 
+async def finish(worker: WorkerProcess) -> None:
+    """Stop a worker gracefully if it still runs; kill it if that fails."""
+    if worker.proc.poll() is None:
+        worker.signal(signal.SIGTERM)
+        await worker.wait(30)
+    worker.stop_now()
+
+
 async def until_successes(h: Harness, count: int) -> None:
     await eventually(lambda: len(h.succeeded_ids()) >= count, timeout=60, what=f"{count} successes")
 
@@ -62,9 +70,7 @@ async def test_kill_9_twice_mid_load(harness: Harness) -> None:
     try:
         await harness.wait_all()
     finally:
-        last.signal(signal.SIGTERM)
-        await last.wait(30)
-        last.stop_now()
+        await finish(last)
     report = await harness.report("kill -9 twice mid-load (retries in flight)")
     assert report.lost == 0
     assert report.early == 0
@@ -87,9 +93,7 @@ async def test_sigterm_mid_load(harness: Harness) -> None:
     try:
         await harness.wait_all()
     finally:
-        second.signal(signal.SIGTERM)
-        await second.wait(30)
-        second.stop_now()
+        await finish(second)
     report = await harness.report("SIGTERM mid-load")
     assert report.lost == 0
     assert report.duplicates == 0, "nothing acked that did not finish, nothing finished twice"
@@ -140,9 +144,7 @@ async def test_connections_closed_by_the_broker_mid_load(harness: Harness) -> No
         await harness.wait_all()
         assert worker.proc.poll() is None, "the worker reconnected instead of dying"
     finally:
-        worker.signal(signal.SIGTERM)
-        await worker.wait(30)
-        worker.stop_now()
+        await finish(worker)
     report = await harness.report("connections closed by the broker mid-load")
     assert report.lost == 0
     assert report.duplicates <= 2 * CONCURRENCY
@@ -185,9 +187,7 @@ async def test_a_job_that_kills_its_worker_every_time(harness: Harness) -> None:
     try:
         await harness.wait_all(dead={doomed}, timeout=20)
     finally:
-        last.signal(signal.SIGTERM)
-        await last.wait(30)
-        last.stop_now()
+        await finish(last)
     report = await harness.report("os._exit on every attempt", dead={doomed})
     assert report.lost == 0
     assert report.dead == 1
@@ -205,9 +205,7 @@ async def test_retry_republish_to_a_vanished_exchange_loses_nothing(harness: Har
         await harness.publish(rel_app.work, [{"n": i, "fail_first": True} for i in range(1, 21)])
         await harness.wait_all()
     finally:
-        worker.signal(signal.SIGTERM)
-        await worker.wait(30)
-        worker.stop_now()
+        await finish(worker)
     # the worker declared the level again (logging "declaring the topology again" when
     # its publish hit the missing exchange)
     async with channel(harness.namespace.url) as ch:
