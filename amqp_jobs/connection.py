@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
+    retry_if_exception,
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_delay,
@@ -77,6 +78,18 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
+def _tls_failure(exc: BaseException) -> bool:
+    """A certificate problem, which retrying cannot cure (aiormq wraps it in its own error)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+            seen
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def log_retries(what: str, url: str) -> Callable[[RetryCallState], None]:
     """A tenacity ``before_sleep`` that logs each failed attempt, credentials masked."""
 
@@ -117,7 +130,8 @@ async def connect(
         retry=retry_if_exception_type(TRANSIENT)
         & retry_if_not_exception_type(
             (aiormq.exceptions.ProbableAuthenticationError, ssl.SSLCertVerificationError)
-        ),
+        )
+        & retry_if_exception(lambda exc: not _tls_failure(exc)),
         wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.2),
         stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
         before_sleep=log_retries("connecting to", url),
@@ -138,14 +152,20 @@ async def connect(
             f"cannot log in to {mask_url(url)}: {scrub(describe(exc), url)}"
             " (check the user name and password)"
         ) from None
+    except TRANSIENT as exc:
+        if not _tls_failure(exc):
+            raise BrokerUnavailableError(
+                f"cannot reach the broker at {mask_url(url)}: {scrub(describe(exc), url)}"
+            ) from None
+        raise BrokerUnavailableError(
+            f"TLS certificate verification failed for {mask_url(url)}:"
+            f" {scrub(describe(exc), url)} (check the CA: ?cafile=... in the URL or"
+            " ssl_context=, and the server certificate's name)"
+        ) from None
     except ssl.SSLError as exc:
         raise BrokerUnavailableError(
             f"TLS handshake with {mask_url(url)} failed: {scrub(describe(exc), url)}"
             " (check the CA file and the server's certificate)"
-        ) from None
-    except TRANSIENT as exc:
-        raise BrokerUnavailableError(
-            f"cannot reach the broker at {mask_url(url)}: {scrub(describe(exc), url)}"
         ) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
