@@ -201,8 +201,11 @@ class Link:
                 if not (self.declare and _stale_topology(exc)):
                     raise
         redeclared = False
+        # BrokerUnavailableError comes from connect(), which has already spent its own
+        # retry budget (or met a failure that retrying cannot cure: login, certificate).
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(RECOVERABLE) & retry_if_not_exception_type(PERMANENT),
+            retry=retry_if_exception_type(RECOVERABLE)
+            & retry_if_not_exception_type((*PERMANENT, BrokerUnavailableError)),
             wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.1),
             stop=stop_after_delay(give_up_after),
             before_sleep=log_retries(f"{self.name}: publishing to", self.url),
@@ -223,6 +226,8 @@ class Link:
                 self.forget_declarations()
             except PERMANENT as exc:
                 raise PublishError(f"the broker refused: {describe(exc)}") from None
+            except BrokerUnavailableError:
+                raise
             except RECOVERABLE as exc:
                 raise BrokerUnavailableError(
                     f"publishing to {mask_url(self.url)} failed for {give_up_after:.0f}s:"
