@@ -146,7 +146,7 @@ def _add_operations(sub: Any) -> None:
         help="queue depths of a namespace",
         description=(
             "One table for the namespace: each work queue's ready, unacknowledged and"
-            " consumer counts, jobs in its due queue and its dead-letter queue, jobs waiting"
+            " consumer counts, jobs in its due, quarantine and dead-letter queues, jobs waiting"
             " in the delay cascade, and unroutable jobs. Exits 1 if the broker cannot be"
             " reached."
         ),

@@ -41,6 +41,7 @@ from amqp_jobs.topology import (
     jobs_exchange,
     level_binding,
     parking_queue_arguments,
+    quarantine_queue,
     unroutable,
     work_queue,
     work_queue_arguments,
@@ -187,8 +188,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             "which queues? pass --app module:app or --queue Q (or --management-url to discover)"
         )
     result = ctx.run(lambda c: ops.status(c, ctx.namespace, queues, ctx.settings, management))
-    rows = [(q.queue, q.ready, q.unacked, q.consumers, q.due, q.dead) for q in result.queues]
-    text = table(("queue", "ready", "unacked", "consumers", "due", "dead"), rows)
+    rows = [
+        (q.queue, q.ready, q.unacked, q.consumers, q.due, q.quarantined, q.dead)
+        for q in result.queues
+    ]
+    text = table(("queue", "ready", "unacked", "consumers", "due", "quarantine", "dead"), rows)
     text += f"\n\ndelay cascade: {result.delayed} waiting   unroutable: {result.unroutable}"
     if management is None:
         text += "\n(unacked needs the management API: --management-url http://host:15672)"
@@ -383,6 +387,7 @@ def topology_plan(ns: str, queues: dict[str, set[str]], s: TopologySettings) -> 
         declared += [
             {"name": work_queue(ns, q), "arguments": args},
             {"name": due_queue(ns, q), "arguments": args},
+            {"name": quarantine_queue(ns, q), "arguments": args},
             {"name": dead_queue(ns, q), "arguments": parking_queue_arguments(s)},
         ]
         bindings += [

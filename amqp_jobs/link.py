@@ -40,6 +40,7 @@ from amqp_jobs.topology import (
     dead_exchange,
     delayed_route,
     jobs_exchange,
+    quarantine_queue,
 )
 
 log = logging.getLogger("amqp_jobs.link")
@@ -176,6 +177,12 @@ class Link:
         if self.declare:
             await self.declarer.queue(queue, frozenset())
         await self.publisher.publish(dead_exchange(self.namespace), queue, message)
+
+    async def send_quarantine(self, message: aio_pika.Message, queue: str) -> None:
+        """Move a message to ``queue``'s quarantine queue (default exchange), confirmed."""
+        if self.declare:
+            await self.declarer.queue(queue, frozenset())
+        await self.publisher.publish("", quarantine_queue(self.namespace, queue), message)
 
     async def retrying(
         self,

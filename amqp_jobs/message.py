@@ -249,6 +249,13 @@ def dead_message(
     return _copy(raw, _with_error(clean, error, reason))
 
 
+def moved_message(raw: RawMessage, queue: str) -> aio_pika.Message:
+    """A copy of ``raw`` as it arrived, minus the broker's headers (for the quarantine)."""
+    headers = _own_headers(raw)
+    headers.setdefault(H_QUEUE, queue)
+    return _copy(raw, headers)
+
+
 def replay_message(raw: RawMessage, queue: str) -> aio_pika.Message:
     """The copy that replays a dead job: same id and args, attempt 1, errors dropped."""
     headers = {k: v for k, v in _own_headers(raw).items() if k not in ERROR_HEADERS}

@@ -40,6 +40,7 @@ from amqp_jobs.topology import (
     dead_queue,
     delay_queue,
     due_queue,
+    quarantine_queue,
     unroutable,
     work_queue,
 )
@@ -66,6 +67,7 @@ class QueueStatus:
     unacked: int | None
     consumers: int
     due: int
+    quarantined: int
     dead: int
 
 
@@ -154,7 +156,7 @@ async def status(
     settings: TopologySettings,
     management: Management | None = None,
 ) -> Status:
-    """Depth of every work, due, dead, delay and unroutable queue of the namespace."""
+    """Depth of every work, due, quarantine, dead, delay and unroutable queue."""
     peek = Peeker(connection)
     try:
         rows = []
@@ -163,6 +165,7 @@ async def status(
             if work is None:
                 raise NotFoundError(f"no work queue {work_queue(namespace, q)!r}")
             due = await peek.counts(due_queue(namespace, q))
+            quarantined = await peek.counts(quarantine_queue(namespace, q))
             dead = await peek.counts(dead_queue(namespace, q))
             unacked = management.unacked(work_queue(namespace, q)) if management else None
             rows.append(
@@ -172,6 +175,7 @@ async def status(
                     unacked,
                     work[1],
                     due[0] if due else 0,
+                    quarantined[0] if quarantined else 0,
                     dead[0] if dead else 0,
                 )
             )

@@ -41,6 +41,7 @@ from amqp_jobs.topology import (
     deliver_exchange,
     due_queue,
     jobs_exchange,
+    quarantine_queue,
     work_queue,
 )
 
@@ -322,7 +323,9 @@ def asyncapi(
                 f"Consumed by workers. Delayed jobs and retries arrive on"
                 f" {due_queue(namespace, queue)!r} through the delay cascade"
                 f" ({delay_exchange(namespace, settings.delay_levels - 1)!r} …"
-                f" {deliver_exchange(namespace)!r}); dead jobs are parked in"
+                f" {deliver_exchange(namespace)!r}); a job delivered twice without being"
+                f" settled (its worker died) moves to {quarantine_queue(namespace, queue)!r}"
+                f" and runs alone; dead jobs are parked in"
                 f" {dead_queue(namespace, queue)!r} via {dead_exchange(namespace)!r}."
             ),
             "messages": {

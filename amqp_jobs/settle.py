@@ -1,9 +1,9 @@
 """Settling a delivery: the one function that acks, republishes, parks or releases.
 
 The rule it keeps: a delivery is acked only after the copy that replaces it (a retry,
-a re-delay, a dead letter) is confirmed by the broker. If that copy cannot be stored the
-delivery is released back to the broker, never acked, so nothing is lost; at worst a job
-runs twice, which is why job ids stay stable across copies.
+a re-delay, a dead letter, a quarantined copy) is confirmed by the broker. If that copy
+cannot be stored the delivery is released back to the broker, never acked, so nothing is
+lost; at worst a job runs twice, which is why job ids stay stable across copies.
 """
 
 from __future__ import annotations
@@ -45,11 +45,18 @@ class Park:
 
 
 @dataclass(frozen=True)
+class Quarantine:
+    """Move the delivery, as it is, to its queue's quarantine queue (run it alone)."""
+
+    message: aio_pika.Message
+
+
+@dataclass(frozen=True)
 class Release:
     """Give the delivery back to the broker unsettled (shutdown, or a failed republish)."""
 
 
-Action = Ack | Republish | Park | Release
+Action = Ack | Republish | Park | Quarantine | Release
 
 
 async def settle(delivery: Delivery, action: Action, link: Link, queue: str) -> bool:
@@ -79,6 +86,12 @@ async def settle(delivery: Delivery, action: Action, link: Link, queue: str) -> 
                     await link.send_dead(message, queue)
 
                 await link.retrying(park, give_up_after=REPUBLISH_RETRY_FOR)
+            case Quarantine(message):
+
+                async def move() -> None:
+                    await link.send_quarantine(message, queue)
+
+                await link.retrying(move, give_up_after=REPUBLISH_RETRY_FOR)
             case Release():
                 await _release(delivery)
                 return False
@@ -87,7 +100,7 @@ async def settle(delivery: Delivery, action: Action, link: Link, queue: str) -> 
     except Exception as exc:
         log.error(
             "could not store the %s of job %s: %s; not acking it, the broker keeps it",
-            "dead letter" if isinstance(action, Park) else "next copy",
+            {Park: "dead letter", Quarantine: "quarantined copy"}.get(type(action), "next copy"),
             delivery.message_id,
             describe(exc),
         )

@@ -5,6 +5,7 @@ Per namespace ``ns``::
     {ns}.jobs              direct exchange; routing key = job name
     {ns}.q.{queue}         work queue (quorum by default, x-delivery-limit)
     {ns}.due.{queue}       delayed jobs arrive here within one unit of their ETA
+    {ns}.quarantine.{queue} jobs delivered twice without being settled, run one at a time
     {ns}.dead              direct exchange; routing key = queue name
     {ns}.dead.{queue}      dead-letter (parking-lot) queue, no TTL, no length limit
     {ns}.delay.{L}         delay level L: topic exchange + quorum queue, TTL unit*2^L
@@ -104,6 +105,10 @@ def due_queue(ns: str, queue: str) -> str:
     return f"{ns}.due.{queue}"
 
 
+def quarantine_queue(ns: str, queue: str) -> str:
+    return f"{ns}.quarantine.{queue}"
+
+
 def dead_exchange(ns: str) -> str:
     return f"{ns}.dead"
 
@@ -132,7 +137,7 @@ def namespace_queues(ns: str, queues: set[str] | frozenset[str], s: TopologySett
     """Every queue name the namespace may hold for these work queues."""
     names = [unroutable(ns)] + [delay_queue(ns, level) for level in range(s.delay_levels)]
     for q in sorted(queues):
-        names += [work_queue(ns, q), due_queue(ns, q), dead_queue(ns, q)]
+        names += [work_queue(ns, q), due_queue(ns, q), quarantine_queue(ns, q), dead_queue(ns, q)]
     return names
 
 
@@ -208,7 +213,7 @@ def level_ttl_ms(level: int, s: TopologySettings) -> int:
 
 
 def work_queue_arguments(ns: str, queue: str, s: TopologySettings) -> dict[str, Any]:
-    """Arguments of ``{ns}.q.{queue}`` and ``{ns}.due.{queue}``."""
+    """Arguments of ``{ns}.q.{queue}``, ``{ns}.due.{queue}`` and ``{ns}.quarantine.{queue}``."""
     args: dict[str, Any] = {
         "x-queue-type": s.queue_type,
         "x-dead-letter-exchange": dead_exchange(ns),
@@ -321,7 +326,7 @@ class Declarer:
         await self._once("base", declare)
 
     async def queue(self, queue: str, job_names: set[str] | frozenset[str]) -> None:
-        """A work queue with its due and dead queues, bound for these job names."""
+        """A work queue with its due, quarantine and dead queues, bound for these job names."""
         check_queue_name(queue)
         await self.base()
         ns, s = self.ns, self.settings
@@ -334,6 +339,7 @@ class Declarer:
             wq = await ch.declare_queue(work_queue(ns, queue), durable=True, arguments=args)
             dq = await ch.declare_queue(due_queue(ns, queue), durable=True, arguments=args)
             await dq.bind(deliver_exchange(ns), routing_key=deliver_binding(queue, s))
+            await ch.declare_queue(quarantine_queue(ns, queue), durable=True, arguments=args)
             dead = await ch.declare_queue(
                 dead_queue(ns, queue), durable=True, arguments=parking_queue_arguments(s)
             )

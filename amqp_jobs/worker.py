@@ -4,6 +4,12 @@ One process consumes one or more work queues with ``prefetch = concurrency``, pl
 queue's due queue (delayed jobs within one unit of their ETA) on a channel of its own, so
 jobs held for their last fraction of a second never take the slots of running jobs.
 Async handlers run as tasks, plain functions in a thread pool; both share one limit.
+
+A job the broker has handed out twice without a settlement was held by workers that went
+away: it may be what killed them. It moves to the queue's quarantine queue, which is
+consumed one message at a time, and runs alone: the worker pauses its other consumers and
+finishes what it holds first. If it kills the process again, only its own delivery count
+grows, so the broker's delivery limit dead-letters it and not its neighbours.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import enum
 import functools
 import inspect
 import logging
@@ -22,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractConnection
 
 from amqp_jobs.channels import Delivery, open_channel
 from amqp_jobs.connection import TRANSIENT, connect, describe, mask_url
@@ -45,14 +52,16 @@ from amqp_jobs.message import (
     check_body,
     dead_message,
     decode,
+    moved_message,
     now_ms,
 )
 from amqp_jobs.registry import JobContext, JobHooks, Outcome, OutcomeKind, Registry
-from amqp_jobs.settle import Ack, Action, Park, Release, Republish, settle
+from amqp_jobs.settle import Ack, Action, Park, Quarantine, Release, Republish, settle
 from amqp_jobs.topology import (
     TopologySettings,
     delay_queue,
     due_queue,
+    quarantine_queue,
     work_queue,
 )
 
@@ -64,6 +73,24 @@ DEFAULT_CONCURRENCY = 16
 DEFAULT_GRACE = 30.0
 #: Deliveries the due channel may hold at once; all are within one unit of their ETA.
 DUE_PREFETCH = 1000
+#: Handed out this many times unsettled (quorum queues count it), a job is quarantined.
+SUSPECT_AFTER = 2
+
+
+class Source(enum.Enum):
+    """Which of a work queue's three queues a delivery came from."""
+
+    WORK = "work"
+    DUE = "due"
+    QUARANTINE = "quarantine"
+
+
+@dataclass
+class _Consumer:
+    channel: aiormq.abc.AbstractChannel
+    tag: str
+    queue: str
+    source: Source
 
 
 @dataclass
@@ -75,6 +102,7 @@ class WorkerStats:
     retried: int = 0
     dead: int = 0
     redelayed: int = 0
+    quarantined: int = 0
     abandoned: int = 0
     connections: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
@@ -142,7 +170,10 @@ class Worker:
         self._started = asyncio.Event()
         self._sem: asyncio.Semaphore | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._consumers: list[tuple[aiormq.abc.AbstractChannel, str]] = []
+        self._consumers: list[_Consumer] = []
+        # One quarantined job runs at a time, alone; these are the tasks that carry them.
+        self._alone = asyncio.Lock()
+        self._alone_tasks: set[asyncio.Task[Any]] = set()
         self.running_threads = 0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -236,32 +267,47 @@ class Worker:
         await work.set_qos(prefetch_count=self.concurrency)
         due = await open_channel(connection, publisher_confirms=False)
         await due.set_qos(prefetch_count=DUE_PREFETCH)
-        for channel in (work, due):
-            channel.close_callbacks.add(lambda *_: lost.set())
+        alone = await open_channel(connection, publisher_confirms=False)
+        await alone.set_qos(prefetch_count=1)
         self._consumers = []
-        for q in self.queues:
-            await self._consume(work, work_queue(self.namespace, q), q, is_due=False)
-            await self._consume(due, due_queue(self.namespace, q), q, is_due=True)
+        for channel, source in ((work, Source.WORK), (due, Source.DUE), (alone, Source.QUARANTINE)):
+            channel.close_callbacks.add(lambda *_: lost.set())
+            underlay = await channel.get_underlay_channel()
+            for q in self.queues:
+                await self._consume(underlay, q, source)
         return lost
 
-    async def _consume(self, channel: AbstractChannel, name: str, queue: str, is_due: bool) -> None:
-        underlay = await channel.get_underlay_channel()
+    async def _consume(
+        self, channel: aiormq.abc.AbstractChannel, queue: str, source: Source
+    ) -> None:
+        name = {
+            Source.WORK: work_queue,
+            Source.DUE: due_queue,
+            Source.QUARANTINE: quarantine_queue,
+        }[source](self.namespace, queue)
 
         async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            await self._process(Delivery(message), queue=queue, is_due=is_due)
+            await self._process(Delivery(message), queue=queue, source=source)
 
-        ok = await underlay.basic_consume(name, on_message, no_ack=False)
+        ok = await channel.basic_consume(name, on_message, no_ack=False)
         assert ok.consumer_tag is not None
-        self._consumers.append((underlay, ok.consumer_tag))
+        self._consumers.append(_Consumer(channel, ok.consumer_tag, queue, source))
+
+    async def _cancel(self, consumers: list[_Consumer]) -> None:
+        for consumer in consumers:
+            if consumer not in self._consumers:
+                continue  # already cancelled (shutdown and a quarantined job may race)
+            self._consumers.remove(consumer)
+            if consumer.channel.is_closed:
+                continue
+            try:
+                await consumer.channel.basic_cancel(consumer.tag)
+            except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+                log.debug("cancelling consumer %s: %s", consumer.tag, describe(exc))
 
     async def _shutdown(self, connection: AbstractConnection | None) -> None:
         """Stop consuming, give running jobs ``grace`` seconds, return the rest."""
-        for channel, tag in self._consumers:
-            try:
-                await channel.basic_cancel(tag)
-            except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
-                log.debug("cancelling consumer %s: %s", tag, describe(exc))
-        self._consumers = []
+        await self._cancel(list(self._consumers))
         if self._tasks:
             log.info("waiting up to %.1fs for %d in-flight jobs", self.grace, len(self._tasks))
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace)
@@ -280,13 +326,18 @@ class Worker:
 
     # -- one delivery ----------------------------------------------------------------
 
-    async def _process(self, msg: Delivery, *, queue: str, is_due: bool) -> None:
+    async def _process(self, msg: Delivery, *, queue: str, source: Source) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self.stats.received += 1
         try:
-            await self._pipeline(msg, queue, is_due)
+            if source is Source.QUARANTINE:
+                await self._run_alone(task, msg, queue)
+            elif self._suspect(msg):
+                await self._quarantine(msg, queue)
+            else:
+                await self._pipeline(msg, queue, is_due=source is Source.DUE)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -294,6 +345,52 @@ class Worker:
             await self._settle(msg, Release(), queue)
         finally:
             self._tasks.discard(task)
+
+    def _suspect(self, msg: Delivery) -> bool:
+        """Handed out ``SUSPECT_AFTER`` times (or up to a lower limit) and never settled."""
+        if self.settings.queue_type != "quorum":
+            return False  # classic queues neither count deliveries nor limit them
+        count = msg.headers.get("x-delivery-count")
+        if not isinstance(count, int) or isinstance(count, bool):
+            return False
+        return count >= min(SUSPECT_AFTER, self.settings.delivery_limit)
+
+    async def _quarantine(self, msg: Delivery, queue: str) -> None:
+        log.warning(
+            "message %s of queue %s was delivered %s times and never settled (did its"
+            " worker die?); quarantining it to run alone",
+            msg.message_id,
+            queue,
+            msg.headers.get("x-delivery-count"),
+        )
+        if await self._settle(msg, Quarantine(moved_message(msg, queue)), queue):
+            self.stats.quarantined += 1
+
+    async def _run_alone(self, task: asyncio.Task[Any], msg: Delivery, queue: str) -> None:
+        """Run a quarantined delivery with nothing else held: pause, drain, run, resume."""
+        self._alone_tasks.add(task)
+        try:
+            async with self._alone:
+                paused = [c for c in self._consumers if c.source is not Source.QUARANTINE]
+                await self._cancel(paused)
+                while others := [t for t in self._tasks if t not in self._alone_tasks]:
+                    await asyncio.wait(others)
+                try:
+                    await self._pipeline(msg, queue, is_due=True)
+                finally:
+                    await self._resume(paused)
+        finally:
+            self._alone_tasks.discard(task)
+
+    async def _resume(self, paused: list[_Consumer]) -> None:
+        for consumer in paused:
+            if self._stop.is_set() or consumer.channel.is_closed:
+                continue
+            try:
+                await self._consume(consumer.channel, consumer.queue, consumer.source)
+            except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+                # the channel is going away; the reconnect starts every consumer afresh
+                log.debug("resuming consumer on %s: %s", consumer.queue, describe(exc))
 
     async def _pipeline(self, msg: Delivery, queue: str, is_due: bool) -> None:
         try:
@@ -514,7 +611,11 @@ class Worker:
         channel = await open_channel(self.link.connection, publisher_confirms=False)
         try:
             for q in self.queues:
-                for name in (work_queue(self.namespace, q), due_queue(self.namespace, q)):
+                for name in (
+                    work_queue(self.namespace, q),
+                    due_queue(self.namespace, q),
+                    quarantine_queue(self.namespace, q),
+                ):
                     declared = await channel.declare_queue(name, passive=True)
                     total += declared.declaration_result.message_count or 0
             try:

@@ -17,7 +17,7 @@ from amqp_jobs.cli import main
 from amqp_jobs.link import Link
 from amqp_jobs.message import now_ms
 from amqp_jobs.testing import Namespace
-from amqp_jobs.topology import TopologySettings, dead_queue, work_queue
+from amqp_jobs.topology import TopologySettings, dead_queue, quarantine_queue, work_queue
 from tests.support import MANAGEMENT, channel, drain, eventually, queue_count, require_management
 
 APP = "examples.shop.worker:app"
@@ -68,6 +68,11 @@ async def park(
     await link.close()
 
 
+async def publish_raw(url: str, queue: str, body: bytes) -> None:
+    async with channel(url) as ch:
+        await ch.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
+
+
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
@@ -89,17 +94,19 @@ def test_status_shows_every_kind_of_queue(
     )  # fmt: skip
     assert code == 0
     run(park(namespace, "billing", [("d1", "billing.sync_invoice")]))
+    run(publish_raw(namespace.url, quarantine_queue(namespace.name, "fulfilment"), b"{}"))
     code, out, _ = cli(capsys, namespace, "status", "--app", APP, "--json")
     assert code == 0
     data = json.loads(out)
     rows = {q["queue"]: q for q in data["queues"]}
     assert rows["crm"]["ready"] == 1
     assert rows["billing"]["dead"] == 1
+    assert rows["fulfilment"]["quarantined"] == 1
     assert rows["emails"]["ready"] == 0
     assert data["delayed"] == 1
     assert data["unroutable"] == 0
     code, out, _ = cli(capsys, namespace, "status", "--app", APP)
-    assert "queue" in out and "crm" in out and "delay cascade: 1 waiting" in out
+    assert "queue" in out and "quarantine" in out and "delay cascade: 1 waiting" in out
 
 
 def test_status_unreachable_broker_is_one_line_with_masked_password(
@@ -429,7 +436,15 @@ async def test_status_unacked_and_discovery_from_the_management_api(namespace: N
         async def two_unacked() -> bool:
             data = await loop.run_in_executor(None, status)
             return data["queues"] == [
-                {"queue": "held", "ready": 1, "unacked": 2, "consumers": 1, "due": 0, "dead": 0}
+                {
+                    "queue": "held",
+                    "ready": 1,
+                    "unacked": 2,
+                    "consumers": 1,
+                    "due": 0,
+                    "quarantined": 0,
+                    "dead": 0,
+                }
             ]
 
         # the management API refreshes queue statistics every few seconds

@@ -8,7 +8,8 @@ import pytest
 
 from amqp_jobs import ops
 from amqp_jobs.testing import Namespace
-from amqp_jobs.topology import TopologySettings, dead_queue, work_queue
+from amqp_jobs.topology import TopologySettings, dead_queue, quarantine_queue, work_queue
+from amqp_jobs.worker import SUSPECT_AFTER
 from tests.support import WorkerProcess, drain, eventually, queue_count, read_log
 
 from . import sample_app
@@ -125,7 +126,7 @@ async def test_a_job_that_kills_its_worker_is_dead_lettered_by_the_delivery_limi
     async with namespace.client(settings=namespace.settings) as client:
         await client.enqueue(sample_app.crash, {"n": 99})
     dead = dead_queue(namespace.name, "work")
-    for _ in range(limit + 3):
+    for _ in range(2 * limit + 3):
         if await queue_count(namespace.url, dead) == 1:
             break
         worker = WorkerProcess(namespace, log_path, env=env)
@@ -143,7 +144,9 @@ async def test_a_job_that_kills_its_worker_is_dead_lettered_by_the_delivery_limi
     [msg] = await drain(namespace.url, dead, 1)
     assert msg.type == "sample.crash"
     assert msg.headers["x-death"][0]["reason"] == "delivery_limit"
-    assert len(events(log_path, "start")) == limit + 1
+    # twice in the work queue, then limit + 1 times alone from the quarantine queue
+    assert msg.headers["x-death"][0]["queue"] == quarantine_queue(namespace.name, "work")
+    assert len(events(log_path, "start")) == SUSPECT_AFTER + limit + 1
     # the worker serves other jobs again
     async with namespace.client(settings=namespace.settings) as client:
         await client.enqueue(sample_app.sleepy, {"n": 7, "seconds": 0})

@@ -7,9 +7,10 @@ import time
 from pydantic import BaseModel
 
 from amqp_jobs import Job, JobContext, JobHooks, Outcome, OutcomeKind
+from amqp_jobs.message import Envelope
 from amqp_jobs.testing import Namespace, run_until_idle
-from amqp_jobs.topology import work_queue
-from tests.support import channel, eventually
+from amqp_jobs.topology import quarantine_queue, work_queue
+from tests.support import channel, eventually, queue_count
 
 
 class N(BaseModel):
@@ -189,3 +190,54 @@ async def test_plain_function_returning_a_coroutine_fails_loudly(namespace: Name
     assert stats.succeeded == 0
     [dead] = await drain(namespace.url, dead_queue(namespace.name, "wrapped"), 1)
     assert "declare it `async def`" in dead.headers["job-error-message"]
+
+
+async def test_a_quarantined_job_runs_alone_then_the_others_resume(namespace: Namespace) -> None:
+    """What the worker puts in the quarantine queue waits for the running jobs, runs with
+    nothing else held, and the paused consumers resume afterwards."""
+    app = namespace.app()
+    job = Job("t.iso", N, queue="iso")
+    gate = asyncio.Event()
+    running: set[int] = set()
+    spans: dict[int, tuple[float, float]] = {}
+    loop = asyncio.get_running_loop()
+
+    @app.handler(job)
+    async def run(args: N) -> None:
+        running.add(args.n)
+        began = loop.time()
+        if args.n < 4:
+            await gate.wait()  # the first four hold every slot until released
+        await asyncio.sleep(0.02)  # work, so that overlaps would show
+        spans[args.n] = (began, loop.time())
+        running.discard(args.n)
+
+    async with namespace.client() as client:
+        await client.enqueue_many(job, [{"n": n} for n in range(8)])
+    worker = namespace.worker(app, concurrency=4)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), 15)
+        await eventually(lambda: running == {0, 1, 2, 3}, what="four jobs running")
+        suspect = Envelope.new(job.name, b'{"n": 100}', "iso")
+        async with channel(namespace.url) as ch:
+            await ch.default_exchange.publish(
+                suspect.to_message(), routing_key=quarantine_queue(namespace.name, "iso")
+            )
+
+        async def delivered() -> bool:
+            return await queue_count(namespace.url, quarantine_queue(namespace.name, "iso")) == 0
+
+        await eventually(delivered, what="the quarantined job delivered to the worker")
+        assert 100 not in running, "it waits for the running jobs"
+        gate.set()
+        await eventually(lambda: len(spans) == 9, timeout=20, what="all nine jobs done")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+    alone = spans[100]
+    for n, (began, ended) in spans.items():
+        if n != 100:
+            assert ended <= alone[0] or began >= alone[1], f"job {n} overlapped the quarantined one"
+    assert all(spans[n][0] >= alone[1] for n in range(4, 8)), "the rest waited until it was done"
+    assert worker.stats.succeeded == 9
