@@ -1,13 +1,19 @@
 """Poison input lands in the dead-letter queue with a reason; the worker keeps serving."""
 
+import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict
 
 from amqp_jobs import Job
+from amqp_jobs.message import MIN_ETA_MS
 from amqp_jobs.testing import Namespace, run_until_idle
-from amqp_jobs.topology import dead_queue, jobs_exchange
+from amqp_jobs.topology import dead_queue, jobs_exchange, work_queue
 from tests.support import channel, drain
 
 
@@ -37,6 +43,16 @@ CASES: list[tuple[str, bytes, dict[str, Any], dict[str, Any], str]] = [
     ("eta-seconds", b'{"n": 1}', {}, {"job-eta": 1_700_000_000}, "invalid-headers"),
     ("eta-far-future", b'{"n": 1}', {}, {"job-eta": 10**17}, "invalid-headers"),
     ("protocol", b'{"n": 1}', {}, {"job-protocol": 99}, "unsupported-protocol"),
+    ("protocol-str", b'{"n": 1}', {}, {"job-protocol": "1"}, "unsupported-protocol"),
+    ("attempt-zero", b'{"n": 1}', {}, {"job-attempt": 0}, "invalid-headers"),
+    ("attempt-negative", b'{"n": 1}', {}, {"job-attempt": -3}, "invalid-headers"),
+    ("attempt-float", b'{"n": 1}', {}, {"job-attempt": 1.5}, "invalid-headers"),
+    ("attempt-bool", b'{"n": 1}', {}, {"job-attempt": True}, "invalid-headers"),
+    ("attempt-table", b'{"n": 1}', {}, {"job-attempt": {"n": 1}}, "invalid-headers"),
+    ("eta-far-past", b'{"n": 1}', {}, {"job-eta": 1}, "invalid-headers"),
+    ("eta-negative", b'{"n": 1}', {}, {"job-eta": -(10**15)}, "invalid-headers"),
+    ("eta-list", b'{"n": 1}', {}, {"job-eta": [1, 2]}, "invalid-headers"),
+    ("eta-timestamp", b'{"n": 1}', {}, {"job-eta": datetime.now(UTC)}, "invalid-headers"),
     ("too-large", b'{"n": 1, "pad": "' + b"x" * 300_000 + b'"}', {}, {}, "too-large"),
 ]
 
@@ -66,3 +82,76 @@ async def test_poison_messages_are_dead_lettered_with_a_reason(namespace: Namesp
     assert by_id["latin-1"].body == b'{"n": "\xe9"}', "parked exactly as it arrived"
     assert "admin" in by_id["extra"].headers["job-error-message"]
     assert by_id["unknown-job"].headers["job-queue"] == "p"
+
+
+#: Header values a broker accepts (RabbitMQ's parser refuses NaN and infinities, closing
+#: the publisher's connection, so such a message never reaches a worker).
+header_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(width=32, allow_nan=False, allow_infinity=False)  # pamqp sends 32-bit
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+#: ETAs that never put a job in the cascade: garbage, implausible, or already past
+etas = st.text(max_size=5) | st.integers(-(2**63), MIN_ETA_MS) | st.just(MIN_ETA_MS + 1000)
+messages = st.builds(
+    dict,
+    body=st.binary(max_size=64) | st.sampled_from([b'{"n": 1}', b'{"n": "x"}', b"[]", b"{}"]),
+    content_type=st.none() | st.sampled_from(["application/json", "text/plain"]),
+    type=st.none() | st.sampled_from(["t.strict", "t.other", ""]),
+    message_id=st.none() | st.text(min_size=1, max_size=8),
+    headers=st.fixed_dictionaries(
+        {},
+        optional={
+            "job-protocol": st.integers(0, 2) | header_values,
+            "job-attempt": st.integers(-1, 3) | header_values,
+            "job-eta": etas,
+            "job-queue": header_values,
+            "x-delivery-count": st.integers(0, 5),
+            "other": header_values,
+        },
+    ),
+)
+
+
+@settings(
+    max_examples=5,
+    deadline=None,
+    # no shrinking: each example is a worker run against the broker
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(messages, min_size=30, max_size=30))
+async def test_no_generated_message_escapes_the_worker(
+    namespace: Namespace, batch: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever arrives ends exactly once, run or parked; the worker never errs or stops.
+
+    Every example uses the same queues (the namespace lives for the whole test) and
+    leaves them empty.
+    """
+    app = namespace.app()
+    job = Job("t.strict", Strict, queue="gen")
+    ran: list[int] = []
+    app.add_handler(job, lambda args: ran.append(args.n))
+    caplog.clear()
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": -1})  # declares the queue
+        async with channel(namespace.url) as ch:
+            for fields in batch:
+                fields = dict(fields)
+                await ch.default_exchange.publish(
+                    aio_pika.Message(fields.pop("body"), **fields),
+                    routing_key=work_queue(namespace.name, "gen"),
+                )
+        await client.enqueue(job, {"n": -2})  # still served after all of them
+    stats = await run_until_idle(namespace.worker(app), timeout=60)
+    assert ran[0] == -1 and ran[-1] == -2
+    assert stats.succeeded + stats.dead == len(batch) + 2
+    dead = await drain(namespace.url, dead_queue(namespace.name, "gen"), stats.dead)
+    assert all(m.headers.get("job-dead-reason") or m.headers.get("x-death") for m in dead)
+    escaped = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not escaped, [r.getMessage() for r in escaped]
