@@ -8,6 +8,7 @@ lost; at worst a job runs twice, which is why job ids stay stable across copies.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ log = logging.getLogger("amqp_jobs.settle")
 
 #: How long a republish may retry transient failures before the delivery is released.
 REPUBLISH_RETRY_FOR = 10.0
+#: Pause before releasing a delivery whose replacement could not be stored, so that a
+#: lasting fault (a refused declaration, say) is not a hot redelivery loop.
+RELEASE_PAUSE = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ async def settle(delivery: Delivery, action: Action, link: Link, queue: str) -> 
             delivery.message_id,
             describe(exc),
         )
+        await asyncio.sleep(RELEASE_PAUSE)
         await _release(delivery)
         return False
     try:

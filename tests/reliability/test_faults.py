@@ -10,15 +10,25 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aio_pika import ExchangeType
+from pydantic import BaseModel
 
-from amqp_jobs.testing import Namespace
-from amqp_jobs.topology import delay_exchange, work_queue
+from amqp_jobs import Job, RetryPolicy
+from amqp_jobs.testing import Namespace, run_until_idle
+from amqp_jobs.topology import (
+    dead_exchange,
+    dead_queue,
+    delay_exchange,
+    quarantine_queue,
+    work_queue,
+)
 from tests.reliability import rel_app
 from tests.reliability.harness import Harness
 from tests.support import (
     MANAGEMENT,
     WorkerProcess,
     channel,
+    drain,
     eventually,
     queue_count,
     require_management,
@@ -239,3 +249,47 @@ async def test_blocked_thread_still_times_out_and_shuts_down(harness: Harness) -
 
 async def _equals(value: object, expected: int) -> bool:
     return (await value) == expected  # type: ignore[misc]
+
+
+class Count(BaseModel):
+    n: int
+
+
+async def test_a_dead_letter_that_cannot_be_stored_is_not_acked(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dead exchange is replaced under a running worker by one it cannot use: the
+    job stays with the broker, and is parked once the exchange is repaired."""
+    url, ns = namespace.url, namespace.name
+    app = namespace.app()
+    job = Job("t.doomed", Count, queue="dl", retry=RetryPolicy(max_attempts=1))
+
+    @app.handler(job)
+    async def fail(args: Count) -> None:
+        raise ValueError("boom")
+
+    worker = namespace.worker(app)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), 15)
+        async with channel(url) as ch:  # same name, other type, nothing bound
+            await ch.exchange_delete(dead_exchange(ns))
+            await ch.declare_exchange(dead_exchange(ns), ExchangeType.FANOUT, durable=True)
+        async with namespace.client(declare=False) as client:
+            job_id = await client.enqueue(job, {"n": 1})
+        await eventually(
+            lambda: "could not store the dead letter" in caplog.text,
+            what="a failed dead-letter publish",
+        )
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+    held = [work_queue(ns, "dl"), quarantine_queue(ns, "dl")]
+    assert sum([await queue_count(url, name) for name in held]) == 1, "not acked, not lost"
+    assert await queue_count(url, dead_queue(ns, "dl")) == 0
+    async with channel(url) as ch:  # repaired: the next worker declares it properly
+        await ch.exchange_delete(dead_exchange(ns))
+    await run_until_idle(namespace.worker(app))
+    [parked] = await drain(url, dead_queue(ns, "dl"), 1)
+    assert parked.message_id == job_id
+    assert parked.headers["job-dead-reason"] == "exhausted"
