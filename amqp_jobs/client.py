@@ -7,6 +7,7 @@ validated against the job's model before anything leaves the process.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import ssl
 from collections.abc import Iterable, Mapping
@@ -18,7 +19,7 @@ from amqp_jobs.connection import DEFAULT_URL
 from amqp_jobs.contract import ArgsT, Job, check_namespace
 from amqp_jobs.errors import ContractError, PublishError
 from amqp_jobs.link import Link
-from amqp_jobs.message import Envelope, now_ms
+from amqp_jobs.message import Envelope, eta_after, now_ms
 from amqp_jobs.topology import TopologySettings
 
 #: Publishes in flight at once in enqueue_many (confirms are pipelined within it).
@@ -52,13 +53,13 @@ def resolve_eta(delay: timedelta | float | None, run_at: datetime | None) -> int
             raise ContractError(f"delay must be a timedelta or seconds, got {delay!r}")
         if delay < 0:
             raise ContractError(f"delay must not be negative, got {delay}")
-        return now_ms() + round(delay * 1000) if delay > 0 else None
+        return eta_after(delay) if delay > 0 else None
     if run_at is not None:
         if not isinstance(run_at, datetime):
             raise ContractError(f"run_at must be a datetime, got {run_at!r}")
         if run_at.tzinfo is None or run_at.utcoffset() is None:
             raise ContractError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
-        eta = round(run_at.timestamp() * 1000)
+        eta = math.ceil(run_at.timestamp() * 1000)
         return eta if eta > now_ms() else None
     return None
 

@@ -94,6 +94,12 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def eta_after(seconds: float) -> int:
+    """The ETA ``seconds`` from now in epoch ms, rounded up: a job due at a whole
+    millisecond that has begun is never early."""
+    return -(-(time.time_ns() + round(seconds * 1_000_000_000)) // 1_000_000)
+
+
 @dataclass(frozen=True)
 class ErrorInfo:
     """A failure as recorded in the error headers (bounded in size)."""

@@ -52,6 +52,7 @@ from amqp_jobs.message import (
     check_body,
     dead_message,
     decode,
+    eta_after,
     moved_message,
     now_ms,
 )
@@ -579,7 +580,7 @@ class Worker:
             error.type,
             delay,
         )
-        retry = env.next_attempt(error, now_ms() + round(delay * 1000))
+        retry = env.next_attempt(error, eta_after(delay))
         return Republish(retry), Outcome(OutcomeKind.RETRYING, error, delay, duration=duration)
 
     def _count(self, outcome: Outcome) -> None:

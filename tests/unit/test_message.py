@@ -1,5 +1,6 @@
 """The wire contract: what encode writes and what decode accepts or dead-letters."""
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,7 @@ from amqp_jobs.message import (
     check_body,
     dead_message,
     decode,
+    eta_after,
     now_ms,
     replay_message,
 )
@@ -230,3 +232,12 @@ def test_decode_never_raises_anything_but_poison(
         or env.enqueued_at.tzinfo is not None
         or env.enqueued_at <= datetime.now(UTC).replace(tzinfo=None)
     )
+
+
+@given(seconds=st.floats(0.0005, 10.0))
+def test_an_eta_is_never_before_the_instant_it_names(seconds: float) -> None:
+    """ETAs are whole milliseconds, rounded up: waiting for one never ends early."""
+    before = time.time_ns()
+    eta = eta_after(seconds)
+    assert eta * 1_000_000 >= before + round(seconds * 1_000_000_000)
+    assert eta * 1_000_000 <= time.time_ns() + round(seconds * 1_000_000_000) + 1_000_000
