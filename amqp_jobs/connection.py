@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -78,16 +78,37 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
-def _tls_failure(exc: BaseException) -> bool:
-    """A certificate problem, which retrying cannot cure (aiormq wraps it in its own error)."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it: aiormq wraps socket and TLS errors in its own."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
-            seen
-        ):
-            return True
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """A certificate problem, which retrying cannot cure."""
+    return any(
+        isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
+        for e in _chain(exc)
+    )
+
+
+def _why_not_connected(url: str, exc: BaseException) -> str:
+    where, detail = mask_url(url), scrub(describe(exc), url)
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return f"cannot log in to {where}: {detail} (check the user name and password)"
+    if _tls_failure(exc):
+        return (
+            f"TLS certificate verification failed for {where}: {detail} (check the CA:"
+            " ?cafile=... in the URL or ssl_context=, and the server certificate's name)"
+        )
+    if any(isinstance(e, ssl.SSLError) for e in _chain(exc)):
+        return (
+            f"TLS handshake with {where} failed: {detail}"
+            " (is it a TLS port? check the CA file and the server's certificate)"
+        )
+    return f"cannot reach the broker at {where}: {detail}"
 
 
 def log_retries(what: str, url: str) -> Callable[[RetryCallState], None]:
@@ -128,9 +149,7 @@ async def connect(
     """
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT)
-        & retry_if_not_exception_type(
-            (aiormq.exceptions.ProbableAuthenticationError, ssl.SSLCertVerificationError)
-        )
+        & retry_if_not_exception_type(aiormq.exceptions.ProbableAuthenticationError)
         & retry_if_exception(lambda exc: not _tls_failure(exc)),
         wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.2),
         stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
@@ -147,26 +166,8 @@ async def connect(
                     ssl_context=ssl_context,
                 )
                 return connection
-    except aiormq.exceptions.ProbableAuthenticationError as exc:
-        raise BrokerUnavailableError(
-            f"cannot log in to {mask_url(url)}: {scrub(describe(exc), url)}"
-            " (check the user name and password)"
-        ) from None
-    except TRANSIENT as exc:
-        if not _tls_failure(exc):
-            raise BrokerUnavailableError(
-                f"cannot reach the broker at {mask_url(url)}: {scrub(describe(exc), url)}"
-            ) from None
-        raise BrokerUnavailableError(
-            f"TLS certificate verification failed for {mask_url(url)}:"
-            f" {scrub(describe(exc), url)} (check the CA: ?cafile=... in the URL or"
-            " ssl_context=, and the server certificate's name)"
-        ) from None
-    except ssl.SSLError as exc:
-        raise BrokerUnavailableError(
-            f"TLS handshake with {mask_url(url)} failed: {scrub(describe(exc), url)}"
-            " (check the CA file and the server's certificate)"
-        ) from None
+    except TRANSIENT as exc:  # authentication errors included (aiormq's are ConnectionErrors)
+        raise BrokerUnavailableError(_why_not_connected(url, exc)) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 

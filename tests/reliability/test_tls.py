@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from pydantic import BaseModel
@@ -88,3 +89,12 @@ def test_worker_cli_with_a_wrong_ca_prints_one_line_and_exits(tls_broker: TLSNod
     assert result.returncode == 1
     assert "TLS certificate verification failed" in result.stderr
     assert "Traceback" not in result.stderr and SECRET not in result.stderr + result.stdout
+
+
+async def test_amqps_to_a_plain_listener_says_tls_handshake(amqp_url: str) -> None:
+    parts = urlsplit(amqp_url)
+    url = f"amqps://guest:{SECRET}@{parts.hostname}:{parts.port or 5672}/"
+    client = JobClient(url, namespace="tls-plain", retry_for=0.5)
+    with pytest.raises(BrokerUnavailableError, match=r"TLS handshake with .* failed") as info:
+        await client.enqueue(Job("greet", Greeting), {"name": "eve"})
+    assert "is it a TLS port?" in str(info.value) and SECRET not in str(info.value)
