@@ -7,6 +7,7 @@ not when the first job dead-letters.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 import pydantic
+from pydantic_core import PydanticSerializationError
 from tenacity import RetryCallState, Retrying
 from tenacity.wait import wait_base, wait_exponential_jitter, wait_fixed
 
@@ -29,6 +31,12 @@ _NAMESPACE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ATTEMPTS = 10
+#: ETAs further ahead than this are rejected as absurd (about 100 years): by the worker's
+#: decode (message.py re-exports it) and, so that both agree, by publishers and backoffs.
+MAX_ETA_AHEAD_MS = 100 * 366 * 86_400_000
+#: The longest retry delay a backoff may ask for: a second under that bound, so the ETA
+#: computed from it is within the bound whenever the worker reads it.
+MAX_BACKOFF = MAX_ETA_AHEAD_MS / 1000 - 1
 
 
 def check_queue_name(queue: str) -> str:
@@ -51,13 +59,15 @@ def check_namespace(namespace: str) -> str:
 
 
 def seconds(value: float | timedelta, what: str) -> float:
-    """Turn a number of seconds or a timedelta into seconds, refusing negatives."""
+    """Turn a number of seconds or a timedelta into seconds: finite and not negative."""
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ContractError(f"{what} must be seconds or a timedelta, got {value!r}")
     if value < 0:
         raise ContractError(f"{what} must be >= 0, got {value}")
+    if not math.isfinite(value):
+        raise ContractError(f"{what} must be a finite number of seconds, got {value}")
     return float(value)
 
 
@@ -105,9 +115,14 @@ class RetryPolicy:
                 raise ContractError(f"{attr} must be a tuple of exception classes, got {value!r}")
 
     def delay_after(self, attempt: int) -> float:
-        """Seconds to wait before running again, after attempt ``attempt`` (1-based) failed."""
+        """Seconds to wait before running again, after attempt ``attempt`` (1-based) failed.
+
+        Kept within 0..MAX_BACKOFF: a strategy that asks for more (wait_exponential without
+        a max passes 100 years by attempt 32) would give an ETA the worker refuses.
+        """
         assert isinstance(self.backoff, wait_base)
-        return max(0.0, float(self.backoff(_WaitState(attempt))))
+        delay = float(self.backoff(_WaitState(attempt)))
+        return min(delay, MAX_BACKOFF) if delay > 0 else 0.0  # NaN and negatives: 0
 
     def should_retry(self, exc: BaseException) -> bool:
         """Whether this exception is worth another attempt (ignoring the attempt count)."""
@@ -179,8 +194,24 @@ class Job(Generic[ArgsT]):
             raise ArgsValidationError(self.name, _errors(exc)) from None
 
     def encode_args(self, args: ArgsT | Mapping[str, Any]) -> bytes:
-        """Validate and serialise args to the wire body (the model's JSON)."""
-        return self.validate(args).model_dump_json().encode()
+        """Validate and serialise args to the wire body (the model's JSON).
+
+        Raises ArgsValidationError for args that JSON cannot carry: values pydantic cannot
+        serialise, and NaN or infinities, which pydantic would write as null (or, if the
+        model says so, as NaN or "NaN": not JSON numbers either).
+        """
+        model = self.validate(args)
+        try:
+            body = model.model_dump_json()
+        except PydanticSerializationError as exc:
+            raise ArgsValidationError(self.name, [_unserialisable(model, exc)]) from exc
+        # Only a body that holds one of these can carry a non-finite float, so most
+        # bodies are never looked at again.
+        if "null" in body or "NaN" in body or "Infinity" in body:
+            loc = _non_finite(_dumped(model))
+            if loc is not None:
+                raise ArgsValidationError(self.name, [_not_finite(tuple(reversed(loc)))])
+        return body.encode()
 
     def decode_args(self, body: bytes) -> ArgsT:
         """Parse a wire body into the model, or raise ArgsValidationError."""
@@ -199,3 +230,60 @@ def _errors(exc: pydantic.ValidationError) -> list[dict[str, object]]:
         {"loc": tuple(e["loc"]), "msg": e["msg"], "type": e["type"]}
         for e in exc.errors(include_url=False, include_input=False)
     ]
+
+
+def _unserialisable(
+    model: pydantic.BaseModel, exc: PydanticSerializationError
+) -> dict[str, object]:
+    """The error for args pydantic cannot write as JSON, naming the field if one alone fails."""
+    names = [*type(model).model_fields, *(model.__pydantic_extra__ or ())]
+    failing = []
+    for name in names:
+        try:
+            model.model_dump_json(include={name})
+        except Exception:
+            failing.append(name)
+    # every field failing alone means the model's own serialiser fails, not one field
+    loc = (failing[0],) if failing and (len(failing) < len(names) or len(names) == 1) else ()
+    msg = f"cannot be serialised to JSON: {exc}"
+    if "utf-8" in msg.lower():
+        msg += " (bytes are sent as UTF-8 text; base64-encode binary data)"
+    return {"loc": loc, "msg": msg, "type": "serialization_error"}
+
+
+def _dumped(model: pydantic.BaseModel) -> object:
+    """What the model serialises, as Python (the model itself if that fails)."""
+    try:
+        return model.model_dump()
+    except Exception:  # a serialiser that works only for JSON
+        return model
+
+
+def _not_finite(loc: tuple[str | int, ...]) -> dict[str, object]:
+    return {
+        "loc": loc,
+        "msg": "Input should be a finite number (NaN and infinities are not JSON)",
+        "type": "finite_number",
+    }
+
+
+def _non_finite(value: Any) -> list[str | int] | None:
+    """The path, innermost key first, to the first NaN or infinity in ``value`` (what a
+    model dumps to: dicts, lists, tuples, sets and scalars), or None."""
+    items: Any
+    if isinstance(value, float):
+        return None if math.isfinite(value) else []
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple | set | frozenset):
+        if all(type(v) is int or (type(v) is float and math.isfinite(v)) for v in value):
+            return None
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        path = _non_finite(item)
+        if path is not None:
+            path.append(key if isinstance(key, str | int) else str(key))
+            return path
+    return None

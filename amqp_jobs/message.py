@@ -7,17 +7,23 @@ dead-letter reason, never anything else.
 
 from __future__ import annotations
 
+import calendar
+import math
 import os
 import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
 
 import aio_pika
 import aiormq
+
+from amqp_jobs.contract import MAX_ETA_AHEAD_MS as MAX_ETA_AHEAD_MS
+from amqp_jobs.errors import ContractError
 
 PROTOCOL_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -42,8 +48,20 @@ DEFAULT_MAX_BODY = 1024 * 1024
 MAX_ATTEMPT = 1_000_000
 #: ETAs before 2000-01-01 are rejected: most likely seconds sent where milliseconds belong.
 MIN_ETA_MS = 946_684_800_000
-#: ETAs further ahead than this are rejected as absurd (about 100 years).
-MAX_ETA_AHEAD_MS = 100 * 366 * 86_400_000
+# MAX_ETA_AHEAD_MS (imported above): later ETAs are rejected as absurd (about 100 years).
+
+#: A parked or moved copy of a message that arrived without a message_id gets an id of
+#: this prefix and 16 random hex digits: aiormq would otherwise invent a uuid that looks
+#: like a real job id (publishes need distinct ids: aiormq matches returns by them).
+#: Publishers may not use job ids of this prefix.
+NO_ID_PREFIX = "no-id:"
+
+#: User headers may take this many bytes encoded: a message's properties must fit in one
+#: frame (128 KiB by default), next to our headers and a retry's error headers (up to 37
+#: KiB). A larger frame makes the broker close the connection.
+MAX_USER_HEADERS_BYTES = 64 * 1024
+#: Nesting of lists and tables in a header value (deeper is refused, as is a cycle).
+MAX_HEADER_DEPTH = 32
 
 
 class DeadReason(StrEnum):
@@ -110,18 +128,45 @@ class ErrorInfo:
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
-        kind = type(exc)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else _qualname(kind)
-        message = _bounded(str(exc), MAX_ERROR_MESSAGE)
+        """The error headers' view of ``exc``; never raises, whatever ``exc`` does.
+
+        An exception whose ``__str__`` fails gets ``<unprintable Name: __str__ raised E>``;
+        text that UTF-8 cannot encode (lone surrogates) is escaped, as headers need.
+        """
+        name = _type_name(exc)
+        try:
+            text = str(exc)
+            # a str subclass may override anything; the exact str is what headers carry
+            message = text if type(text) is str else str.__str__(text)
+        except Exception as why:
+            message = f"<unprintable {name}: __str__ raised {_type_name(why)}>"
+        message = _bounded(_encodable(message), MAX_ERROR_MESSAGE)
         last = f"{name}: {message}\n" if message else f"{name}\n"
-        frames = "Traceback (most recent call last):\n" + "".join(
-            traceback.format_tb(exc.__traceback__)
-        )
+        try:
+            frames = "Traceback (most recent call last):\n" + _encodable(
+                "".join(traceback.format_tb(exc.__traceback__))
+            )
+        except Exception as why:
+            frames = f"<traceback unavailable: formatting it raised {_type_name(why)}>\n"
         return cls(name, message, _tail(frames, MAX_TRACEBACK - len(last)) + last)
 
 
-def _qualname(kind: type) -> str:
-    return f"{kind.__module__}.{kind.__qualname__}"
+def _type_name(exc: BaseException) -> str:
+    """``Name`` for builtins, ``module.Qual.Name`` otherwise; never raises."""
+    kind = type(exc)
+    try:
+        module, qualname = kind.__module__, kind.__qualname__
+        name = qualname if module == "builtins" else f"{module}.{qualname}"
+        return _encodable(name) if type(name) is str else "<unnamed exception>"
+    except Exception:
+        return "<unnamed exception>"
+
+
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates escaped, so that UTF-8 (and so pamqp) can encode it."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _bounded(text: str, limit: int) -> str:
@@ -242,6 +287,159 @@ def _is_broker_header(name: str) -> bool:
     return name.startswith("x-")
 
 
+def check_headers(headers: Mapping[str, Any]) -> None:
+    """Refuse, with a ContractError naming the header, what a publish could not carry.
+
+    Names are non-empty strings of at most 128 bytes (pamqp would cut longer ones),
+    not ``x-`` (the broker's) nor ``job-`` (the contract's, set by amqp-jobs). Values are
+    what pamqp encodes into an AMQP table and RabbitMQ accepts: None, bool, int (signed
+    64-bit), float (finite; sent as 32-bit), str, Decimal (scale 0..255, 32-bit
+    mantissa), datetime (1970 or later; whole seconds), bytearray, and lists and dicts
+    (str keys) of these. Not bytes or tuples: pamqp refuses them. Together at most
+    MAX_USER_HEADERS_BYTES encoded.
+    """
+    if type(headers) is not dict and not isinstance(headers, Mapping):
+        raise ContractError(f"headers must be a mapping of names to values, got {headers!r}")
+    size = 0
+    # the common cases inline: this runs on every enqueue that passes headers
+    for name, value in headers.items():
+        if (
+            type(name) is str
+            and 0 < len(name) <= 128
+            and name.isascii()
+            and not name.startswith(_RESERVED_PREFIXES)
+        ):
+            size += 1 + len(name)
+        else:
+            size += _header_name_size(name)
+        kind = type(value)
+        if kind is str and value.isascii():
+            size += 5 + len(value)
+        elif kind is int and -(2**63) <= value < 2**63:
+            size += 9
+        else:
+            size += _value_size(value, name, 0)
+    if size > MAX_USER_HEADERS_BYTES:
+        raise ContractError(
+            f"headers take {size} bytes encoded; at most {MAX_USER_HEADERS_BYTES} fit"
+            " (MAX_USER_HEADERS_BYTES): put large data in the args"
+        )
+
+
+_RESERVED_PREFIXES = ("x-", "job-")
+
+
+def _header_name_size(name: object) -> int:
+    size = _name_size(name, "header")
+    assert isinstance(name, str)
+    if name.startswith("x-"):
+        raise ContractError(f"header {name!r}: names starting with x- belong to the broker")
+    if name.startswith("job-"):
+        raise ContractError(
+            f"header {name!r}: names starting with job- belong to the job contract"
+            " (amqp-jobs sets them)"
+        )
+    return size
+
+
+def _name_size(name: object, what: str) -> int:
+    if type(name) is not str or not name:
+        raise ContractError(f"{what} names must be non-empty strings, got {name!r}")
+    size = len(name) if name.isascii() else _utf8_size(name, f"{what} name {name!r}")
+    if size > 128:
+        raise ContractError(f"{what} name {name[:40]!r}…: at most 128 bytes of UTF-8")
+    return 1 + size
+
+
+def _utf8_size(text: str, where: str) -> int:
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        raise ContractError(f"{where}: text UTF-8 cannot encode (a lone surrogate)") from None
+
+
+def _value_size(value: object, where: str, depth: int) -> int:
+    """The encoded size of one table value (an upper bound), or ContractError if pamqp or
+    the broker would refuse it."""
+    if value is None:
+        return 1
+    if isinstance(value, bool):
+        return 2
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ContractError(f"header {where!r}: {value} does not fit a signed 64-bit int")
+        return 9
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ContractError(f"header {where!r}: {value} is not finite (RabbitMQ refuses it)")
+        if abs(value) > _FLOAT32_MAX:
+            raise ContractError(f"header {where!r}: {value} does not fit a 32-bit float")
+        return 5
+    if isinstance(value, str):
+        return 5 + _utf8_size(value, f"header {where!r}")
+    if isinstance(value, Decimal):
+        _check_decimal(value, where)
+        return 6
+    if isinstance(value, datetime):
+        _check_timestamp(value, where)
+        return 9
+    if isinstance(value, time.struct_time):
+        if calendar.timegm(value) < 0:
+            raise ContractError(f"header {where!r}: timestamps before 1970 cannot be sent")
+        return 9
+    if isinstance(value, bytearray):
+        return 5 + len(value)
+    if isinstance(value, list | dict):
+        if depth >= MAX_HEADER_DEPTH:
+            raise ContractError(
+                f"header {where!r}: nested more than {MAX_HEADER_DEPTH} deep (or contains itself)"
+            )
+        if isinstance(value, list):
+            return 5 + sum(
+                _value_size(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)
+            )
+        return 5 + sum(
+            _name_size(key, f"header {where!r} table")
+            + _value_size(item, f"{where}.{key}", depth + 1)
+            for key, item in value.items()
+        )
+    hint = ": use bytearray" if isinstance(value, bytes) else ""
+    hint = ": use a list" if isinstance(value, tuple) else hint
+    raise ContractError(
+        f"header {where!r}: an AMQP table cannot carry {type(value).__name__}{hint}"
+        " (None, bool, int, float, str, Decimal, datetime, bytearray, list and dict can)"
+    )
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_decimal(value: Decimal, where: str) -> None:
+    """What pamqp's decimal encoder accepts: finite, scale 0..255, 32-bit mantissa."""
+    _, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):
+        raise ContractError(f"header {where!r}: Decimal {value} is not finite")
+    scale = max(0, -exponent)
+    if scale > 255:
+        raise ContractError(f"header {where!r}: Decimal {value} has more than 255 decimals")
+    # a mantissa of more than 10 digits cannot fit; checked before 1E+999999999 is expanded
+    fits = len(digits) + max(0, exponent) <= 10
+    if not fits or not -(2**31) <= int(value.scaleb(scale)) < 2**31:
+        raise ContractError(f"header {where!r}: Decimal {value} needs more than 32 bits of digits")
+
+
+def _check_timestamp(value: datetime, where: str) -> None:
+    """pamqp sends whole seconds since 1970 as unsigned 64-bit (naive means UTC)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        value = value.replace(tzinfo=UTC)
+    try:
+        seconds = value.timestamp()
+    except (OverflowError, ValueError, OSError):
+        seconds = -1.0
+    if seconds < 0:
+        raise ContractError(f"header {where!r}: timestamps before 1970 cannot be sent")
+
+
 def dead_message(
     raw: RawMessage, reason: DeadReason, error: ErrorInfo, queue: str
 ) -> aio_pika.Message:
@@ -277,12 +475,16 @@ def _own_headers(raw: RawMessage) -> dict[str, Any]:
 
 
 def _copy(raw: RawMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """A persistent copy of a delivery's body and properties with new headers."""
+    """A persistent copy of a delivery's body and properties with new headers.
+
+    A delivery without a message_id gets a marked one (NO_ID_PREFIX), never a real-looking
+    one: aiormq invents a uuid for every publish without an id.
+    """
     return aio_pika.Message(
         body=raw.body,
         content_type=raw.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=raw.message_id,
+        message_id=raw.message_id or NO_ID_PREFIX + os.urandom(8).hex(),
         type=raw.type,
         timestamp=raw.timestamp,
         headers=headers,

@@ -1,17 +1,19 @@
 """Poison input lands in the dead-letter queue with a reason; the worker keeps serving."""
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import pika
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict
 
 from amqp_jobs import Job
-from amqp_jobs.message import MIN_ETA_MS
+from amqp_jobs.message import MIN_ETA_MS, NO_ID_PREFIX
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import dead_queue, jobs_exchange, work_queue
 from tests.support import channel, drain
@@ -155,3 +157,56 @@ async def test_no_generated_message_escapes_the_worker(
     assert all(m.headers.get("job-dead-reason") or m.headers.get("x-death") for m in dead)
     escaped = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not escaped, [r.getMessage() for r in escaped]
+
+
+def pika_publish_without_id(url: str, exchange: str, messages: list[dict[str, Any]]) -> None:
+    """pika sends what it is given; aio-pika's aiormq would invent a message_id."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = connection.channel()
+        ch.confirm_delivery()
+        for props in messages:
+            ch.basic_publish(
+                exchange=exchange,
+                routing_key="t.strict",
+                body=b'{"n": 5}',
+                properties=pika.BasicProperties(delivery_mode=2, **props),
+                mandatory=True,
+            )
+    finally:
+        connection.close()
+
+
+async def test_a_message_without_an_id_is_parked_without_a_real_looking_one(
+    namespace: Namespace,
+) -> None:
+    """It used to be parked under the random uuid aiormq gives every publish without a
+    message_id, indistinguishable from a real job id."""
+    app = namespace.app()
+    job = Job("t.strict", Strict, queue="noid")
+    app.add_handler(job, lambda args: None)
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 0})  # declares queue and binding
+    await asyncio.get_running_loop().run_in_executor(
+        None,
+        pika_publish_without_id,
+        namespace.url,
+        jobs_exchange(namespace.name),
+        [
+            {"content_type": "application/json", "type": "t.strict"},
+            {"content_type": "application/json", "type": "t.strict"},
+            {"content_type": "text/plain", "type": "t.strict"},
+        ],
+    )
+    stats = await run_until_idle(namespace.worker(app))
+    assert stats.succeeded == 1
+    assert stats.dead == 3
+    dead = await drain(namespace.url, dead_queue(namespace.name, "noid"), 3)
+    assert sorted(m.headers["job-dead-reason"] for m in dead) == [
+        "invalid-headers",
+        "invalid-headers",
+        "wrong-content-type",
+    ]
+    ids = [m.message_id for m in dead]
+    assert all(i is None or i.startswith(NO_ID_PREFIX) for i in ids), ids
+    assert len(set(ids)) == 3, "marked ids still differ (aiormq matches returns by id)"

@@ -20,6 +20,7 @@ from amqp_jobs.message import (
     H_PROTOCOL,
     H_QUEUE,
     MAX_TRACEBACK,
+    NO_ID_PREFIX,
     DeadReason,
     Envelope,
     ErrorInfo,
@@ -241,3 +242,100 @@ def test_an_eta_is_never_before_the_instant_it_names(seconds: float) -> None:
     eta = eta_after(seconds)
     assert eta * 1_000_000 >= before + round(seconds * 1_000_000_000)
     assert eta * 1_000_000 <= time.time_ns() + round(seconds * 1_000_000_000) + 1_000_000
+
+
+# --- error info never raises (issue 9, item 7) ---------------------------------------------
+
+
+class StrRaises(ValueError):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+class StrReturnsInt(ValueError):
+    def __str__(self) -> str:
+        return 42  # type: ignore[return-value]
+
+
+class StrReturnsSubclass(ValueError):
+    class Text(str):
+        def __len__(self) -> int:
+            raise RuntimeError("weird str")
+
+    def __str__(self) -> str:
+        return self.Text("odd")
+
+
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        (StrRaises(), "<unprintable {type}: __str__ raised RuntimeError>"),
+        (StrReturnsInt(), "<unprintable {type}: __str__ raised TypeError>"),
+        (StrReturnsSubclass(), "odd"),
+        (ValueError("caf\udce9 ok"), "caf\\udce9 ok"),
+    ],
+)
+def test_error_info_from_an_unprintable_exception(exc: BaseException, message: str) -> None:
+    """A handler's odd exception still gives a type and a message that headers can carry."""
+    try:
+        raise exc
+    except Exception as caught:
+        info = ErrorInfo.from_exception(caught)
+    kind = type(exc)
+    assert info.type == (
+        kind.__qualname__ if kind is ValueError else f"{__name__}.{kind.__qualname__}"
+    )
+    assert message.format(type=info.type) in info.message
+    assert type(info.message) is str
+    assert "Traceback (most recent call last)" in info.traceback
+    assert info.traceback.endswith(f"{info.type}: {info.message}\n")
+    for text in (info.type, info.message, info.traceback):
+        text.encode("utf-8")  # no lone surrogates: pamqp would raise at publish time
+
+
+def test_error_info_when_the_traceback_cannot_be_formatted() -> None:
+    """linecache lets a module loader's get_source error through format_tb."""
+
+    class Loader:
+        def get_source(self, name: str) -> str:
+            raise RuntimeError("no source")
+
+    scope: dict[str, Any] = {"__name__": "vanished_module", "__loader__": Loader()}
+    code = "def boom():\n    raise ValueError('broken')\n"
+    exec(compile(code, "/nonexistent/vanished_module.py", "exec"), scope)
+    raised = None
+    try:
+        scope["boom"]()
+    except ValueError as exc:
+        try:
+            info = ErrorInfo.from_exception(exc)
+        except Exception as error:
+            raised = repr(error)  # not re-raised: pytest's report would trip on that frame too
+    assert raised is None, f"from_exception raised {raised}"
+    assert info.type == "ValueError"
+    assert info.message == "broken"
+    assert "RuntimeError" in info.traceback
+    assert info.traceback.endswith("ValueError: broken\n")
+
+
+# --- parked copies of messages that arrived without an id (issue 9, item 5) ----------------
+
+
+def test_a_message_without_an_id_is_parked_under_a_marked_one() -> None:
+    """aiormq gives every publish without message_id a random uuid; a parked copy must not
+    look like a real job id, and two of them must still differ (aiormq matches returns to
+    publishes by message_id)."""
+    copies = [
+        dead_message(
+            make(message_id=None), DeadReason.INVALID_HEADERS, ErrorInfo("E", "no id"), "q"
+        )  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    ids = [c.message_id for c in copies]
+    assert all(i is not None and i.startswith(NO_ID_PREFIX) for i in ids)
+    assert ids[0] != ids[1]
+    assert dead_message(
+        make(message_id=""), DeadReason.INVALID_HEADERS, ErrorInfo("E", "no id"), "q"
+    ).message_id.startswith(NO_ID_PREFIX)  # type: ignore[arg-type, union-attr]
+    kept = dead_message(make(), DeadReason.INVALID_HEADERS, ErrorInfo("E", "x"), "q")  # type: ignore[arg-type]
+    assert kept.message_id == "id-1"
