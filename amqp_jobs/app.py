@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from amqp_jobs.connection import DEFAULT_URL
 from amqp_jobs.contract import Job, check_namespace
 from amqp_jobs.registry import Handler, JobHooks, Registry
 from amqp_jobs.topology import TopologySettings
+from amqp_jobs.urls import BrokerURLs
 from amqp_jobs.worker import Worker
 
 F = TypeVar("F", bound=Handler)
@@ -59,13 +58,13 @@ class JobApp:
     def queues(self) -> list[str]:
         return sorted(self.registry.queues)
 
-    def worker(self, url: str | None = None, **options: Any) -> Worker:
+    def worker(self, url: str | Sequence[str] | BrokerURLs | None = None, **options: Any) -> Worker:
         """A Worker for this app; options as Worker's (queues, concurrency, grace, ...)."""
         options.setdefault("hooks", self.hooks)
         options.setdefault("settings", self.settings)
         options.setdefault("namespace", self.namespace)
         return Worker(
             self.registry,
-            url=url or os.environ.get("AMQP_URL") or DEFAULT_URL,
+            url=url,
             **options,
         )

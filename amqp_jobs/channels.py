@@ -57,12 +57,19 @@ class Delivery:
         "delivery_tag",
         "headers",
         "message_id",
+        "queue_name",
+        "received",
         "redelivered",
         "timestamp",
         "type",
     )
 
-    def __init__(self, message: aiormq.abc.DeliveredMessage) -> None:
+    def __init__(
+        self, message: aiormq.abc.DeliveredMessage, queue_name: str, received: float
+    ) -> None:
+        #: the queue it was consumed from, and the loop time it arrived
+        self.queue_name = queue_name
+        self.received = received
         properties = message.header.properties
         self.channel: aiormq.abc.AbstractChannel = message.channel
         self.body: bytes = message.body
@@ -75,6 +82,12 @@ class Delivery:
         assert isinstance(delivery, aiormq.spec.Basic.Deliver)
         self.delivery_tag: int = delivery.delivery_tag or 0
         self.redelivered: bool = bool(delivery.redelivered)
+
+    @property
+    def delivery_count(self) -> int:
+        """Times a quorum queue handed this message out before, unsettled (0 if unknown)."""
+        count = self.headers.get("x-delivery-count")
+        return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
     async def ack(self) -> None:
         await self.channel.basic_ack(self.delivery_tag)

@@ -18,11 +18,16 @@ from typing import Any
 
 from amqp_jobs import commands
 from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when
-from amqp_jobs.connection import DEFAULT_URL, mask_url
-from amqp_jobs.errors import AmqpJobsError
+from amqp_jobs.errors import AmqpJobsError, ContractError
+from amqp_jobs.urls import DEFAULT_URL, resolve
 from amqp_jobs.worker import BROKER_CONSUMER_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_GRACE, Worker
 
 log = logging.getLogger("amqp_jobs.cli")
+
+URL_HELP = (
+    f"broker URL (default: $AMQP_URL, else {DEFAULT_URL}); amqps:// for TLS. For a cluster,"
+    " repeat --url once per node (in $AMQP_URL: separate URLs by commas or spaces)"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -84,11 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_GRACE,
         help=f"seconds in-flight jobs get to finish on shutdown (default {DEFAULT_GRACE:.0f})",
     )
-    worker.add_argument(
-        "--url",
-        default=None,
-        help=f"broker URL (default: $AMQP_URL, else {DEFAULT_URL}); amqps:// for TLS",
-    )
+    worker.add_argument("--url", default=None, action="append", metavar="URL", help=URL_HELP)
     worker.add_argument(
         "--namespace",
         default=None,
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds to keep trying the first connection before giving up (default 30)",
     )
+
     worker.add_argument(
         "--log-level",
         default=os.environ.get("AMQP_JOBS_LOG_LEVEL", "INFO"),
@@ -118,11 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(p: argparse.ArgumentParser, *, app: bool = True, json_out: bool = True) -> None:
-    p.add_argument(
-        "--url",
-        default=None,
-        help=f"broker URL (default: $AMQP_URL, else {DEFAULT_URL}); amqps:// for TLS",
-    )
+    p.add_argument("--url", default=None, action="append", metavar="URL", help=URL_HELP)
     p.add_argument(
         "--namespace",
         default=None,
@@ -356,7 +354,10 @@ def run_worker_command(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     app = load_app(args.app)
-    url = args.url or os.environ.get("AMQP_URL") or DEFAULT_URL
+    try:
+        urls = resolve(args.url)
+    except ContractError as exc:
+        raise UsageError(str(exc)) from None
     options: dict[str, object] = {
         "queues": args.queues,
         "concurrency": args.concurrency,
@@ -367,8 +368,8 @@ def run_worker_command(args: argparse.Namespace) -> int:
     }
     if args.namespace:
         options["namespace"] = args.namespace
-    worker = app.worker(url, **options)
-    log.info("starting worker for %s on %s", args.app, mask_url(url))
+    worker = app.worker(urls, **options)
+    log.info("starting worker for %s on %s", args.app, urls)
     asyncio.run(_serve(worker))
     _exit_if_threads_linger()
     return 0

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from amqp_jobs.connection import DEFAULT_URL
 from amqp_jobs.contract import ArgsT, Job, check_namespace
 from amqp_jobs.errors import ContractError, PublishError
 from amqp_jobs.link import Link
-from amqp_jobs.message import Envelope, eta_after, now_ms
+from amqp_jobs.message import (
+    MAX_ETA_AHEAD_MS,
+    NO_ID_PREFIX,
+    Envelope,
+    check_headers,
+    eta_after,
+    now_ms,
+)
 from amqp_jobs.topology import TopologySettings
+from amqp_jobs.urls import BrokerURLs, resolve
 
 #: Publishes in flight at once in enqueue_many (confirms are pipelined within it).
 BATCH_WINDOW = 2000
@@ -42,8 +48,24 @@ class BatchPublishError(PublishError):
         )
 
 
+#: The longest delay: 1 ms under the bound the worker's decode applies to ETAs, which
+#: covers eta_after's rounding up, so the worker always accepts the ETA it gets.
+MAX_DELAY = (MAX_ETA_AHEAD_MS - 1) / 1000
+
+
+def _too_far(what: str) -> ContractError:
+    return ContractError(
+        f"{what} is too far ahead: at most {MAX_ETA_AHEAD_MS} ms (about 100 years) from now,"
+        " the bound workers accept (MAX_ETA_AHEAD_MS)"
+    )
+
+
 def resolve_eta(delay: timedelta | float | None, run_at: datetime | None) -> int | None:
-    """Absolute ETA in epoch milliseconds, or None to run now."""
+    """Absolute ETA in epoch milliseconds, or None to run now.
+
+    Raises ContractError for a NaN or infinite delay, and for an ETA further ahead than
+    workers accept (MAX_ETA_AHEAD_MS), which they would park as invalid-headers.
+    """
     if delay is not None and run_at is not None:
         raise ContractError("pass either delay= or run_at=, not both")
     if delay is not None:
@@ -51,17 +73,53 @@ def resolve_eta(delay: timedelta | float | None, run_at: datetime | None) -> int
             delay = delay.total_seconds()
         if isinstance(delay, bool) or not isinstance(delay, int | float):
             raise ContractError(f"delay must be a timedelta or seconds, got {delay!r}")
+        if delay != delay:
+            raise ContractError(f"delay must be a number of seconds, got {delay}")
         if delay < 0:
             raise ContractError(f"delay must not be negative, got {delay}")
+        if delay > MAX_DELAY:  # inf included; checked before eta_after would overflow
+            raise _too_far(f"delay={delay!r} s")
         return eta_after(delay) if delay > 0 else None
     if run_at is not None:
         if not isinstance(run_at, datetime):
             raise ContractError(f"run_at must be a datetime, got {run_at!r}")
         if run_at.tzinfo is None or run_at.utcoffset() is None:
             raise ContractError("run_at must be timezone-aware (e.g. datetime.now(UTC))")
-        eta = math.ceil(run_at.timestamp() * 1000)
-        return eta if eta > now_ms() else None
+        try:
+            eta = math.ceil(run_at.timestamp() * 1000)
+        except (OverflowError, ValueError, OSError) as exc:
+            raise ContractError(f"run_at={run_at!r} is out of range: {exc}") from None
+        now = now_ms()
+        if eta > now + MAX_ETA_AHEAD_MS:  # what the worker's decode checks, a bit later
+            raise _too_far(f"run_at={run_at.isoformat()}")
+        return eta if eta > now else None
     return None
+
+
+def _check_job_id(job_id: str) -> None:
+    """At most 200 characters and 255 bytes of UTF-8 (an AMQP short string)."""
+    if (
+        not isinstance(job_id, str)
+        or not job_id
+        or len(job_id) > 200
+        or not (job_id.isascii() or _utf8_len(job_id) <= 255)
+    ):
+        raise ContractError(
+            "job_id must be a non-empty string of at most 200 chars and 255 bytes of UTF-8:"
+            f" {job_id!r}"
+        )
+    if job_id.startswith(NO_ID_PREFIX):
+        raise ContractError(
+            f"job_id {job_id!r}: ids starting with {NO_ID_PREFIX!r} mark parked messages"
+            " that arrived without one"
+        )
+
+
+def _utf8_len(text: str) -> int:
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:  # a lone surrogate: pamqp could not send it
+        return 256
 
 
 class JobClient:
@@ -74,7 +132,7 @@ class JobClient:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | BrokerURLs | None = None,
         *,
         namespace: str,
         settings: TopologySettings | None = None,
@@ -86,12 +144,13 @@ class JobClient:
     ) -> None:
         if retry_for < 0 or confirm_timeout <= 0:
             raise ContractError("retry_for must be >= 0 and confirm_timeout > 0")
-        self.url = url or os.environ.get("AMQP_URL") or DEFAULT_URL
+        #: the broker's URLs (several for a cluster): given, else $AMQP_URL, else local
+        self.urls = resolve(url)
         self.namespace = check_namespace(namespace)
         self.settings = settings or TopologySettings()
         self.retry_for = retry_for
         self._link = Link(
-            self.url,
+            self.urls,
             self.namespace,
             self.settings,
             name=name,
@@ -139,10 +198,10 @@ class JobClient:
         """Validate and encode one job without sending it."""
         if not isinstance(job, Job):
             raise ContractError(f"expected a Job contract, got {job!r}")
-        if job_id is not None and (not isinstance(job_id, str) or not job_id or len(job_id) > 200):
-            raise ContractError(
-                f"job_id must be a non-empty string of at most 200 chars: {job_id!r}"
-            )
+        if job_id is not None:
+            _check_job_id(job_id)
+        if headers:
+            check_headers(headers)
         return Envelope.new(
             job.name,
             job.encode_args(args),

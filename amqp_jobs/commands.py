@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractConnection
 from amqp_jobs import ops, schemas
 from amqp_jobs.app import JobApp
 from amqp_jobs.client import JobClient, resolve_eta
-from amqp_jobs.connection import DEFAULT_URL, connect, mask_url
+from amqp_jobs.connection import connect
 from amqp_jobs.contract import Job, check_namespace, check_queue_name
 from amqp_jobs.errors import ContractError
 from amqp_jobs.link import Link
@@ -46,6 +46,7 @@ from amqp_jobs.topology import (
     work_queue,
     work_queue_arguments,
 )
+from amqp_jobs.urls import resolve
 
 T = TypeVar("T")
 
@@ -119,7 +120,10 @@ class Context:
     """What every operations command needs: URL, namespace, settings, the app if any."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.url: str = args.url or os.environ.get("AMQP_URL") or DEFAULT_URL
+        try:
+            self.urls = resolve(getattr(args, "url", None))
+        except ContractError as exc:
+            raise UsageError(str(exc)) from None
         self.app = load_app(args.app) if getattr(args, "app", None) else None
         namespace = (
             args.namespace
@@ -150,7 +154,7 @@ class Context:
     def run(self, body: Callable[[AbstractConnection], Awaitable[T]]) -> T:
         async def main() -> T:
             connection = await connect(
-                self.url, name="amqp-jobs cli", give_up_after=self.connect_timeout
+                self.urls, name="amqp-jobs cli", give_up_after=self.connect_timeout
             )
             try:
                 return await body(connection)
@@ -179,7 +183,7 @@ def emit(ctx: Context, data: Any, text: str) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     ctx = Context(args)
     management_url = args.management_url or os.environ.get("AMQP_MANAGEMENT_URL")
-    management = ops.Management(management_url, ctx.url) if management_url else None
+    management = ops.Management(management_url, ctx.urls.first) if management_url else None
     queues = ctx.queues(args.queues)
     if not queues and management:
         queues = management.work_queues(ctx.namespace)
@@ -196,7 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     text += f"\n\ndelay cascade: {result.delayed} waiting   unroutable: {result.unroutable}"
     if management is None:
         text += "\n(unacked needs the management API: --management-url http://host:15672)"
-    emit(ctx, result.to_json(), f"namespace {ctx.namespace} on {mask_url(ctx.url)}\n\n{text}")
+    emit(ctx, result.to_json(), f"namespace {ctx.namespace} on {ctx.urls}\n\n{text}")
     return 0
 
 
@@ -347,7 +351,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
     async def send(_: AbstractConnection) -> None:
         async with JobClient(
-            ctx.url, namespace=ctx.namespace, settings=ctx.settings, retry_for=ctx.connect_timeout
+            ctx.urls, namespace=ctx.namespace, settings=ctx.settings, retry_for=ctx.connect_timeout
         ) as client:
             await client.send(envelope, queue)
 
@@ -464,7 +468,7 @@ def cmd_topology_declare(args: argparse.Namespace) -> int:
     plan = _queue_jobs(ctx, args.queues, args.jobs)
 
     async def declare(_: AbstractConnection) -> None:
-        link = Link(ctx.url, ctx.namespace, ctx.settings, name="amqp-jobs cli (declare)")
+        link = Link(ctx.urls, ctx.namespace, ctx.settings, name="amqp-jobs cli (declare)")
         await link.open()
         try:
             for queue, jobs in sorted(plan.items()):
@@ -521,7 +525,7 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
     app = _app_required(ctx)
     from urllib.parse import unquote, urlsplit
 
-    parts = urlsplit(ctx.url)
+    parts = urlsplit(ctx.urls.first)
     server = f"{parts.hostname}:{parts.port or 5672}" if parts.hostname else None
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
     doc = schemas.asyncapi(app.jobs, ctx.namespace, ctx.settings, server=server, vhost=vhost)

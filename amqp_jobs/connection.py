@@ -6,11 +6,13 @@ Every URL that reaches a log line or an exception passes through ``mask_url``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import math
 import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -20,7 +22,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     retry_if_exception_type,
-    retry_if_not_exception_type,
     stop_after_delay,
     stop_never,
     wait_exponential,
@@ -30,15 +31,27 @@ from tenacity import (
 from amqp_jobs.channels import open_channel
 from amqp_jobs.errors import (
     BrokerUnavailableError,
+    ContractError,
     PublishError,
     PublishRefusedError,
     PublishTimeoutError,
     UnroutableError,
 )
+from amqp_jobs.urls import DEFAULT_URL, BrokerURLs, mask_url, resolve
+
+__all__ = [
+    "DEFAULT_URL",
+    "TRANSIENT",
+    "Publisher",
+    "bounded",
+    "connect",
+    "deadline",
+    "describe",
+    "mask_url",
+    "scrub",
+]
 
 log = logging.getLogger("amqp_jobs.connection")
-
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 #: Errors after which trying again on a new connection may succeed.
 TRANSIENT = (
@@ -48,32 +61,27 @@ TRANSIENT = (
     OSError,
     asyncio.TimeoutError,
 )
+#: Seconds one connection attempt to one broker node may take.
+CONNECT_ATTEMPT_TIMEOUT = 10.0
+
+#: The loop time by which the publishing operation under way must end (set by
+#: ``Link.retrying``). Every step that waits on the broker (declaring, opening a channel,
+#: the confirm) is bounded by it, so no call outlives its documented bound whatever the
+#: broker does: during a resource alarm the broker stops reading a publisher's socket.
+deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "amqp_jobs_deadline", default=None
+)
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``; safe to print."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def bounded() -> asyncio.Timeout:
+    """A timeout at the current operation's deadline (none outside an operation)."""
+    return asyncio.timeout_at(deadline.get())
 
 
-def scrub(text: str, url: str) -> str:
-    """``text`` with the URL's password (and the URL itself) masked out."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    text = text.replace(url, mask_url(url))
-    if password:
+def scrub(text: str, urls: BrokerURLs | str) -> str:
+    """``text`` with every URL's password masked, wherever it appears."""
+    text = mask_url(text)
+    for password in resolve(urls).passwords():
         text = text.replace(password, "***")
     return text
 
@@ -94,8 +102,29 @@ def _tls_failure(exc: BaseException) -> bool:
     )
 
 
-def _why_not_connected(url: str, exc: BaseException) -> str:
-    where, detail = mask_url(url), scrub(describe(exc), url)
+def _refused_open(exc: BaseException) -> bool:
+    """The broker closed the connection in the handshake's last step (opening the vhost);
+    aiormq reports it only as an unexpected Connection.Close frame."""
+    return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)
+
+
+def _permanent(exc: BaseException) -> bool:
+    """A connect failure that trying again (or another node) cannot cure."""
+    return (
+        isinstance(exc, aiormq.exceptions.ProbableAuthenticationError)
+        or _tls_failure(exc)
+        or _refused_open(exc)
+    )
+
+
+def _why_not_connected(url: str, exc: BaseException, brokers: BrokerURLs | None = None) -> str:
+    where, detail = mask_url(url), scrub(describe(exc), brokers or url)
+    if _refused_open(exc):
+        vhost = unquote(urlsplit(url).path[1:]) or "/"
+        return (
+            f"the broker at {where} refused to open vhost {vhost!r} (does it exist, and may"
+            " this user use it? `rabbitmqctl list_vhosts`, `list_user_permissions`)"
+        )
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return f"cannot log in to {where}: {detail} (check the user name and password)"
     if _tls_failure(exc):
@@ -108,10 +137,10 @@ def _why_not_connected(url: str, exc: BaseException) -> str:
             f"TLS handshake with {where} failed: {detail}"
             " (is it a TLS port? check the CA file and the server's certificate)"
         )
-    return f"cannot reach the broker at {where}: {detail}"
+    return f"cannot reach the broker at {brokers or where}: {detail}"
 
 
-def log_retries(what: str, url: str) -> Callable[[RetryCallState], None]:
+def log_retries(what: str, url: BrokerURLs | str) -> Callable[[RetryCallState], None]:
     """A tenacity ``before_sleep`` that logs each failed attempt, credentials masked."""
 
     def before_sleep(state: RetryCallState) -> None:
@@ -119,7 +148,7 @@ def log_retries(what: str, url: str) -> Callable[[RetryCallState], None]:
         log.warning(
             "%s %s failed (attempt %d): %s; retrying in %.2fs",
             what,
-            mask_url(url),
+            url if isinstance(url, BrokerURLs) else mask_url(url),
             state.attempt_number,
             scrub(describe(exc), url),
             state.upcoming_sleep,
@@ -136,38 +165,47 @@ def describe(exc: BaseException | None) -> str:
 
 
 async def connect(
-    url: str,
+    urls: BrokerURLs | str,
     *,
     name: str,
     give_up_after: float | None = 30.0,
     ssl_context: ssl.SSLContext | None = None,
 ) -> AbstractConnection:
-    """Open a connection, retrying with capped exponential backoff.
+    """Open a connection to one of the URLs, retrying with capped exponential backoff.
 
-    ``give_up_after`` seconds (None: never) then BrokerUnavailableError with the reason.
-    Authentication and TLS verification failures are not retried: they will not heal.
+    Each attempt takes the next URL of a shuffled walk, so a dead cluster node costs one
+    refused attempt. ``give_up_after`` seconds (None: never) then BrokerUnavailableError
+    with the reason. Authentication, TLS verification and vhost failures are not retried:
+    they will not heal.
     """
+    brokers = resolve(urls)
+    walk = brokers.walk()
+    tried = brokers.first
     retrying = AsyncRetrying(
-        retry=retry_if_exception_type(TRANSIENT)
-        & retry_if_not_exception_type(aiormq.exceptions.ProbableAuthenticationError)
-        & retry_if_exception(lambda exc: not _tls_failure(exc)),
+        retry=retry_if_exception_type(TRANSIENT) & retry_if_exception(lambda e: not _permanent(e)),
         wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.2),
         stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
-        before_sleep=log_retries("connecting to", url),
+        before_sleep=log_retries("connecting to", brokers),
         reraise=True,
     )
     try:
         async for attempt in retrying:
             with attempt:
+                tried = next(walk)
                 connection: AbstractConnection = await aio_pika.connect(
-                    url,
-                    timeout=10,
+                    tried,
+                    timeout=CONNECT_ATTEMPT_TIMEOUT,
                     client_properties={"connection_name": name},
                     ssl_context=ssl_context,
                 )
+                if len(brokers) > 1:
+                    log.info("%s connected to %s", name, mask_url(tried))
                 return connection
-    except TRANSIENT as exc:  # authentication errors included (aiormq's are ConnectionErrors)
-        raise BrokerUnavailableError(_why_not_connected(url, exc)) from None
+    except (*TRANSIENT, aiormq.exceptions.InvalidFrameError) as exc:
+        # authentication errors included (aiormq's are ConnectionErrors)
+        raise BrokerUnavailableError(_why_not_connected(tried, exc, brokers)) from None
+    except ContractError:
+        raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -180,7 +218,9 @@ class Publisher:
     once by the caller: publishing is the hot path of every enqueue.
     """
 
-    def __init__(self, connection: AbstractConnection, *, confirm_timeout: float = 30.0) -> None:
+    def __init__(
+        self, connection: AbstractConnection, *, confirm_timeout: float | None = 30.0
+    ) -> None:
         self.connection = connection
         self.confirm_timeout = confirm_timeout
         self._channel: AbstractChannel | None = None
@@ -195,7 +235,7 @@ class Publisher:
     async def channel(self) -> aiormq.Channel:
         underlay = self._underlay
         if underlay is None or underlay.is_closed:
-            async with self._lock:
+            async with bounded(), self._lock:
                 if self._underlay is None or self._underlay.is_closed:
                     self._channel = await open_channel(
                         self.connection, publisher_confirms=True, on_return_raises=True
@@ -222,7 +262,13 @@ class Publisher:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        self._deadlines[task] = loop.time() + self.confirm_timeout
+        began = loop.time()
+        due = min(
+            began + (self.confirm_timeout if self.confirm_timeout is not None else math.inf),
+            deadline.get() or math.inf,
+        )
+        if due < math.inf:
+            self._deadlines[task] = due
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.create_task(self._watch())
         try:
@@ -240,7 +286,7 @@ class Publisher:
             self._expired.discard(task)
             task.uncancel()
             raise PublishTimeoutError(
-                f"no publisher confirm within {self.confirm_timeout}s for {exchange!r} /"
+                f"no publisher confirm within {due - began:.1f}s for {exchange!r} /"
                 f" {routing_key!r}; the job may or may not be stored"
             ) from None
         except aiormq.exceptions.PublishError as exc:
@@ -261,10 +307,15 @@ class Publisher:
         """Cancel publishes whose confirm is overdue; they raise PublishTimeoutError."""
         loop = asyncio.get_running_loop()
         while self._deadlines:
-            await asyncio.sleep(min(1.0, self.confirm_timeout / 4))
             now = loop.time()
-            for task, deadline in list(self._deadlines.items()):
-                if deadline <= now and task not in self._expired:
+            first = min(
+                (due for task, due in self._deadlines.items() if task not in self._expired),
+                default=now + 1.0,
+            )
+            await asyncio.sleep(min(1.0, max(0.0, first - now)) + 0.001)
+            now = loop.time()
+            for task, due in list(self._deadlines.items()):
+                if due <= now and task not in self._expired:
                     self._expired.add(task)
                     task.cancel()
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     retry_if_not_exception_type,
-    stop_after_delay,
     wait_exponential,
     wait_random,
 )
@@ -27,12 +27,18 @@ from amqp_jobs.channels import is_alive
 from amqp_jobs.connection import (
     TRANSIENT,
     Publisher,
+    bounded,
     connect,
+    deadline,
     describe,
     log_retries,
-    mask_url,
 )
-from amqp_jobs.errors import BrokerUnavailableError, PublishError, UnroutableError
+from amqp_jobs.errors import (
+    BrokerUnavailableError,
+    PublishError,
+    PublishTimeoutError,
+    UnroutableError,
+)
 from amqp_jobs.message import Envelope, now_ms
 from amqp_jobs.topology import (
     Declarer,
@@ -42,6 +48,7 @@ from amqp_jobs.topology import (
     jobs_exchange,
     quarantine_queue,
 )
+from amqp_jobs.urls import BrokerURLs, resolve
 
 log = logging.getLogger("amqp_jobs.link")
 
@@ -60,7 +67,7 @@ class Link:
 
     def __init__(
         self,
-        url: str,
+        urls: BrokerURLs | str | Sequence[str],
         namespace: str,
         settings: TopologySettings,
         *,
@@ -68,9 +75,9 @@ class Link:
         declare: bool = True,
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float | None = 30.0,
-        confirm_timeout: float = 30.0,
+        confirm_timeout: float | None = 30.0,
     ) -> None:
-        self.url = url
+        self.urls = resolve(urls)
         self.namespace = namespace
         self.settings = settings
         self.name = name
@@ -117,7 +124,7 @@ class Link:
             if self._declarer is not None:
                 self.known_queues |= self._declarer.queues
             connection = await connect(
-                self.url,
+                self.urls,
                 name=self.name,
                 give_up_after=self.connect_timeout,
                 ssl_context=self.ssl_context,
@@ -126,7 +133,7 @@ class Link:
             self._declarer = Declarer(connection, self.namespace, self.settings)
             self._ready = set()
             self._publisher = Publisher(connection, confirm_timeout=self.confirm_timeout)
-            log.debug("%s connected to %s", self.name, mask_url(self.url))
+            log.debug("%s connected to %s", self.name, self.urls)
 
     async def close(self) -> None:
         if self._declarer is not None:
@@ -166,22 +173,26 @@ class Link:
         """Declare what a publish needs, skipping the declarer once it is known done."""
         ready = self._ready
         if (queue, job_name) not in ready:
-            await self.declarer.queue(queue, {job_name})
+            async with bounded():
+                await self.declarer.queue(queue, {job_name})
             ready.add((queue, job_name))
         if cascade and "cascade" not in ready:
-            await self.declarer.cascade()
+            async with bounded():
+                await self.declarer.cascade()
             ready.add("cascade")
 
     async def send_dead(self, message: aio_pika.Message, queue: str) -> None:
         """Park a message in ``queue``'s dead-letter queue, confirmed."""
         if self.declare:
-            await self.declarer.queue(queue, frozenset())
+            async with bounded():
+                await self.declarer.queue(queue, frozenset())
         await self.publisher.publish(dead_exchange(self.namespace), queue, message)
 
     async def send_quarantine(self, message: aio_pika.Message, queue: str) -> None:
         """Move a message to ``queue``'s quarantine queue (default exchange), confirmed."""
         if self.declare:
-            await self.declarer.queue(queue, frozenset())
+            async with bounded():
+                await self.declarer.queue(queue, frozenset())
         await self.publisher.publish("", quarantine_queue(self.namespace, queue), message)
 
     async def retrying(
@@ -192,10 +203,25 @@ class Link:
     ) -> None:
         """Run a publishing operation, reconnecting and retrying transient failures.
 
-        A stale declaration cache (topology deleted under us) is redeclared once.
-        Gives up after ``give_up_after`` seconds by raising the last error, mapped:
-        connection trouble as BrokerUnavailableError, publish trouble as PublishError.
+        Returns or raises within ``max(give_up_after, confirm_timeout)`` seconds (with no
+        confirm_timeout: ``give_up_after``, confirms waited for until then), whatever
+        the broker does: every wait on the broker is bounded by that deadline. A stale
+        declaration cache (topology deleted under us) is redeclared once. Errors are
+        mapped: connection trouble as BrokerUnavailableError, no answer in time as
+        PublishTimeoutError, other publish trouble as PublishError.
         """
+        loop = asyncio.get_running_loop()
+        ct = self.confirm_timeout
+        budget = give_up_after if ct is None else max(give_up_after, ct)
+        token = deadline.set(loop.time() + budget)
+        try:
+            await self._retrying(op, give_up_after, budget)
+        finally:
+            deadline.reset(token)
+
+    async def _retrying(
+        self, op: Callable[[], Awaitable[None]], give_up_after: float, budget: float
+    ) -> None:
         if self.is_open:
             # Fast path: one attempt without building a retry loop, which would cost
             # more than the publish itself. Anything worth retrying falls through.
@@ -214,16 +240,18 @@ class Link:
             retry=retry_if_exception_type(RECOVERABLE)
             & retry_if_not_exception_type((*PERMANENT, BrokerUnavailableError)),
             wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.1),
-            stop=stop_after_delay(give_up_after),
-            before_sleep=log_retries(f"{self.name}: publishing to", self.url),
+            # no attempt (nor the pause before it) may start past the operation's deadline
+            stop=_past(deadline.get()),
+            before_sleep=log_retries(f"{self.name}: publishing to", self.urls),
             reraise=True,
         )
         while True:
             try:
                 async for attempt in retrying:
                     with attempt:
-                        await self.open()
-                        await op()
+                        async with bounded():
+                            await self.open()
+                            await op()
                 return
             except (UnroutableError, PublishError) as exc:
                 if redeclared or not self.declare or not _stale_topology(exc):
@@ -235,11 +263,26 @@ class Link:
                 raise PublishError(f"the broker refused: {describe(exc)}") from None
             except BrokerUnavailableError:
                 raise
+            except TimeoutError:
+                raise PublishTimeoutError(
+                    f"the broker at {self.urls} did not answer within {budget:.0f}s (a memory"
+                    " or disk alarm blocks publishers: see `rabbitmqctl status`); the job may"
+                    " or may not be stored"
+                ) from None
             except RECOVERABLE as exc:
                 raise BrokerUnavailableError(
-                    f"publishing to {mask_url(self.url)} failed for {give_up_after:.0f}s:"
-                    f" {describe(exc)}"
+                    f"publishing to {self.urls} failed for {give_up_after:.0f}s: {describe(exc)}"
                 ) from None
+
+
+def _past(limit: float | None) -> Callable[[RetryCallState], bool]:
+    """A tenacity stop: the next attempt would begin after the loop time ``limit``."""
+
+    def stop(state: RetryCallState) -> bool:
+        now = asyncio.get_running_loop().time()
+        return limit is not None and now + (state.upcoming_sleep or 0.0) >= limit
+
+    return stop
 
 
 def _stale_topology(exc: PublishError) -> bool:

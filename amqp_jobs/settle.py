@@ -2,8 +2,15 @@
 
 The rule it keeps: a delivery is acked only after the copy that replaces it (a retry,
 a re-delay, a dead letter, a quarantined copy) is confirmed by the broker. If that copy
-cannot be stored the delivery is released back to the broker, never acked, so nothing is
+cannot be stored, the delivery is kept (the handler does not run again) and storing is
+retried with backoff until ``hold_until``, the last moment before the broker's
+consumer_timeout would take the delivery back; only then is it released. Nothing is
 lost; at worst a job runs twice, which is why job ids stay stable across copies.
+
+A living worker returns a delivery without spending its delivery count: RabbitMQ counts
+every nack as a failed delivery, and the count is how a job that kills workers is told
+apart from its neighbours. So a release re-publishes the delivery, unchanged, to the
+queue it came from and acks it; only if that fails is it nacked.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import aiormq
 from amqp_jobs.channels import Delivery
 from amqp_jobs.connection import describe
 from amqp_jobs.link import Link
-from amqp_jobs.message import Envelope
+from amqp_jobs.message import Envelope, moved_message
 
 log = logging.getLogger("amqp_jobs.settle")
 
-#: How long a republish may retry transient failures before the delivery is released.
-REPUBLISH_RETRY_FOR = 10.0
-#: Pause before releasing a delivery whose replacement could not be stored, so that a
-#: lasting fault (a refused declaration, say) is not a hot redelivery loop.
-RELEASE_PAUSE = 1.0
+#: After this long without a confirm for a replacement copy, the wait is logged.
+SLOW_STORE = 5.0
+#: First and longest pause between tries at storing a replacement copy.
+HOLD_PAUSE = 1.0
+MAX_HOLD_PAUSE = 15.0
+#: How long a release may try to re-publish before it falls back to a nack.
+RELEASE_RETRY_FOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -63,12 +72,14 @@ class Release:
 Action = Ack | Republish | Park | Quarantine | Release
 
 
-async def settle(delivery: Delivery, action: Action, link: Link, queue: str) -> bool:
-    """Carry out ``action`` for ``delivery`` consumed from ``queue``.
+async def settle(
+    delivery: Delivery, action: Action, link: Link, queue: str, *, hold_until: float
+) -> bool:
+    """Carry out ``action`` for ``delivery`` consumed from ``queue``'s queues.
 
     Returns True when the delivery was acked, False when it stays with the broker (to be
-    delivered again): its channel is gone, the action was Release, or the replacement
-    copy could not be confirmed.
+    delivered again): its channel is gone, or the action was Release, or the replacement
+    copy could not be confirmed by ``hold_until`` (loop time).
     """
     if delivery.channel.is_closed:
         log.info(
@@ -76,41 +87,15 @@ async def settle(delivery: Delivery, action: Action, link: Link, queue: str) -> 
             delivery.message_id,
         )
         return False
-    try:
-        match action:
-            case Republish(envelope):
-
-                async def republish() -> None:
-                    await link.send(envelope, queue, via_jobs_exchange=False)
-
-                await link.retrying(republish, give_up_after=REPUBLISH_RETRY_FOR)
-            case Park(message):
-
-                async def park() -> None:
-                    await link.send_dead(message, queue)
-
-                await link.retrying(park, give_up_after=REPUBLISH_RETRY_FOR)
-            case Quarantine(message):
-
-                async def move() -> None:
-                    await link.send_quarantine(message, queue)
-
-                await link.retrying(move, give_up_after=REPUBLISH_RETRY_FOR)
-            case Release():
-                await _release(delivery)
+    match action:
+        case Release():
+            await release(delivery, link, queue)
+            return False
+        case Ack():
+            pass
+        case _:
+            if not await _store(delivery, action, link, queue, hold_until):
                 return False
-            case Ack():
-                pass
-    except Exception as exc:
-        log.error(
-            "could not store the %s of job %s: %s; not acking it, the broker keeps it",
-            {Park: "dead letter", Quarantine: "quarantined copy"}.get(type(action), "next copy"),
-            delivery.message_id,
-            describe(exc),
-        )
-        await asyncio.sleep(RELEASE_PAUSE)
-        await _release(delivery)
-        return False
     try:
         await delivery.ack()
     except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
@@ -123,7 +108,101 @@ async def settle(delivery: Delivery, action: Action, link: Link, queue: str) -> 
     return True
 
 
-async def _release(delivery: Delivery) -> None:
+async def _store(
+    delivery: Delivery, action: Republish | Park | Quarantine, link: Link, queue: str, until: float
+) -> bool:
+    """Store the copy that replaces ``delivery``, trying again with backoff until
+    ``until``; False (and the delivery released) if it could not."""
+
+    async def store() -> None:
+        match action:
+            case Republish(envelope):
+                await link.send(envelope, queue, via_jobs_exchange=False)
+            case Park(message):
+                await link.send_dead(message, queue)
+            case Quarantine(message):
+                await link.send_quarantine(message, queue)
+
+    what = {Park: "dead letter", Quarantine: "quarantined copy"}.get(type(action), "next copy")
+    loop = asyncio.get_running_loop()
+    pause = HOLD_PAUSE
+    while True:
+        # One copy, confirmed when the broker can (a resource alarm may hold it for
+        # minutes): publishing again on a missing confirm would store it twice.
+        storing = asyncio.ensure_future(
+            link.retrying(store, give_up_after=max(0.0, until - loop.time()))
+        )
+        try:
+            done, _ = await asyncio.wait({storing}, timeout=SLOW_STORE)
+        except asyncio.CancelledError:
+            storing.cancel()
+            raise
+        if not done:
+            log.warning(
+                "the broker has not confirmed the %s of job %s after %.0fs (a resource"
+                " alarm?); keeping the job until it does",
+                what,
+                delivery.message_id,
+                SLOW_STORE,
+            )
+        try:
+            await storing
+            return True
+        except Exception as exc:
+            left = until - loop.time()
+            if delivery.channel.is_closed:
+                log.warning(
+                    "could not store the %s of job %s (%s), and its channel closed;"
+                    " the broker delivers it again",
+                    what,
+                    delivery.message_id,
+                    describe(exc),
+                )
+                return False
+            if left <= pause:
+                log.error(
+                    "could not store the %s of job %s: %s; giving it back to the broker",
+                    what,
+                    delivery.message_id,
+                    describe(exc),
+                )
+                await release(delivery, link, queue)
+                return False
+            log.warning(
+                "could not store the %s of job %s: %s; keeping the job, trying again in %.0fs",
+                what,
+                delivery.message_id,
+                describe(exc),
+                pause,
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, MAX_HOLD_PAUSE)
+
+
+async def release(delivery: Delivery, link: Link, queue: str) -> None:
+    """Give a delivery back without spending its delivery count: re-publish it unchanged
+    to the queue it came from, then ack; nack it only if that copy cannot be stored."""
+    if delivery.channel.is_closed:
+        return
+    copy: aio_pika.Message = moved_message(delivery, queue)
+
+    async def back() -> None:
+        await link.publisher.publish("", delivery.queue_name, copy)
+
+    try:
+        await link.retrying(back, give_up_after=RELEASE_RETRY_FOR)
+    except Exception as exc:
+        log.debug("re-publishing released %s: %s; nacking it", delivery.message_id, describe(exc))
+        await _nack(delivery)
+        return
+    try:
+        await delivery.ack()
+    except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
+        # the copy is stored and the original comes back too: a duplicate, never a loss
+        log.debug("ack of released %s lost: %s", delivery.message_id, describe(exc))
+
+
+async def _nack(delivery: Delivery) -> None:
     if delivery.channel.is_closed:
         return
     try:

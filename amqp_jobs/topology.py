@@ -22,6 +22,7 @@ exchange to exchange, at no queue hop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,10 +34,16 @@ from amqp_jobs.channels import open_channel
 from amqp_jobs.contract import check_namespace, check_queue_name
 from amqp_jobs.errors import ContractError, TopologyMismatchError
 
+log = logging.getLogger("amqp_jobs.topology")
+
 QueueType = Literal["quorum", "classic"]
 
 #: RabbitMQ refuses an x-message-ttl above ten years.
 MAX_TTL_MS = 315_360_000_000
+
+#: Quorum queues' leaders spread over a cluster's nodes instead of all landing on the node
+#: the declaring client happens to use (a no-op on a single node).
+LEADER_LOCATOR = {"x-queue-leader-locator": "balanced"}
 
 #: Time allowed per queue hop of the cascade: the publisher aims this much early per hop,
 #: and the worker waits out the rest, so broker latency does not make jobs late.
@@ -220,7 +227,7 @@ def work_queue_arguments(ns: str, queue: str, s: TopologySettings) -> dict[str, 
         "x-dead-letter-routing-key": queue,
     }
     if s.queue_type == "quorum":
-        args |= {
+        args |= LEADER_LOCATOR | {
             "x-delivery-limit": s.delivery_limit,
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
@@ -230,13 +237,15 @@ def work_queue_arguments(ns: str, queue: str, s: TopologySettings) -> dict[str, 
 
 def parking_queue_arguments(s: TopologySettings) -> dict[str, Any]:
     """Arguments of dead and unroutable queues: nothing expires, nothing overflows."""
+    if s.queue_type == "quorum":
+        return {"x-queue-type": s.queue_type} | LEADER_LOCATOR
     return {"x-queue-type": s.queue_type}
 
 
 def delay_queue_arguments(ns: str, level: int, s: TopologySettings) -> dict[str, Any]:
     """Delay levels are always quorum queues with at-least-once dead-lettering."""
     target = delay_exchange(ns, level - 1) if level > 0 else deliver_exchange(ns)
-    return {
+    return LEADER_LOCATOR | {
         "x-queue-type": "quorum",
         "x-message-ttl": level_ttl_ms(level, s),
         "x-dead-letter-exchange": target,
@@ -267,6 +276,12 @@ def explain_mismatch(exc: aiormq.exceptions.ChannelPreconditionFailed) -> Topolo
     )
 
 
+def _predates_leader_locator(exc: aiormq.exceptions.ChannelPreconditionFailed) -> bool:
+    text = str(exc.args[0] if exc.args else exc)
+    m = _INEQUIVALENT.search(text)
+    return m is not None and m["arg"] in LEADER_LOCATOR and m["current"].strip() == "none"
+
+
 class Declarer:
     """Declares a namespace's topology on one connection, each piece once.
 
@@ -282,6 +297,15 @@ class Declarer:
         self.queues: set[str] = set()
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
+        #: queues declared before leader placement existed keep their arguments
+        self._legacy_placement = False
+
+    def args(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The arguments to declare with: without the leader locator for queues that
+        were first declared without it (the broker never changes a queue's arguments)."""
+        if self._legacy_placement:
+            return {k: v for k, v in arguments.items() if k not in LEADER_LOCATOR}
+        return arguments
 
     async def _chan(self) -> AbstractChannel:
         if self._channel is None or self._channel.is_closed:
@@ -301,7 +325,18 @@ class Declarer:
             try:
                 await declare(await self._chan())
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise explain_mismatch(exc) from None
+                if self._legacy_placement or not _predates_leader_locator(exc):
+                    raise explain_mismatch(exc) from None
+                log.info(
+                    "%s: queues declared before leader placement keep their leaders where they"
+                    " are (set a queue-leader-locator policy to move new ones)",
+                    self.ns,
+                )
+                self._legacy_placement = True
+                try:
+                    await declare(await self._chan())
+                except aiormq.exceptions.ChannelPreconditionFailed as again:
+                    raise explain_mismatch(again) from None
             self.declared.add(key)
 
     async def base(self) -> None:
@@ -313,7 +348,7 @@ class Declarer:
             await ch.declare_exchange(dead_exchange(ns), ExchangeType.DIRECT, durable=True)
             ux = await ch.declare_exchange(unroutable(ns), ExchangeType.FANOUT, durable=True)
             uq = await ch.declare_queue(
-                unroutable(ns), durable=True, arguments=parking_queue_arguments(s)
+                unroutable(ns), durable=True, arguments=self.args(parking_queue_arguments(s))
             )
             await uq.bind(ux, routing_key="")
             await ch.declare_exchange(
@@ -335,13 +370,13 @@ class Declarer:
             return
 
         async def declare(ch: AbstractChannel) -> None:
-            args = work_queue_arguments(ns, queue, s)
+            args = self.args(work_queue_arguments(ns, queue, s))
             wq = await ch.declare_queue(work_queue(ns, queue), durable=True, arguments=args)
             dq = await ch.declare_queue(due_queue(ns, queue), durable=True, arguments=args)
             await dq.bind(deliver_exchange(ns), routing_key=deliver_binding(queue, s))
             await ch.declare_queue(quarantine_queue(ns, queue), durable=True, arguments=args)
             dead = await ch.declare_queue(
-                dead_queue(ns, queue), durable=True, arguments=parking_queue_arguments(s)
+                dead_queue(ns, queue), durable=True, arguments=self.args(parking_queue_arguments(s))
             )
             await dead.bind(dead_exchange(ns), routing_key=queue)
             for name in sorted(missing):
@@ -367,7 +402,7 @@ class Declarer:
                 q = await ch.declare_queue(
                     delay_queue(ns, level),
                     durable=True,
-                    arguments=delay_queue_arguments(ns, level, s),
+                    arguments=self.args(delay_queue_arguments(ns, level, s)),
                 )
                 await q.bind(ex, routing_key=level_binding(level, "1", s))
                 await below.bind(ex, routing_key=level_binding(level, "0", s))

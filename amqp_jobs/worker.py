@@ -10,6 +10,13 @@ away: it may be what killed them. It moves to the queue's quarantine queue, whic
 consumed one message at a time, and runs alone: the worker pauses its other consumers and
 finishes what it holds first. If it kills the process again, only its own delivery count
 grows, so the broker's delivery limit dead-letters it and not its neighbours.
+
+Only process deaths may count. A living worker never returns a delivery with a nack (see
+``settle.release``), and when the broker takes deliveries back from a living worker (a
+lost connection or node, a consumer_timeout) the worker vouches for them: when they come
+back it resets their count instead of suspecting them. No job runs past the broker's
+consumer_timeout: one without a timeout of its own is stopped and retried just before.
+A consumer the broker cancels (its queue was deleted) is declared and consumed again.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import enum
 import functools
 import inspect
 import logging
+import re
 import ssl
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +41,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from amqp_jobs.channels import Delivery, open_channel
-from amqp_jobs.connection import TRANSIENT, connect, describe, mask_url
+from amqp_jobs.connection import TRANSIENT, connect, describe
 from amqp_jobs.contract import Job, check_namespace, check_queue_name
 from amqp_jobs.errors import (
     ArgsValidationError,
@@ -57,7 +66,16 @@ from amqp_jobs.message import (
     now_ms,
 )
 from amqp_jobs.registry import JobContext, JobHooks, Outcome, OutcomeKind, Registry
-from amqp_jobs.settle import Ack, Action, Park, Quarantine, Release, Republish, settle
+from amqp_jobs.settle import (
+    RELEASE_RETRY_FOR,
+    Ack,
+    Action,
+    Park,
+    Quarantine,
+    Release,
+    Republish,
+    settle,
+)
 from amqp_jobs.topology import (
     TopologySettings,
     delay_queue,
@@ -65,6 +83,7 @@ from amqp_jobs.topology import (
     quarantine_queue,
     work_queue,
 )
+from amqp_jobs.urls import BrokerURLs, resolve
 
 log = logging.getLogger("amqp_jobs.worker")
 
@@ -76,6 +95,19 @@ DEFAULT_GRACE = 30.0
 DUE_PREFETCH = 1000
 #: Handed out this many times unsettled (quorum queues count it), a job is quarantined.
 SUSPECT_AFTER = 2
+#: Seconds between checks that every queue the worker consumes has a consumer.
+CONSUMER_CHECK_INTERVAL = 3.0
+#: Job ids remembered as returned to the broker by this living process (vouched for).
+VOUCH_MEMORY = 100_000
+#: Longest pause before returning a delivery whose processing failed unexpectedly.
+MAX_TROUBLE_PAUSE = 60.0
+#: The broker's reason when it closes a channel for a delivery held too long.
+_CONSUMER_TIMED_OUT = re.compile(r"delivery acknowledgement .*timed out.*?(\d+) ms", re.S)
+
+
+def consumer_timeout_margin(consumer_timeout: float) -> float:
+    """How long before the broker's consumer_timeout a job is stopped and settled."""
+    return min(60.0, max(1.0, consumer_timeout / 10))
 
 
 class Source(enum.Enum):
@@ -92,6 +124,9 @@ class _Consumer:
     tag: str
     queue: str
     source: Source
+    name: str  # the AMQP queue consumed
+    received: int = 0  # deliveries so far
+    received_at_last: int = -1  # at the previous consumer check
 
 
 @dataclass
@@ -117,7 +152,7 @@ class Worker:
         registry: Registry,
         *,
         namespace: str,
-        url: str,
+        url: str | Sequence[str] | BrokerURLs | None = None,
         queues: Sequence[str] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         grace: float = DEFAULT_GRACE,
@@ -133,7 +168,8 @@ class Worker:
             raise ContractError("the app has no handlers: register some with @app.handler(job)")
         self.registry = registry
         self.namespace = check_namespace(namespace)
-        self.url = url
+        #: the broker's URLs (several for a cluster): given, else $AMQP_URL, else local
+        self.urls = resolve(url)
         known = registry.queues
         self.queues = sorted(set(queues) if queues else known)
         for q in self.queues:
@@ -146,6 +182,8 @@ class Worker:
             raise ContractError(f"concurrency must be an int >= 1, got {concurrency!r}")
         if grace < 0:
             raise ContractError(f"grace must be >= 0 seconds, got {grace}")
+        if consumer_timeout <= 0:
+            raise ContractError(f"consumer_timeout must be > 0 seconds, got {consumer_timeout}")
         self.concurrency = concurrency
         self.grace = grace
         self.settings = settings or TopologySettings()
@@ -157,14 +195,18 @@ class Worker:
         # which application a connection belongs to
         self.name = f"{name} [{self.namespace}]"
         _check_timeouts(registry, self.queues, consumer_timeout)
+        self.consumer_timeout = consumer_timeout
         self.stats = WorkerStats()
         self.link = Link(
-            url,
+            self.urls,
             self.namespace,
             self.settings,
             name=f"{self.name} (publish)",
             ssl_context=ssl_context,
             connect_timeout=connect_timeout,
+            # The worker's own copies (retries, dead letters) wait for their confirm as
+            # long as the delivery may be held: one copy, stored once the broker can.
+            confirm_timeout=None,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
@@ -175,17 +217,23 @@ class Worker:
         # One quarantined job runs at a time, alone; these are the tasks that carry them.
         self._alone = asyncio.Lock()
         self._alone_tasks: set[asyncio.Task[Any]] = set()
-        self.running_threads = 0
+        # The delivery each processing task holds; vouched-for job ids (returned to the
+        # broker by this living process); job ids whose processing failed unexpectedly.
+        self._held: dict[asyncio.Task[Any], Delivery] = {}
+        self._vouched: OrderedDict[str, None] = OrderedDict()
+        self._troubled: OrderedDict[str, int] = OrderedDict()
+        self._lost = asyncio.Event()
+        self._prefetch = {
+            Source.WORK: concurrency,
+            Source.DUE: DUE_PREFETCH,
+            Source.QUARANTINE: 1,
+        }
 
     # -- lifecycle -----------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask for a graceful stop: no new deliveries, in-flight jobs get ``grace`` seconds."""
         self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
 
     async def started(self) -> None:
         """Wait until the worker consumes from all its queues."""
@@ -210,7 +258,7 @@ class Worker:
                 first = self.stats.connections == 0
                 try:
                     connection = await connect(
-                        self.url,
+                        self.urls,
                         name=self.name,
                         give_up_after=self.connect_timeout if first else None,
                         ssl_context=self.ssl_context,
@@ -232,17 +280,20 @@ class Worker:
                 log.info(
                     "worker consuming %s from %s (concurrency %d)",
                     ", ".join(self.queues),
-                    mask_url(self.url),
+                    self.urls,
                     self.concurrency,
                 )
                 stop_wait = asyncio.ensure_future(self._stop.wait())
                 lost_wait = asyncio.ensure_future(lost.wait())
+                watch = asyncio.ensure_future(self._watch_consumers())
                 await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
                 lost_wait.cancel()
+                watch.cancel()
                 if self._stop.is_set():
                     break
                 log.warning("connection to the broker lost; reconnecting")
+                self._vouch_held()
                 self._consumers = []
                 await _close_quietly(connection)
                 connection = None
@@ -259,21 +310,24 @@ class Worker:
             await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _start_consuming(self, connection: AbstractConnection) -> asyncio.Event:
-        lost = asyncio.Event()
+        self._lost = lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         await self.link.open()
+        # declare afresh: a queue deleted while we were away must come back
+        self.link.forget_declarations()
         for q in self.queues:
             await self.link.declarer.queue(q, self.registry.jobs_for(q))
         work = await open_channel(connection, publisher_confirms=False)
-        await work.set_qos(prefetch_count=self.concurrency)
+        await work.set_qos(prefetch_count=self._prefetch[Source.WORK])
         due = await open_channel(connection, publisher_confirms=False)
-        await due.set_qos(prefetch_count=DUE_PREFETCH)
+        await due.set_qos(prefetch_count=self._prefetch[Source.DUE])
         alone = await open_channel(connection, publisher_confirms=False)
-        await alone.set_qos(prefetch_count=1)
+        await alone.set_qos(prefetch_count=self._prefetch[Source.QUARANTINE])
         self._consumers = []
         for channel, source in ((work, Source.WORK), (due, Source.DUE), (alone, Source.QUARANTINE)):
-            channel.close_callbacks.add(lambda *_: lost.set())
+            channel.close_callbacks.add(self._on_channel_closed)
             underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
             for q in self.queues:
                 await self._consume(underlay, q, source)
         return lost
@@ -287,12 +341,109 @@ class Worker:
             Source.QUARANTINE: quarantine_queue,
         }[source](self.namespace, queue)
 
+        loop = asyncio.get_running_loop()
+        consumer = _Consumer(channel, "", queue, source, name)
+
         async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            await self._process(Delivery(message), queue=queue, source=source)
+            consumer.received += 1
+            await self._process(Delivery(message, name, loop.time()), queue=queue, source=source)
 
         ok = await channel.basic_consume(name, on_message, no_ack=False)
         assert ok.consumer_tag is not None
-        self._consumers.append(_Consumer(channel, ok.consumer_tag, queue, source))
+        consumer.tag = ok.consumer_tag
+        self._consumers.append(consumer)
+
+    def _on_channel_closed(self, _: object, exc: BaseException | None = None) -> None:
+        """A consuming channel closed: reconnect; learn the broker's consumer_timeout if
+        that is why (the job that outlived it is named in the log)."""
+        match = _CONSUMER_TIMED_OUT.search(str(exc)) if exc is not None else None
+        if match:
+            learned = int(match[1]) / 1000
+            log.error(
+                "the broker closed a channel because a delivery was held past its"
+                " consumer_timeout of %.0fs (this worker was told %.0fs: pass"
+                " --consumer-timeout %.0f); jobs are now stopped before that",
+                learned,
+                self.consumer_timeout,
+                learned,
+            )
+            self.consumer_timeout = min(self.consumer_timeout, learned)
+        self._lost.set()
+
+    def _on_cancelled(self, frame: Any) -> None:
+        """The broker cancelled a consumer (its queue was deleted): start afresh."""
+        for consumer in self._consumers:
+            if consumer.tag == getattr(frame, "consumer_tag", None):
+                self._restart(consumer, "the broker cancelled our consumer")
+
+    def _restart(self, consumer: _Consumer, why: str) -> None:
+        """Reconnect, which declares every queue again and consumes them anew.
+
+        Not just this consumer: deliveries the broker made to a consumer of a deleted
+        queue can be stuck on its channel, and only closing the connection returns them.
+        """
+        log.warning("%s of %s (was it deleted?); reconnecting", why, consumer.name)
+        self._lost.set()
+
+    async def _watch_consumers(self) -> None:
+        """Every few seconds, check that each queue we consume reaches us.
+
+        A quorum queue deleted and declared again at once (by a publisher, say) leaves our
+        consumer on the deleted queue; the broker's cancel may never come, and the new
+        queue even counts the old consumer. What shows it: messages ready in the queue,
+        room in our prefetch, and nothing delivered, two checks in a row. Then (or if the
+        queue is gone) the worker reconnects.
+        """
+        stalled: set[str] = set()
+        while not self._lost.is_set():
+            await asyncio.sleep(CONSUMER_CHECK_INTERVAL)
+            try:
+                suspects = await self._stalled_consumers()
+            except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+                log.debug("checking consumers: %s", describe(exc))
+                continue
+            for consumer in suspects:
+                if consumer.tag in stalled:
+                    self._restart(consumer, "messages wait but none reach our consumer")
+                    return
+            stalled = {c.tag for c in suspects}
+
+    async def _stalled_consumers(self) -> list[_Consumer]:
+        """Consumers whose queue is gone, or has ready messages while the consumer has
+        room and received nothing since the last check."""
+        out = []
+        await self.link.open()
+        channel = await open_channel(self.link.connection, publisher_confirms=False)
+        try:
+            for consumer in list(self._consumers):
+                received = consumer.received
+                room = self._prefetch[consumer.source] > sum(
+                    1 for d in self._held.values() if d.channel is consumer.channel
+                )
+                try:
+                    declared = await channel.declare_queue(consumer.name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return [consumer]
+                ready = declared.declaration_result.message_count or 0
+                if ready and room and received == consumer.received_at_last:
+                    out.append(consumer)
+                consumer.received_at_last = received
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return out
+
+    def _vouch_held(self) -> None:
+        """The broker takes back what this living process held: none of it killed us."""
+        for delivery in self._held.values():
+            self._vouch(delivery)
+
+    def _vouch(self, delivery: Delivery) -> None:
+        if delivery.message_id:
+            self._vouched[delivery.message_id] = None
+            self._vouched.move_to_end(delivery.message_id)
+            if len(self._vouched) > VOUCH_MEMORY:
+                self._vouched.popitem(last=False)
 
     async def _cancel(self, consumers: list[_Consumer]) -> None:
         for consumer in consumers:
@@ -320,7 +471,7 @@ class Worker:
                 )
                 for task in pending:
                     task.cancel()
-                await asyncio.wait(pending, timeout=1.0)
+                await asyncio.wait(pending, timeout=RELEASE_RETRY_FOR + 1.0)
         # Closing the connection returns every unacked delivery to its queue.
         await _close_quietly(connection)
         log.info("worker stopped")
@@ -331,30 +482,62 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._held[task] = msg
         self.stats.received += 1
         try:
             if source is Source.QUARANTINE:
                 await self._run_alone(task, msg, queue)
+            elif self._vouched_for(msg):
+                # returned by the broker while this process lived: reset its count
+                await self._settle(msg, Release(), queue)
             elif self._suspect(msg):
                 await self._quarantine(msg, queue)
             else:
                 await self._pipeline(msg, queue, is_due=source is Source.DUE)
         except asyncio.CancelledError:
+            if self._stop.is_set():
+                # cut off by a stop after its grace period: this process did not die
+                # of it, so give it back without spending its delivery count
+                await self._settle(msg, Release(), queue)
             raise
         except Exception:
-            log.exception("unexpected error processing %s; returning it", msg.message_id)
-            await self._settle(msg, Release(), queue)
+            await self._trouble(msg, queue)
         finally:
             self._tasks.discard(task)
+            self._held.pop(task, None)
+
+    async def _trouble(self, msg: Delivery, queue: str) -> None:
+        """Processing failed where it never should: log it, pause (longer each time for
+        the same job), then return the delivery. Never a hot redelivery loop."""
+        job_id = msg.message_id or ""
+        times = self._troubled.pop(job_id, 0) + 1
+        self._troubled[job_id] = times
+        if len(self._troubled) > 1000:
+            self._troubled.popitem(last=False)
+        pause = min(MAX_TROUBLE_PAUSE, 2.0 ** (times - 1))
+        log.exception(
+            "unexpected error processing job %s (time %d); returning it in %.0fs",
+            job_id or "without id",
+            times,
+            pause,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), pause)
+        await self._settle(msg, Release(), queue)
+
+    def _vouched_for(self, msg: Delivery) -> bool:
+        """This process gave the delivery back while alive, and the broker counted it."""
+        job_id = msg.message_id
+        if job_id is None or job_id not in self._vouched:
+            return False
+        del self._vouched[job_id]
+        return msg.delivery_count > 0 and self.settings.queue_type == "quorum"
 
     def _suspect(self, msg: Delivery) -> bool:
         """Handed out ``SUSPECT_AFTER`` times (or up to a lower limit) and never settled."""
         if self.settings.queue_type != "quorum":
             return False  # classic queues neither count deliveries nor limit them
-        count = msg.headers.get("x-delivery-count")
-        if not isinstance(count, int) or isinstance(count, bool):
-            return False
-        return count >= min(SUSPECT_AFTER, self.settings.delivery_limit)
+        return msg.delivery_count >= min(SUSPECT_AFTER, self.settings.delivery_limit)
 
     async def _quarantine(self, msg: Delivery, queue: str) -> None:
         log.warning(
@@ -440,7 +623,7 @@ class Worker:
         await self._hook("started", ctx)
         loop = asyncio.get_running_loop()
         began = loop.time()
-        failure = await self._run_handler(spec, args, ctx)
+        failure = await self._run_handler(spec, args, ctx, self._deadline(msg))
         duration = loop.time() - began
         if failure is None:
             action: Action = Ack()
@@ -489,8 +672,18 @@ class Worker:
         acquire.cancel()
         return False
 
-    async def _run_handler(self, spec: Any, args: Any, ctx: JobContext) -> BaseException | None:
+    def _deadline(self, msg: Delivery) -> float:
+        """Loop time by which a delivery must be settled, before consumer_timeout."""
+        ct = self.consumer_timeout
+        return msg.received + ct - consumer_timeout_margin(ct)
+
+    async def _run_handler(
+        self, spec: Any, args: Any, ctx: JobContext, settle_by: float
+    ) -> BaseException | None:
         """Run the handler under the job's timeout; return its exception, if any.
+
+        No job runs into the broker's consumer_timeout (which would take the delivery
+        back and close the channel): one that would is stopped and retried.
 
         The slot is released when the handler really ends, which for a timed-out thread
         (threads cannot be killed) or a task that ignores cancellation may be later.
@@ -518,17 +711,24 @@ class Worker:
 
         future.add_done_callback(finished)
         timeout = spec.job.timeout
-        timer = None if timeout is None else loop.call_later(timeout, _wake, woken)
+        limit = settle_by - loop.time()
+        broker_bound = timeout is None or limit < timeout
+        timer = loop.call_later(limit if broker_bound else timeout, _wake, woken)
         try:
             await woken
         except asyncio.CancelledError:
             future.cancel()
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
         if not future.done():
             future.cancel()
+            if broker_bound:
+                return JobTimeoutError(
+                    f"job {spec.job.name!r} was stopped before the broker's consumer_timeout"
+                    f" ({self.consumer_timeout:.0f}s) would take it back; give the job a"
+                    " timeout, or raise consumer_timeout (README: consumer_timeout)"
+                )
             return JobTimeoutError(f"job {spec.job.name!r} exceeded its timeout of {timeout}s")
         if future.cancelled():
             return JobTimeoutError(f"job {spec.job.name!r} was cancelled")
@@ -594,7 +794,12 @@ class Worker:
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
 
     async def _settle(self, msg: Delivery, action: Action, queue: str) -> bool:
-        return await settle(msg, action, self.link, queue)
+        if msg.channel.is_closed:
+            self._vouch(msg)  # the broker took it back from this living process
+        settled = await settle(msg, action, self.link, queue, hold_until=self._deadline(msg))
+        if not settled and msg.channel.is_closed:
+            self._vouch(msg)
+        return settled
 
     async def _hook(self, name: str, ctx: JobContext, *rest: Any) -> None:
         for hook in self.hooks:

@@ -3,6 +3,7 @@
 import asyncio
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -136,3 +137,52 @@ async def test_concurrent_enqueues_share_one_connection(namespace: Namespace) ->
         ids = await asyncio.gather(*(client.enqueue(send, {"user_id": i}) for i in range(200)))
     assert len(set(ids)) == 200
     assert await queue_count(namespace.url, work_queue(namespace.name, "emails")) == 200
+
+
+class Reading(BaseModel):
+    sensor: str
+    value: float
+    history: list[float] = []
+    extra: Any = None
+
+
+record = Job("sensors.record", Reading, queue="sensors")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error"),
+    [
+        ({"value": float("nan")}, {}, ArgsValidationError),
+        ({"value": 1.0, "history": [float("inf")]}, {}, ArgsValidationError),
+        ({"value": 1.0, "extra": object()}, {}, ArgsValidationError),
+        ({"value": 1.0, "extra": b"\xff"}, {}, ArgsValidationError),
+        ({"value": 1.0}, {"delay": float("nan")}, ContractError),
+        ({"value": 1.0}, {"delay": float("inf")}, ContractError),
+        ({"value": 1.0}, {"delay": timedelta(days=200 * 366)}, ContractError),
+        ({"value": 1.0}, {"run_at": datetime(2300, 1, 1, tzinfo=UTC)}, ContractError),
+        ({"value": 1.0}, {"headers": {"h": object()}}, ContractError),
+        ({"value": 1.0}, {"headers": {"big": "x" * 140_000}}, ContractError),
+    ],
+)
+async def test_what_the_wire_cannot_carry_is_refused_before_sending(
+    namespace: Namespace, args: dict[str, Any], kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    """Each of these used to be confirmed and then parked by the worker (NaN as null,
+    200 years as invalid-headers), to run at once (delay NaN), or to raise an untyped
+    error from pydantic, aiormq or the clock; a header too large for the broker's frame
+    closed the connection. Now each raises our error and nothing is sent."""
+    async with namespace.client(retry_for=2) as client:
+        await client.enqueue(record, {"sensor": "s", "value": 0.5})  # declares the queue
+        with pytest.raises(error):
+            await client.enqueue(record, {"sensor": "s", **args}, **kwargs)
+        batch_kwargs = {k: v for k, v in kwargs.items() if k != "headers"}
+        if batch_kwargs or not kwargs:
+            with pytest.raises(error):
+                await client.enqueue_many(
+                    record,
+                    [{"sensor": "s", "value": 2.0}, {"sensor": "s", **args}],
+                    **batch_kwargs,
+                )
+        await client.enqueue(record, {"sensor": "s", "value": 0.75})  # the link still works
+    msgs = await drain(namespace.url, work_queue(namespace.name, "sensors"), 2)
+    assert sorted(json.loads(m.body)["value"] for m in msgs) == [0.5, 0.75]

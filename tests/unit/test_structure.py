@@ -9,6 +9,7 @@ PACKAGE = Path(amqp_jobs.__file__).parent
 #: Each module may import only modules listed before it (DESIGN.md §6).
 LAYERS = [
     "errors",
+    "urls",
     "contract",
     "message",
     "channels",

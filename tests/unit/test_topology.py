@@ -108,13 +108,18 @@ def test_queue_arguments() -> None:
         "x-delivery-limit": 10,
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
+        "x-queue-leader-locator": "balanced",
     }
     classic = t.work_queue_arguments("shop", "emails", TopologySettings(queue_type="classic"))
     assert "x-delivery-limit" not in classic
+    assert "x-queue-leader-locator" not in classic
     assert classic["x-queue-type"] == "classic"
     level = t.delay_queue_arguments("shop", 4, S)
     assert level["x-message-ttl"] == 1600
     assert level["x-dead-letter-strategy"] == "at-least-once"
+    # every quorum queue spreads its leaders over a cluster's nodes
+    assert level["x-queue-leader-locator"] == "balanced"
+    assert t.parking_queue_arguments(S)["x-queue-leader-locator"] == "balanced"
 
 
 @pytest.mark.parametrize(
