@@ -398,7 +398,8 @@ class Worker:
         while not self._lost.is_set():
             await asyncio.sleep(CONSUMER_CHECK_INTERVAL)
             try:
-                suspects = await self._stalled_consumers()
+                async with asyncio.timeout(CONSUMER_CHECK_INTERVAL * 2):  # a blocked link
+                    suspects = await self._stalled_consumers()
             except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
                 log.debug("checking consumers: %s", describe(exc))
                 continue
@@ -672,10 +673,13 @@ class Worker:
         acquire.cancel()
         return False
 
-    def _deadline(self, msg: Delivery) -> float:
-        """Loop time by which a delivery must be settled, before consumer_timeout."""
+    def _deadline(self, msg: Delivery, *, settling: bool = False) -> float:
+        """Loop time by which a delivery's handler must end (``settling``: by which its
+        settlement must be done), before the broker's consumer_timeout takes it back.
+        The handler stops a margin early; settling may use three quarters of that."""
         ct = self.consumer_timeout
-        return msg.received + ct - consumer_timeout_margin(ct)
+        margin = consumer_timeout_margin(ct)
+        return msg.received + ct - (margin / 4 if settling else margin)
 
     async def _run_handler(
         self, spec: Any, args: Any, ctx: JobContext, settle_by: float
@@ -796,7 +800,7 @@ class Worker:
     async def _settle(self, msg: Delivery, action: Action, queue: str) -> bool:
         if msg.channel.is_closed:
             self._vouch(msg)  # the broker took it back from this living process
-        settled = await settle(msg, action, self.link, queue, hold_until=self._deadline(msg))
+        settled = await settle(msg, action, self.link, queue, hold_until=self._deadline(msg, settling=True))
         if not settled and msg.channel.is_closed:
             self._vouch(msg)
         return settled
@@ -871,9 +875,10 @@ def _check_timeouts(registry: Registry, queues: Sequence[str], consumer_timeout:
             continue
         if job.timeout is None:
             log.warning(
-                "job %s has no timeout: a run longer than the broker's consumer_timeout"
-                " (%.0fs) makes the broker close the channel and deliver the job again",
+                "job %s has no timeout: a run is stopped and retried after %.0fs, before"
+                " the broker's consumer_timeout (%.0fs) would take it back",
                 job.name,
+                consumer_timeout - consumer_timeout_margin(consumer_timeout),
                 consumer_timeout,
             )
         elif job.timeout >= consumer_timeout:
