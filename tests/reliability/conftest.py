@@ -1,4 +1,4 @@
-"""Reliability fixtures: the TLS node, and every scenario's report at the end of the run."""
+"""Reliability fixtures: private nodes (single, TLS, cluster) and every scenario's report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from collections.abc import Iterator
 import pytest
 
 from tests.reliability.harness import REPORTS
-from tests.reliability.tls_node import TLSNode, missing_requirement, tls_node
+from tests.reliability.nodes import (
+    Cluster,
+    PrivateNode,
+    missing_requirement,
+    private_cluster,
+    private_node,
+)
+from tests.reliability.tls_node import TLSNode, tls_node
 from tests.support import unavailable
 
 
@@ -21,8 +28,29 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def tls_broker() -> Iterator[TLSNode]:
     """A second RabbitMQ node with a TLS listener only; fails rather than skips under CI."""
+    _require_private_nodes()
+    with tls_node() as node:
+        yield node
+
+
+@pytest.fixture
+def private_broker() -> Iterator[PrivateNode]:
+    """A fresh single RabbitMQ node for this test alone (stop it, kill it at will)."""
+    _require_private_nodes()
+    with private_node(role="single") as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A 3-node RabbitMQ cluster on loopback, shared by one module's tests (~20 s to start)."""
+    _require_private_nodes()
+    with private_cluster(3) as nodes:
+        yield nodes
+
+
+def _require_private_nodes() -> None:
+    """Skip (fail under CI) where a private node cannot be started."""
     reason = missing_requirement()
     if reason is not None:
         unavailable(reason)
-    with tls_node() as node:
-        yield node
