@@ -87,11 +87,17 @@ def scrub(text: str, urls: BrokerURLs | str) -> str:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what caused it: aiormq wraps socket and TLS errors in its own."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
+    """``exc`` and what caused it: aiormq wraps socket and TLS errors in its own.
+
+    Stops at a repeat: aiormq's AMQPConnectionError and the ConnectionResetError it wraps
+    can point at each other, and following them forever hung connect() at full CPU.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def _tls_failure(exc: BaseException) -> bool:

@@ -107,7 +107,7 @@ _CONSUMER_TIMED_OUT = re.compile(r"delivery acknowledgement .*timed out.*?(\d+) 
 
 def consumer_timeout_margin(consumer_timeout: float) -> float:
     """How long before the broker's consumer_timeout a job is stopped and settled."""
-    return min(60.0, max(1.0, consumer_timeout / 10))
+    return min(60.0, max(2.0, consumer_timeout / 10))
 
 
 class Source(enum.Enum):
@@ -800,7 +800,9 @@ class Worker:
     async def _settle(self, msg: Delivery, action: Action, queue: str) -> bool:
         if msg.channel.is_closed:
             self._vouch(msg)  # the broker took it back from this living process
-        settled = await settle(msg, action, self.link, queue, hold_until=self._deadline(msg, settling=True))
+        settled = await settle(
+            msg, action, self.link, queue, hold_until=self._deadline(msg, settling=True)
+        )
         if not settled and msg.channel.is_closed:
             self._vouch(msg)
         return settled

@@ -140,3 +140,12 @@ def test_kombu_style_list_is_accepted_and_masked() -> None:
     assert "first" not in result.stderr and "second" not in result.stderr
     assert "127.0.0.1:1" in result.stderr and "127.0.0.1:2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_exception_chain_with_a_cycle_is_walked_once() -> None:
+    """aiormq's connection error and the reset it wraps can point at each other."""
+    from amqp_jobs.connection import _chain
+
+    outer, inner = ConnectionError("wrapper"), ConnectionResetError("reset")
+    outer.__cause__, inner.__context__ = inner, outer
+    assert list(_chain(outer)) == [outer, inner]
