@@ -1,16 +1,14 @@
-"""The broker restarts (rabbitmqctl stop_app / start_app) under load and with jobs parked.
-
-Needs the broker on this machine (CI has it); elsewhere the tests are skipped.
+"""A broker restarts (``rabbitmqctl stop_app`` / ``start_app``) under load and with jobs
+parked in the cascade: on a private node, never the shared broker at $AMQP_URL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -18,37 +16,33 @@ from amqp_jobs import AmqpJobsError
 from amqp_jobs.testing import Namespace
 from tests.reliability import rel_app
 from tests.reliability.harness import Harness
+from tests.reliability.nodes import PrivateNode
 from tests.reliability.test_faults import CONCURRENCY, finish, start
-from tests.support import unavailable
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def harness(namespace: Namespace, tmp_path: Path) -> Harness:
-    host = urlsplit(namespace.url).hostname
-    if host not in ("127.0.0.1", "localhost") or not shutil.which("rabbitmqctl"):
-        message = "restarting the broker needs rabbitmqctl and a broker on this machine"
-        unavailable(message)
-    return Harness(namespace, tmp_path / "events.log")
+async def harness(private_broker: PrivateNode, tmp_path: Path) -> AsyncIterator[Harness]:
+    namespace = Namespace(private_broker.url(), f"restart-{uuid.uuid4().hex[:8]}")
+    yield Harness(namespace, tmp_path / "events.log")
+    await namespace.delete()
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
-async def restart_broker(down_for: float = 2.0) -> None:
+async def restart_broker(node: PrivateNode, down_for: float = 2.0) -> None:
     """stop_app, stay down a while, start_app; returns once the broker accepts work."""
     loop = asyncio.get_running_loop()
     try:
-        await loop.run_in_executor(None, rabbitmqctl, "stop_app")
+        await loop.run_in_executor(None, node.ctl, "stop_app")
         await asyncio.sleep(down_for)  # the outage being injected
     finally:
-        await loop.run_in_executor(None, rabbitmqctl, "start_app")
-        await loop.run_in_executor(None, rabbitmqctl, "await_startup")
+        await loop.run_in_executor(None, node.ctl, "start_app")
+        await loop.run_in_executor(None, node.ctl, "await_startup")
 
 
-async def test_broker_restart_while_publishing_and_consuming(harness: Harness) -> None:
+async def test_broker_restart_while_publishing_and_consuming(
+    harness: Harness, private_broker: PrivateNode
+) -> None:
     await harness.publish(rel_app.work, [{"n": -1}])  # declare before the worker starts
     worker = start(harness)
     refused: list[str] = []
@@ -69,7 +63,7 @@ async def test_broker_restart_while_publishing_and_consuming(harness: Harness) -
 
             publishing = asyncio.create_task(publisher())
             await asyncio.sleep(0.5)  # restart while the publisher and the worker are busy
-            await restart_broker()
+            await restart_broker(private_broker)
             await asyncio.wait_for(publishing, 120)
         await harness.wait_all(timeout=90)
         assert worker.proc.poll() is None, "the worker reconnected without a restart"
@@ -81,14 +75,16 @@ async def test_broker_restart_while_publishing_and_consuming(harness: Harness) -
     assert report.duplicates <= 2 * CONCURRENCY
 
 
-async def test_parked_delays_and_retries_survive_a_broker_restart(harness: Harness) -> None:
+async def test_parked_delays_and_retries_survive_a_broker_restart(
+    harness: Harness, private_broker: PrivateNode
+) -> None:
     worker = start(harness)
     try:
         for i, delay in enumerate([2.0, 3.0, 4.0, 5.0, 6.0] * 6):
             await harness.publish(rel_app.work, [{"n": i}], delay=delay)
         await harness.publish(rel_app.work, [{"n": 100 + i, "fail_first": True} for i in range(30)])
         began = time.time()
-        await restart_broker(down_for=1.0)
+        await restart_broker(private_broker, down_for=1.0)
         await harness.wait_all(timeout=90)
     finally:
         await finish(worker)
