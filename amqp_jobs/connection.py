@@ -6,6 +6,7 @@ Every URL that reaches a log line or an exception passes through ``mask_url``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
@@ -232,6 +233,8 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._underlay: aiormq.Channel | None = None
         self._lock = asyncio.Lock()
+        #: channels given up for new publishes, closed once their confirms are due
+        self._retiring: set[asyncio.Task[None]] = set()
         # Confirm deadlines: one watchdog task instead of a timer per publish, which
         # would cost a tenth of the publish itself.
         self._deadlines: dict[asyncio.Task[Any], float] = {}
@@ -301,6 +304,7 @@ class Publisher:
                 " (is the topology declared, or the queue deleted?)"
             ) from exc
         except aiormq.exceptions.DeliveryError as exc:
+            self._retire()
             raise PublishRefusedError(
                 f"the broker refused the message for {exchange!r} / {routing_key!r}: {exc}"
             ) from exc
@@ -325,7 +329,31 @@ class Publisher:
                     self._expired.add(task)
                     task.cancel()
 
+    def _retire(self) -> None:
+        """Publish on a fresh channel from now on.
+
+        A nack can come from the channel's own view of a queue: on RabbitMQ before 3.12.5
+        a channel whose quorum-queue client first tried a leader that has died refuses
+        every publish to that queue until the node returns, while a new channel finds
+        the new leader. The old channel is closed once its outstanding confirms are due.
+        """
+        old, self._channel, self._underlay = self._channel, None, None
+        if old is None:
+            return
+
+        async def close_later() -> None:
+            await asyncio.sleep(self.confirm_timeout or 30.0)
+            if not old.is_closed:
+                with contextlib.suppress(Exception):
+                    await old.close()
+
+        task = asyncio.ensure_future(close_later())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._channel is not None and not self._channel.is_closed:

@@ -36,6 +36,7 @@ from amqp_jobs.connection import (
 from amqp_jobs.errors import (
     BrokerUnavailableError,
     PublishError,
+    PublishRefusedError,
     PublishTimeoutError,
     UnroutableError,
 )
@@ -213,14 +214,19 @@ class Link:
         loop = asyncio.get_running_loop()
         ct = self.confirm_timeout
         budget = give_up_after if ct is None else max(give_up_after, ct)
-        token = deadline.set(loop.time() + budget)
+        began = loop.time()
+        token = deadline.set(began + budget)
         try:
-            await self._retrying(op, give_up_after, budget)
+            await self._retrying(op, give_up_after, budget, began + give_up_after)
         finally:
             deadline.reset(token)
 
     async def _retrying(
-        self, op: Callable[[], Awaitable[None]], give_up_after: float, budget: float
+        self,
+        op: Callable[[], Awaitable[None]],
+        give_up_after: float,
+        budget: float,
+        retry_until: float,
     ) -> None:
         if self.is_open:
             # Fast path: one attempt without building a retry loop, which would cost
@@ -228,7 +234,7 @@ class Link:
             try:
                 await op()
                 return
-            except RECOVERABLE:
+            except (*RECOVERABLE, PublishRefusedError):
                 pass
             except PublishError as exc:
                 if not (self.declare and _stale_topology(exc)):
@@ -237,11 +243,13 @@ class Link:
         # BrokerUnavailableError comes from connect(), which has already spent its own
         # retry budget (or met a failure that retrying cannot cure: login, certificate).
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(RECOVERABLE)
+            # a nack is retried too: nothing was stored, and the refusal may pass (a leader
+            # moving in a cluster, a full queue draining); the publisher takes a new channel
+            retry=retry_if_exception_type((*RECOVERABLE, PublishRefusedError))
             & retry_if_not_exception_type((*PERMANENT, BrokerUnavailableError)),
             wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.1),
-            # no attempt (nor the pause before it) may start past the operation's deadline
-            stop=_past(deadline.get()),
+            # no new attempt (nor the pause before it) past retry_for
+            stop=_past(retry_until),
             before_sleep=log_retries(f"{self.name}: publishing to", self.urls),
             reraise=True,
         )

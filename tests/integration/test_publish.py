@@ -2,9 +2,12 @@
 
 import asyncio
 import json
+import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import pytest
 from pydantic import BaseModel
 
@@ -21,7 +24,7 @@ from amqp_jobs import (
 )
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import jobs_exchange, work_queue
-from tests.support import channel, drain, queue_count
+from tests.support import channel, drain, eventually, queue_count
 
 
 class Email(BaseModel):
@@ -104,8 +107,37 @@ async def test_refused_publish_raises(namespace: Namespace) -> None:
         await q.bind(ex, "emails.send")
     namespace.track("emails")
     async with namespace.client(declare=False, retry_for=1) as client:
+        began = time.monotonic()
         with pytest.raises(PublishRefusedError):
             await client.enqueue(send, {"user_id": 1})
+        # nothing was stored, so the refusal was retried for retry_for, then raised
+        assert 0.9 <= time.monotonic() - began < 3
+
+
+async def test_a_refusal_that_passes_is_retried_and_stored(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full queue (reject-publish) that drains within retry_for takes the job."""
+    name = work_queue(namespace.name, "emails")
+    async with channel(namespace.url) as ch:
+        ex = await ch.declare_exchange(jobs_exchange(namespace.name), "direct", durable=True)
+        q = await ch.declare_queue(
+            name, durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        await q.bind(ex, "emails.send")
+        await ch.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=name)
+    namespace.track("emails")
+    caplog.set_level(logging.WARNING, logger="amqp_jobs.connection")
+    async with namespace.client(declare=False, retry_for=20) as client:
+        sending = asyncio.create_task(client.enqueue(send, {"user_id": 1}))
+        await eventually(
+            lambda: any("PublishRefusedError" in r.getMessage() for r in caplog.records),
+            what="a refused attempt",
+        )
+        async with channel(namespace.url) as ch:
+            await (await ch.declare_queue(name, passive=True)).purge()
+        await asyncio.wait_for(sending, 25)
+    assert await queue_count(namespace.url, name) == 1
 
 
 async def test_unreachable_broker_raises_with_password_masked() -> None:
