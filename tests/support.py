@@ -100,14 +100,18 @@ class WorkerProcess:
             "PYTHONPATH": str(ROOT),
             **(env or {}),
         }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "amqp_jobs.cli", "worker", app, *extra],
-            env=full_env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        # Output goes to a file, not a pipe: a chatty worker (reconnects, say) fills a pipe
+        # nobody reads until the end, then blocks on its next log line.
+        self.output_path = log_path.with_name(log_path.name + f".worker-{id(self)}.out")
+        with open(self.output_path, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "amqp_jobs.cli", "worker", app, *extra],
+                env=full_env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)
@@ -122,8 +126,7 @@ class WorkerProcess:
     def output(self) -> str:
         if self.proc.poll() is None:
             return ""
-        assert self.proc.stdout is not None
-        return self.proc.stdout.read()
+        return self.output_path.read_text()
 
     def stop_now(self) -> None:
         if self.proc.poll() is None:

@@ -56,10 +56,12 @@ def load(n: int) -> list[dict[str, object]]:
 
 async def finish(worker: WorkerProcess) -> None:
     """Stop a worker gracefully if it still runs; kill it if that fails."""
-    if worker.proc.poll() is None:
-        worker.signal(signal.SIGTERM)
-        await worker.wait(30)
-    worker.stop_now()
+    try:
+        if worker.proc.poll() is None:
+            worker.signal(signal.SIGTERM)
+            await worker.wait(30)
+    finally:
+        worker.stop_now()
 
 
 async def until_successes(h: Harness, count: int) -> None:
