@@ -82,8 +82,8 @@ class Retry(Exception):
     def __init__(self, delay: timedelta | float | None = None, reason: str = "") -> None:
         if isinstance(delay, timedelta):
             delay = delay.total_seconds()
-        if delay is not None and delay < 0:
-            raise ContractError(f"Retry delay must be >= 0 seconds, got {delay}")
+        if delay is not None and not 0 <= delay < float("inf"):  # NaN fails both
+            raise ContractError(f"Retry delay must be a finite number >= 0 seconds, got {delay}")
         self.delay: float | None = delay
         self.reason = reason
         super().__init__(reason or f"retry requested (delay={delay})")

@@ -42,7 +42,7 @@ from aio_pika.abc import AbstractConnection
 
 from amqp_jobs.channels import Delivery, open_channel
 from amqp_jobs.connection import TRANSIENT, connect, describe
-from amqp_jobs.contract import Job, check_namespace, check_queue_name
+from amqp_jobs.contract import MAX_BACKOFF, Job, check_namespace, check_queue_name
 from amqp_jobs.errors import (
     ArgsValidationError,
     BrokerUnavailableError,
@@ -755,7 +755,12 @@ class Worker:
         if isinstance(exc, Discard):
             reason = DeadReason.DISCARDED
         elif isinstance(exc, Retry):
-            delay = exc.delay if exc.delay is not None else policy.delay_after(env.attempt)
+            # an explicit delay is kept within the ETA bound the worker accepts, as backoffs are
+            delay = (
+                min(exc.delay, MAX_BACKOFF)
+                if exc.delay is not None
+                else policy.delay_after(env.attempt)
+            )
         elif policy.should_retry(exc):
             delay = policy.delay_after(env.attempt)
         else:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from amqp_jobs.testing import Namespace
 from tests.reliability.harness import REPORTS
 from tests.reliability.nodes import (
     Cluster,
@@ -47,6 +49,14 @@ def cluster() -> Iterator[Cluster]:
     _require_private_nodes()
     with private_cluster(3) as nodes:
         yield nodes
+
+
+@pytest.fixture
+async def ns(node: PrivateNode) -> AsyncIterator[Namespace]:
+    """A fresh namespace on the test module's private ``node``, deleted afterwards."""
+    namespace = Namespace(node.url(), f"p-{uuid.uuid4().hex[:8]}")
+    yield namespace
+    await namespace.delete()
 
 
 def _require_private_nodes() -> None:

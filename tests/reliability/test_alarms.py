@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from pydantic import BaseModel
@@ -38,13 +37,6 @@ class N(BaseModel):
 @pytest.fixture
 def node(private_broker: PrivateNode) -> Iterator[PrivateNode]:
     return private_broker
-
-
-@pytest.fixture
-async def ns(node: PrivateNode) -> AsyncIterator[Namespace]:
-    namespace = Namespace(node.url(), f"alarm-{uuid.uuid4().hex[:8]}")
-    yield namespace
-    await namespace.delete()
 
 
 def raise_alarm(node: PrivateNode) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,10 +21,13 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-async def harness(private_broker: PrivateNode, tmp_path: Path) -> AsyncIterator[Harness]:
-    namespace = Namespace(private_broker.url(), f"restart-{uuid.uuid4().hex[:8]}")
-    yield Harness(namespace, tmp_path / "events.log")
-    await namespace.delete()
+def node(private_broker: PrivateNode) -> PrivateNode:
+    return private_broker
+
+
+@pytest.fixture
+def harness(ns: Namespace, tmp_path: Path) -> Harness:
+    return Harness(ns, tmp_path / "events.log")
 
 
 async def restart_broker(node: PrivateNode, down_for: float = 2.0) -> None:

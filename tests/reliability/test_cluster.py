@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +35,7 @@ from amqp_jobs.topology import work_queue
 from tests.reliability import rel_app
 from tests.reliability.harness import REPORTS, Harness
 from tests.reliability.nodes import Cluster, PrivateNode
+from tests.reliability.test_faults import finish
 from tests.support import WorkerProcess, eventually
 
 pytestmark = pytest.mark.timeout(600)
@@ -150,12 +150,7 @@ async def scenario(
         load.stop.set()
         if not publishing.done():
             publishing.cancel()
-        try:
-            if worker.proc.poll() is None:
-                worker.signal(signal.SIGTERM)
-                await worker.wait(60)
-        finally:
-            worker.stop_now()
+        await finish(worker)
     output = worker.output()
     resumed = min((e["t"] for e in h.events("start") if e["t"] > struck), default=float("inf"))
     first_start: dict[str, float] = {}

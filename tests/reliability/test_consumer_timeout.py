@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from pydantic import BaseModel
@@ -56,13 +55,6 @@ def node() -> Iterator[PrivateNode]:
         role="ctimeout",
     ) as started:
         yield started
-
-
-@pytest.fixture
-async def ns(node: PrivateNode) -> AsyncIterator[Namespace]:
-    namespace = Namespace(node.url(), f"ct-{uuid.uuid4().hex[:8]}")
-    yield namespace
-    await namespace.delete()
 
 
 async def test_a_job_past_consumer_timeout_freezes_nothing(

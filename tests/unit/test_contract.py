@@ -321,3 +321,11 @@ def test_a_backoff_never_asks_for_more_than_workers_accept(backoff: wait_base) -
     NaN, which would raise when the worker computes the retry's ETA."""
     delay = RetryPolicy(backoff=backoff, max_attempts=100).delay_after(80)
     assert 0 <= delay < MAX_ETA_AHEAD_MS / 1000
+
+
+@pytest.mark.parametrize("delay", [float("nan"), float("inf"), -1.0])
+def test_retry_refuses_a_delay_that_is_not_a_finite_number_of_seconds(delay: float) -> None:
+    from amqp_jobs import Retry
+
+    with pytest.raises(ContractError, match="finite"):
+        Retry(delay=delay)
