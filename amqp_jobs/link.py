@@ -217,28 +217,29 @@ class Link:
         began = loop.time()
         token = deadline.set(began + budget)
         try:
-            await self._retrying(op, give_up_after, budget, began + give_up_after)
+            if self.is_open:
+                # Fast path: one attempt without building a retry loop (or another
+                # coroutine), which would cost more than the publish itself. Anything
+                # worth retrying falls through.
+                try:
+                    await op()
+                    return
+                except (*RECOVERABLE, PublishRefusedError):
+                    pass
+                except PublishError as exc:
+                    if not (self.declare and _stale_topology(exc)):
+                        raise
+            await self._retry(op, give_up_after, budget, began + give_up_after)
         finally:
             deadline.reset(token)
 
-    async def _retrying(
+    async def _retry(
         self,
         op: Callable[[], Awaitable[None]],
         give_up_after: float,
         budget: float,
         retry_until: float,
     ) -> None:
-        if self.is_open:
-            # Fast path: one attempt without building a retry loop, which would cost
-            # more than the publish itself. Anything worth retrying falls through.
-            try:
-                await op()
-                return
-            except (*RECOVERABLE, PublishRefusedError):
-                pass
-            except PublishError as exc:
-                if not (self.declare and _stale_topology(exc)):
-                    raise
         redeclared = False
         # BrokerUnavailableError comes from connect(), which has already spent its own
         # retry budget (or met a failure that retrying cannot cure: login, certificate).
