@@ -32,7 +32,6 @@ from tenacity import (
 from amqp_jobs.channels import open_channel
 from amqp_jobs.errors import (
     BrokerUnavailableError,
-    ContractError,
     PublishError,
     PublishRefusedError,
     PublishTimeoutError,
@@ -211,8 +210,6 @@ async def connect(
     except (*TRANSIENT, aiormq.exceptions.InvalidFrameError) as exc:
         # authentication errors included (aiormq's are ConnectionErrors)
         raise BrokerUnavailableError(_why_not_connected(tried, exc, brokers)) from None
-    except ContractError:
-        raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 

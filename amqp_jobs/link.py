@@ -284,12 +284,12 @@ class Link:
                 ) from None
 
 
-def _past(limit: float | None) -> Callable[[RetryCallState], bool]:
+def _past(limit: float) -> Callable[[RetryCallState], bool]:
     """A tenacity stop: the next attempt would begin after the loop time ``limit``."""
 
     def stop(state: RetryCallState) -> bool:
         now = asyncio.get_running_loop().time()
-        return limit is not None and now + (state.upcoming_sleep or 0.0) >= limit
+        return now + (state.upcoming_sleep or 0.0) >= limit
 
     return stop
 

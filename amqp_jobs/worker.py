@@ -803,13 +803,11 @@ class Worker:
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
 
     async def _settle(self, msg: Delivery, action: Action, queue: str) -> bool:
-        if msg.channel.is_closed:
-            self._vouch(msg)  # the broker took it back from this living process
         settled = await settle(
             msg, action, self.link, queue, hold_until=self._deadline(msg, settling=True)
         )
         if not settled and msg.channel.is_closed:
-            self._vouch(msg)
+            self._vouch(msg)  # the broker took it back from this living process
         return settled
 
     async def _hook(self, name: str, ctx: JobContext, *rest: Any) -> None:
