@@ -2,12 +2,14 @@
 
 from amqp_jobs.app import JobApp
 from amqp_jobs.client import BatchPublishError, JobClient
-from amqp_jobs.contract import Job, RetryPolicy
+from amqp_jobs.contract import Job, Namespace, RetryPolicy
 from amqp_jobs.errors import (
     AmqpJobsError,
     ArgsValidationError,
     BrokerUnavailableError,
+    ConnectionLostError,
     ContractError,
+    Defer,
     Discard,
     JobTimeoutError,
     PublishError,
@@ -18,7 +20,9 @@ from amqp_jobs.errors import (
     UnroutableError,
 )
 from amqp_jobs.message import DeadReason
-from amqp_jobs.registry import JobContext, JobHooks, Outcome, OutcomeKind
+from amqp_jobs.middleware import Middleware, Publishing
+from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
+from amqp_jobs.registry import JobHooks
 from amqp_jobs.topology import TopologySettings
 from amqp_jobs.worker import Worker, WorkerStats
 
@@ -29,8 +33,10 @@ __all__ = [
     "ArgsValidationError",
     "BatchPublishError",
     "BrokerUnavailableError",
+    "ConnectionLostError",
     "ContractError",
     "DeadReason",
+    "Defer",
     "Discard",
     "Job",
     "JobApp",
@@ -38,11 +44,14 @@ __all__ = [
     "JobContext",
     "JobHooks",
     "JobTimeoutError",
+    "Middleware",
+    "Namespace",
     "Outcome",
     "OutcomeKind",
     "PublishError",
     "PublishRefusedError",
     "PublishTimeoutError",
+    "Publishing",
     "Retry",
     "RetryPolicy",
     "TopologyMismatchError",

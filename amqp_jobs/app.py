@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypedDict, Unpack
 
-from amqp_jobs.contract import Job, check_namespace
+from amqp_jobs.contract import ArgsT, Job, Namespace, TopologySettings
+from amqp_jobs.middleware import Middleware, stack
+from amqp_jobs.outcome import JobContext
 from amqp_jobs.registry import Handler, JobHooks, Registry
-from amqp_jobs.topology import TopologySettings
+from amqp_jobs.transport import Transport
 from amqp_jobs.urls import BrokerURLs
 from amqp_jobs.worker import Worker
 
-F = TypeVar("F", bound=Handler)
+#: What a handler for a job with args model ``ArgsT`` may be: async or plain, taking
+#: ``(args)`` or ``(args, ctx)``.
+TypedHandler = (
+    Callable[[ArgsT], Awaitable[Any]]
+    | Callable[[ArgsT, JobContext], Awaitable[Any]]
+    | Callable[[ArgsT], Any]
+    | Callable[[ArgsT, JobContext], Any]
+)
+
+
+class WorkerOptions(TypedDict, total=False):
+    """The options of ``JobApp.worker`` (as ``Worker``'s)."""
+
+    queues: Sequence[str]
+    concurrency: int
+    grace: float
+    hooks: Sequence[JobHooks]
+    middleware: Sequence[Middleware]
+    ssl_context: ssl.SSLContext | None
+    max_body: int
+    connect_timeout: float
+    consumer_timeout: float
+    name: str
 
 
 class JobApp:
@@ -19,7 +44,7 @@ class JobApp:
 
     ::
 
-        app = JobApp(namespace="shop")
+        app = JobApp(Namespace("shop"))
 
         @app.handler(send_welcome)
         async def send(args: WelcomeEmail, ctx: JobContext) -> None: ...
@@ -27,26 +52,32 @@ class JobApp:
 
     def __init__(
         self,
-        namespace: str,
+        namespace: Namespace | str,
         *,
         settings: TopologySettings | None = None,
         hooks: Sequence[JobHooks] = (),
+        middleware: Sequence[Middleware] = (),
     ) -> None:
-        self.namespace = check_namespace(namespace)
-        self.settings = settings or TopologySettings()
+        ns = Namespace.of(namespace, settings)
+        self.ns = ns
+        self.namespace = ns.name
+        self.settings = ns.settings
         self.hooks = list(hooks)
+        self.middleware = list(stack(middleware))  # checked now, not at worker start
         self.registry = Registry()
 
-    def handler(self, job: Job[Any]) -> Callable[[F], F]:
-        """Register the decorated function (``async def`` or plain ``def``) for ``job``."""
+    def handler(self, job: Job[ArgsT]) -> Callable[[TypedHandler[ArgsT]], TypedHandler[ArgsT]]:
+        """Register the decorated function (``async def`` or plain ``def``) for ``job``;
+        it takes ``(args)`` or ``(args, ctx)``, args being the job's model (checked by
+        a type checker)."""
 
-        def register(func: F) -> F:
+        def register(func: TypedHandler[ArgsT]) -> TypedHandler[ArgsT]:
             self.registry.add(job, func)
             return func
 
         return register
 
-    def add_handler(self, job: Job[Any], func: Handler) -> None:
+    def add_handler(self, job: Job[ArgsT], func: TypedHandler[ArgsT]) -> None:
         """Register ``func`` for ``job`` without a decorator."""
         self.registry.add(job, func)
 
@@ -58,13 +89,15 @@ class JobApp:
     def queues(self) -> list[str]:
         return sorted(self.registry.queues)
 
-    def worker(self, url: str | Sequence[str] | BrokerURLs | None = None, **options: Any) -> Worker:
-        """A Worker for this app; options as Worker's (queues, concurrency, grace, ...)."""
+    def worker(
+        self,
+        url: str | Sequence[str] | BrokerURLs | Transport | None = None,
+        **options: Unpack[WorkerOptions],
+    ) -> Worker:
+        """A Worker for this app's namespace; options as Worker's."""
         options.setdefault("hooks", self.hooks)
-        options.setdefault("settings", self.settings)
-        options.setdefault("namespace", self.namespace)
-        return Worker(
-            self.registry,
-            url=url,
-            **options,
-        )
+        options.setdefault("middleware", self.middleware)
+        return Worker(self.registry, namespace=self.ns, url=url, **options)
+
+
+__all__ = ["Handler", "JobApp", "WorkerOptions"]

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from amqp_jobs import commands
-from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when
+from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when, scrub
+from amqp_jobs.contract import Namespace
 from amqp_jobs.errors import AmqpJobsError, ContractError
-from amqp_jobs.urls import DEFAULT_URL, resolve
+from amqp_jobs.urls import DEFAULT_URL, BrokerURLs, resolve
 from amqp_jobs.worker import BROKER_CONSUMER_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_GRACE, Worker
 
 log = logging.getLogger("amqp_jobs.cli")
@@ -40,14 +41,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
+def _option(*flags: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """One option, declared once, for every subcommand that takes it (``parents=``).
+
+    Subcommands share the option's action: never ``set_defaults`` one of them on a
+    subcommand, or every other subcommand gets that default too.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **kwargs)
+    return parent
+
+
+def _connect_timeout(default: float, note: str = "") -> argparse.ArgumentParser:
+    """``--connect-timeout``: workers wait longer for the broker than operators do."""
+    return _option(
+        "--connect-timeout",
+        type=parse_duration,
+        default=default,
+        metavar="SECONDS",
+        help=f"seconds to keep trying to reach the broker before giving up (default"
+        f" %(default)g){note}",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    url = _option("--url", default=None, action="append", metavar="URL", help=URL_HELP)
+    namespace = _option(
+        "--namespace",
+        default=None,
+        metavar="NS",
+        help="namespace: the prefix of every exchange and queue (default: the app's, else"
+        " $AMQP_JOBS_NAMESPACE)",
+    )
 
     worker = sub.add_parser(
         "worker",
+        parents=[url, namespace, _connect_timeout(30.0, "; once connected, it reconnects forever")],
         help="run a worker for an app's queues",
         description=(
             "Consume the app's work queues and run their handlers. SIGTERM or SIGINT stops"
@@ -81,66 +104,61 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         type=_positive_int,
         default=DEFAULT_CONCURRENCY,
+        metavar="N",
         help=f"jobs run at once, and the prefetch count (default {DEFAULT_CONCURRENCY})",
     )
     worker.add_argument(
         "--grace",
-        type=_seconds,
+        type=parse_duration,
         default=DEFAULT_GRACE,
+        metavar="SECONDS",
         help=f"seconds in-flight jobs get to finish on shutdown (default {DEFAULT_GRACE:.0f})",
-    )
-    worker.add_argument("--url", default=None, action="append", metavar="URL", help=URL_HELP)
-    worker.add_argument(
-        "--namespace",
-        default=None,
-        help="override the app's namespace (prefix of every exchange and queue)",
     )
     worker.add_argument(
         "--consumer-timeout",
-        type=_seconds,
+        type=parse_duration,
         default=BROKER_CONSUMER_TIMEOUT,
+        metavar="SECONDS",
         help="the broker's consumer_timeout in seconds; job timeouts must stay below it"
         f" (default {BROKER_CONSUMER_TIMEOUT:.0f}, RabbitMQ's default)",
     )
     worker.add_argument(
-        "--connect-timeout",
-        type=_seconds,
-        default=30.0,
-        help="seconds to keep trying the first connection before giving up (default 30)",
-    )
-
-    worker.add_argument(
         "--log-level",
         default=os.environ.get("AMQP_JOBS_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging level (default INFO, or $AMQP_JOBS_LOG_LEVEL)",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO, or $AMQP_JOBS_LOG_LEVEL)",
     )
-    _add_operations(sub)
+    _add_operations(sub, url=url, namespace=namespace)
     return parser
 
 
-def _common(p: argparse.ArgumentParser, *, app: bool = True, json_out: bool = True) -> None:
-    p.add_argument("--url", default=None, action="append", metavar="URL", help=URL_HELP)
-    p.add_argument(
-        "--namespace",
+def _add_operations(
+    sub: Any, *, url: argparse.ArgumentParser, namespace: argparse.ArgumentParser
+) -> None:
+    app = _option(
+        "--app",
         default=None,
-        help="namespace (default: the app's, else $AMQP_JOBS_NAMESPACE)",
+        metavar="MODULE:APP",
+        help="a JobApp, as module:attribute: supplies the namespace, jobs, queues and settings",
     )
-    if app:
-        p.add_argument("--app", default=None, help="a JobApp, as module:attribute")
-    if json_out:
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument(
-        "--connect-timeout",
-        type=_seconds,
-        default=10.0,
-        help="seconds to keep trying to reach the broker (default 10)",
+    json_out = _option("--json", action="store_true", help="print JSON instead of text")
+    queues = _option(
+        "--queue",
+        "-q",
+        action="append",
+        dest="queues",
+        metavar="QUEUE",
+        help="a work queue (repeatable), besides the app's queues",
     )
+    job = _option("--job", default=None, metavar="NAME", help="only jobs of this name")
+    # What each kind of command takes: every option offered does something there.
+    offline = [namespace, app, json_out]  # reads the app or the schemas, never the broker
+    online = [url, *offline, _connect_timeout(10.0)]  # talks to the broker
 
-
-def _add_operations(sub: Any) -> None:
     status = sub.add_parser(
         "status",
+        parents=[*online, queues],
         help="queue depths of a namespace",
         description=(
             "One table for the namespace: each work queue's ready, unacknowledged and"
@@ -149,14 +167,10 @@ def _add_operations(sub: Any) -> None:
             " reached."
         ),
     )
-    _common(status)
-    status.add_argument(
-        "--queue", "-q", action="append", dest="queues", metavar="QUEUE",
-        help="a work queue to show (repeatable; default: the app's queues)",
-    )  # fmt: skip
     status.add_argument(
         "--management-url",
         default=None,
+        metavar="URL",
         help="RabbitMQ management API (e.g. http://127.0.0.1:15672) for unacked counts and"
         " queue discovery (default: $AMQP_MANAGEMENT_URL); credentials default to the URL's",
     )
@@ -172,6 +186,7 @@ def _add_operations(sub: Any) -> None:
 
     dl = dsub.add_parser(
         "list",
+        parents=[*online, job],
         help="list a queue's dead jobs, oldest first",
         description=(
             "List the dead jobs of QUEUE, oldest first: job id, job name, attempts, failed at,"
@@ -179,26 +194,23 @@ def _add_operations(sub: Any) -> None:
         ),
     )
     dl.add_argument("queue", metavar="QUEUE", help="work queue name (not the full dead queue)")
-    dl.add_argument("--limit", type=_positive_int, default=None, help="show at most N jobs")
-    dl.add_argument("--job", default=None, metavar="NAME", help="only jobs of this name")
-    _common(dl)
+    dl.add_argument(
+        "--limit", type=_positive_int, default=None, metavar="N", help="show at most N jobs"
+    )
     dl.set_defaults(handler=commands.cmd_dead_list)
 
     ds = dsub.add_parser(
         "show",
+        parents=[*online, queues],
         help="everything about one dead job",
         description="Everything about one dead job: error, traceback, args and headers.",
     )
     ds.add_argument("job_id", metavar="JOB_ID", help="the job id (message_id) of the dead job")
-    ds.add_argument(
-        "--queue", "-q", action="append", dest="queues", metavar="QUEUE",
-        help="queue(s) to search (default: the app's queues)",
-    )  # fmt: skip
-    _common(ds)
     ds.set_defaults(handler=commands.cmd_dead_show)
 
     dr = dsub.add_parser(
         "replay",
+        parents=[*online, job],
         help="send dead jobs back to their work queue",
         description=(
             "Republish dead jobs of QUEUE to its work queue with job-attempt reset to 1 and"
@@ -213,12 +225,11 @@ def _add_operations(sub: Any) -> None:
         "--id", action="append", dest="ids", metavar="JOB_ID", help="a job to replay (repeatable)"
     )
     which.add_argument("--all", action="store_true", help="replay every dead job of QUEUE")
-    dr.add_argument("--job", default=None, metavar="NAME", help="only jobs of this name")
-    _common(dr)
     dr.set_defaults(handler=commands.cmd_dead_replay)
 
     dp = dsub.add_parser(
         "purge",
+        parents=[*online, job],
         help="delete dead jobs",
         description=(
             "Delete the dead jobs of QUEUE (all, or those matching --job and --older-than)."
@@ -226,7 +237,6 @@ def _add_operations(sub: Any) -> None:
         ),
     )
     dp.add_argument("queue", metavar="QUEUE", help="work queue whose dead jobs to delete")
-    dp.add_argument("--job", default=None, metavar="NAME", help="only jobs of this name")
     dp.add_argument(
         "--older-than",
         type=parse_duration,
@@ -235,11 +245,11 @@ def _add_operations(sub: Any) -> None:
         help="only jobs that died longer ago than this (e.g. 7d, 12h, 30m)",
     )
     dp.add_argument("--yes", "-y", action="store_true", help="do not ask")
-    _common(dp)
     dp.set_defaults(handler=commands.cmd_dead_purge)
 
     enq = sub.add_parser(
         "enqueue",
+        parents=online,
         help="publish one job, validated against its contract",
         description=(
             "Publish JOB_NAME with ARGS_JSON, validated first against the job's contract:"
@@ -258,7 +268,6 @@ def _add_operations(sub: Any) -> None:
         help="run at this time (UTC unless the time has a zone)",
     )  # fmt: skip
     enq.add_argument("--schemas", default=None, metavar="DIR", help="validate with these schemas")
-    _common(enq)
     enq.set_defaults(handler=commands.cmd_enqueue)
 
     topo = sub.add_parser(
@@ -268,20 +277,21 @@ def _add_operations(sub: Any) -> None:
     )
     tsub = topo.add_subparsers(dest="topology_command", metavar="ACTION")
     tsub.required = True
-    for name, handler, text in (
-        ("show", commands.cmd_topology_show, "print every exchange, queue and binding"),
-        ("declare", commands.cmd_topology_declare, "declare them on the broker (idempotent)"),
-    ):
-        t = tsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        t.add_argument(
-            "--queue", "-q", action="append", dest="queues", metavar="QUEUE",
-            help="a work queue (repeatable; default: the app's)",
-        )  # fmt: skip
-        t.add_argument(
-            "--job", action="append", dest="jobs", metavar="NAME",
-            help="a job name to bind to the one --queue (repeatable)",
-        )  # fmt: skip
-        _common(t)
+    bind = _option(
+        "--job", action="append", dest="jobs", metavar="NAME",
+        help="a job name to bind to the one --queue (repeatable)",
+    )  # fmt: skip
+    for name, handler, text, takes in (
+        ("show", commands.cmd_topology_show, "print every exchange, queue and binding", offline),
+        ("declare", commands.cmd_topology_declare, "declare them on the broker (idempotent)",
+         online),
+    ):  # fmt: skip
+        t = tsub.add_parser(
+            name,
+            parents=[*takes, queues, bind],
+            help=text,
+            description=text[0].upper() + text[1:] + ".",
+        )
         t.set_defaults(handler=handler)
 
     sch = sub.add_parser(
@@ -292,31 +302,34 @@ def _add_operations(sub: Any) -> None:
     ssub = sch.add_subparsers(dest="schemas_command", metavar="ACTION")
     ssub.required = True
     se = ssub.add_parser(
-        "export", help="write the schemas to DIR", description="Write the schemas to DIR."
+        "export",
+        parents=offline,
+        help="write the schemas to DIR",
+        description="Write the schemas to DIR.",
     )
     se.add_argument("directory", metavar="DIR", help="directory to write (created if missing)")
-    _common(se)
     se.set_defaults(handler=commands.cmd_schemas_export)
     sc = ssub.add_parser(
         "check",
+        parents=offline,
         help="fail if DIR differs from the code",
         description="Exit 1 when the schemas in DIR differ from the code (missing, extra,"
         " changed).",
     )
     sc.add_argument("directory", metavar="DIR", help="directory of checked-in schemas")
-    _common(sc)
     sc.set_defaults(handler=commands.cmd_schemas_check)
 
     api = sub.add_parser(
         "asyncapi",
+        # --url names the server in the document; nothing connects, and it is JSON anyway
+        parents=[url, namespace, app],
         help="write an AsyncAPI 3.0 document of the namespace",
         description=(
             "An AsyncAPI 3.0 document: the jobs exchange and routing keys, each job's message"
-            " (payload schema and headers), and the work queues."
+            " (payload schema and headers), and the work queues; --url names the server."
         ),
     )
     api.add_argument("--output", "-o", default=None, metavar="FILE", help="default: stdout")
-    _common(api, json_out=False)
     api.set_defaults(handler=commands.cmd_asyncapi)
 
 
@@ -338,14 +351,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Any = args.handler
         return int(handler(args))
     except UsageError as exc:
-        print(f"amqp-jobs: error: {exc}", file=sys.stderr)
+        _error(exc, args)
         return 2
     except AmqpJobsError as exc:
-        print(f"amqp-jobs: error: {exc}", file=sys.stderr)
+        _error(exc, args)
+        return 1
+    except OSError as exc:  # a file that cannot be written; a broker lost below the library
+        _error(exc, args)
         return 1
     except KeyboardInterrupt:
         print("amqp-jobs: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(exc: BaseException, args: argparse.Namespace) -> None:
+    """``exc`` as one line on stderr, with no password of the command's broker URLs."""
+    try:
+        urls: BrokerURLs | None = resolve(getattr(args, "url", None))
+    except ContractError:
+        urls = None
+    print(f"amqp-jobs: error: {scrub(str(exc) or type(exc).__name__, urls)}", file=sys.stderr)
 
 
 def run_worker_command(args: argparse.Namespace) -> int:
@@ -358,17 +383,20 @@ def run_worker_command(args: argparse.Namespace) -> int:
         urls = resolve(args.url)
     except ContractError as exc:
         raise UsageError(str(exc)) from None
-    options: dict[str, object] = {
-        "queues": args.queues,
-        "concurrency": args.concurrency,
-        "grace": args.grace,
-        "consumer_timeout": args.consumer_timeout,
-        "connect_timeout": args.connect_timeout,
-        "name": f"amqp-jobs worker {os.getpid()}",
-    }
-    if args.namespace:
-        options["namespace"] = args.namespace
-    worker = app.worker(urls, **options)
+    namespace = Namespace(args.namespace, app.settings) if args.namespace else app.ns
+    worker = Worker(
+        app.registry,
+        namespace=namespace,
+        url=urls,
+        hooks=app.hooks,
+        middleware=app.middleware,
+        queues=args.queues,
+        concurrency=args.concurrency,
+        grace=args.grace,
+        consumer_timeout=args.consumer_timeout,
+        connect_timeout=args.connect_timeout,
+        name=f"amqp-jobs worker {os.getpid()}",
+    )
     log.info("starting worker for %s on %s", args.app, urls)
     asyncio.run(_serve(worker))
     _exit_if_threads_linger()

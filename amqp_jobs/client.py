@@ -10,42 +10,27 @@ import asyncio
 import math
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from amqp_jobs.contract import ArgsT, Job, check_namespace
-from amqp_jobs.errors import ContractError, PublishError
-from amqp_jobs.link import Link
+from amqp_jobs.clock import WALL, Clock
+from amqp_jobs.contract import ArgsT, Job, Namespace, TopologySettings
+from amqp_jobs.errors import BatchPublishError as BatchPublishError
+from amqp_jobs.errors import ContractError
 from amqp_jobs.message import (
     MAX_ETA_AHEAD_MS,
     NO_ID_PREFIX,
     Envelope,
     check_headers,
-    eta_after,
-    now_ms,
 )
-from amqp_jobs.topology import TopologySettings
-from amqp_jobs.urls import BrokerURLs, resolve
+from amqp_jobs.middleware import Middleware, Publishing, publish_through, stack
+from amqp_jobs.transport import Transport, transport_for
+from amqp_jobs.urls import BrokerURLs
 
 #: Publishes in flight at once in enqueue_many (confirms are pipelined within it).
 BATCH_WINDOW = 2000
-
-
-class BatchPublishError(PublishError):
-    """Some jobs of an ``enqueue_many`` batch were not confirmed.
-
-    ``job_ids`` lists every job's id in input order; ``failed`` maps the index of each job
-    that was not confirmed to its error. The others were confirmed.
-    """
-
-    def __init__(self, job_ids: list[str], failed: dict[int, BaseException]) -> None:
-        self.job_ids = job_ids
-        self.failed = failed
-        first = failed[min(failed)]
-        super().__init__(
-            f"{len(failed)} of {len(job_ids)} jobs were not confirmed; first error: {first}"
-        )
 
 
 #: The longest delay: 1 ms under the bound the worker's decode applies to ETAs, which
@@ -60,7 +45,9 @@ def _too_far(what: str) -> ContractError:
     )
 
 
-def resolve_eta(delay: timedelta | float | None, run_at: datetime | None) -> int | None:
+def resolve_eta(
+    delay: timedelta | float | None, run_at: datetime | None, clock: Clock = WALL
+) -> int | None:
     """Absolute ETA in epoch milliseconds, or None to run now.
 
     Raises ContractError for a NaN or infinite delay, and for an ETA further ahead than
@@ -79,7 +66,7 @@ def resolve_eta(delay: timedelta | float | None, run_at: datetime | None) -> int
             raise ContractError(f"delay must not be negative, got {delay}")
         if delay > MAX_DELAY:  # inf included; checked before eta_after would overflow
             raise _too_far(f"delay={delay!r} s")
-        return eta_after(delay) if delay > 0 else None
+        return clock.ms_after(delay) if delay > 0 else None
     if run_at is not None:
         if not isinstance(run_at, datetime):
             raise ContractError(f"run_at must be a datetime, got {run_at!r}")
@@ -89,7 +76,7 @@ def resolve_eta(delay: timedelta | float | None, run_at: datetime | None) -> int
             eta = math.ceil(run_at.timestamp() * 1000)
         except (OverflowError, ValueError, OSError) as exc:
             raise ContractError(f"run_at={run_at!r} is out of range: {exc}") from None
-        now = now_ms()
+        now = clock.now_ms()
         if eta > now + MAX_ETA_AHEAD_MS:  # what the worker's decode checks, a bit later
             raise _too_far(f"run_at={run_at.isoformat()}")
         return eta if eta > now else None
@@ -132,30 +119,33 @@ class JobClient:
 
     def __init__(
         self,
-        url: str | Sequence[str] | BrokerURLs | None = None,
+        url: str | Sequence[str] | BrokerURLs | Transport | None = None,
         *,
-        namespace: str,
+        namespace: Namespace | str,
         settings: TopologySettings | None = None,
         declare: bool = True,
         ssl_context: ssl.SSLContext | None = None,
         retry_for: float = 30.0,
         confirm_timeout: float = 30.0,
         name: str = "amqp-jobs client",
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if retry_for < 0 or confirm_timeout <= 0:
             raise ContractError("retry_for must be >= 0 and confirm_timeout > 0")
-        #: the broker's URLs (several for a cluster): given, else $AMQP_URL, else local
-        self.urls = resolve(url)
-        self.namespace = check_namespace(namespace)
-        self.settings = settings or TopologySettings()
+        ns = Namespace.of(namespace, settings)
+        self.namespace = ns.name
+        self.settings = ns.settings
+        #: the broker (RabbitMQ at the URLs given, else $AMQP_URL, else local; or memory://)
+        self.transport = transport_for(url, ssl_context=ssl_context)
+        self.urls = self.transport.urls
         self.retry_for = retry_for
-        self._link = Link(
-            self.urls,
+        self.middleware = stack(middleware)
+        self._clock = self.transport.clock
+        self._link = self.transport.link(
             self.namespace,
             self.settings,
             name=name,
             declare=declare,
-            ssl_context=ssl_context,
             connect_timeout=retry_for,
             confirm_timeout=confirm_timeout,
         )
@@ -183,7 +173,7 @@ class JobClient:
     def declared_queues(self) -> set[str]:
         """Work queues this client declared (tests use it to clean up)."""
         link = self._link
-        return link.known_queues | (link.declarer.queues if link.is_open else set())
+        return set(link.known_queues)
 
     def prepare(
         self,
@@ -206,7 +196,7 @@ class JobClient:
             job.name,
             job.encode_args(args),
             job.queue,
-            eta_ms=resolve_eta(delay, run_at),
+            eta_ms=resolve_eta(delay, run_at, self._clock),
             job_id=job_id,
             headers=headers,
         )
@@ -229,8 +219,27 @@ class JobClient:
         envelope = self.prepare(
             job, args, delay=delay, run_at=run_at, job_id=job_id, headers=headers
         )
-        await self.send(envelope, job.queue)
+        if self.middleware:
+            await self._send_through_middleware(job, envelope)
+        else:
+            await self.send(envelope, job.queue)
         return envelope.job_id
+
+    async def _send_through_middleware(self, job: Job[Any], envelope: Envelope) -> None:
+        """Publish inside every middleware's ``publish``; headers they add are checked
+        like the caller's, and travel with the job."""
+        publishing = Publishing(
+            job, envelope.job_id, job.queue, envelope.eta_ms, dict(envelope.extra_headers)
+        )
+
+        async def send() -> None:
+            added = {k: v for k, v in publishing.headers.items() if k not in envelope.extra_headers}
+            if added:
+                check_headers(added)
+            final = replace(envelope, extra_headers=dict(publishing.headers))
+            await self.send(final, job.queue)
+
+        await publish_through(self.middleware, publishing, send)
 
     async def enqueue_many(
         self,
@@ -250,8 +259,10 @@ class JobClient:
         failed: dict[int, BaseException] = {}
         for start in range(0, len(envelopes), BATCH_WINDOW):
             window = envelopes[start : start + BATCH_WINDOW]
+            send = self._send_through_middleware if self.middleware else None
             results = await asyncio.gather(
-                *(self.send(e, job.queue) for e in window), return_exceptions=True
+                *(send(job, e) if send else self.send(e, job.queue) for e in window),
+                return_exceptions=True,
             )
             for offset, result in enumerate(results):
                 if isinstance(result, BaseException):

@@ -8,45 +8,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aio_pika.abc import AbstractConnection
-
-from amqp_jobs import ops, schemas
+from amqp_jobs import durations, ops, schemas
 from amqp_jobs.app import JobApp
 from amqp_jobs.client import JobClient, resolve_eta
-from amqp_jobs.connection import connect
 from amqp_jobs.contract import Job, check_namespace, check_queue_name
-from amqp_jobs.errors import ContractError
-from amqp_jobs.link import Link
+from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, ContractError, NotFoundError
 from amqp_jobs.message import Envelope
 from amqp_jobs.topology import (
     TopologySettings,
-    dead_exchange,
     dead_queue,
-    delay_exchange,
-    delay_queue,
-    delay_queue_arguments,
-    deliver_binding,
-    deliver_exchange,
-    due_queue,
-    jobs_exchange,
-    level_binding,
-    parking_queue_arguments,
-    quarantine_queue,
-    unroutable,
+    namespace_plan,
     work_queue,
-    work_queue_arguments,
 )
-from amqp_jobs.urls import resolve
+from amqp_jobs.transport import transport_for
+from amqp_jobs.transport.amqp.connection import connect
+from amqp_jobs.urls import BrokerURLs, mask_url, resolve
 
 T = TypeVar("T")
 
@@ -77,32 +65,13 @@ def load_app(target: str) -> JobApp:
     return app
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_duration(text: str) -> float:
-    """Seconds in '90', '90s', '5m', '1h30m', '2d', '500ms'."""
-    text = text.strip().lower()
+    """An argparse type: seconds in '90', '90s', '5m', '1h30m', '2d', '500ms' (see
+    durations.parse_duration)."""
     try:
-        value = float(text)
-    except ValueError:
-        pass
-    else:
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"duration must not be negative: {text!r}")
-        return value
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (examples: 30s, 5m, 1h30m, 2d, 500ms)"
-        )
-    return total
+        return durations.parse_duration(text)
+    except ContractError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_when(text: str) -> datetime:
@@ -120,10 +89,12 @@ class Context:
     """What every operations command needs: URL, namespace, settings, the app if any."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        try:
-            self.urls = resolve(getattr(args, "url", None))
-        except ContractError as exc:
-            raise UsageError(str(exc)) from None
+        self._urls: BrokerURLs | None = None
+        if hasattr(args, "url"):  # only commands that take --url need a broker's URL
+            try:
+                self._urls = resolve(args.url)
+            except ContractError as exc:
+                raise UsageError(str(exc)) from None
         self.app = load_app(args.app) if getattr(args, "app", None) else None
         namespace = (
             args.namespace
@@ -151,7 +122,16 @@ class Context:
                 raise UsageError(str(exc)) from None
         return sorted(names)
 
-    def run(self, body: Callable[[AbstractConnection], Awaitable[T]]) -> T:
+    @property
+    def urls(self) -> BrokerURLs:
+        """--url, else $AMQP_URL, else the local default (``urls.resolve``)."""
+        assert self._urls is not None, "this command takes no --url"
+        return self._urls
+
+    def run(self, body: Callable[[ops.Connection], Awaitable[T]]) -> T:
+        """``body`` on a new connection. A broker that goes away or refuses mid-command
+        raises one of our errors, password masked, never the AMQP client's."""
+
         async def main() -> T:
             connection = await connect(
                 self.urls, name="amqp-jobs cli", give_up_after=self.connect_timeout
@@ -159,9 +139,37 @@ class Context:
             try:
                 return await body(connection)
             finally:
-                await connection.close()
+                with contextlib.suppress(*ops.BROKER_LOST, *ops.BROKER_REFUSED):
+                    await connection.close()  # a lost one is closed already
 
-        return asyncio.run(main())
+        try:
+            return asyncio.run(main())
+        except AmqpJobsError:
+            raise
+        except ops.BROKER_LOST as exc:
+            raise ConnectionLostError(
+                f"lost the connection to the broker at {self.urls}: {self._scrub(exc)}"
+                " (run the command again once it is back)"
+            ) from None
+        except ops.BROKER_REFUSED as exc:
+            raise AmqpJobsError(f"the broker at {self.urls} refused: {self._scrub(exc)}") from None
+
+    def _scrub(self, exc: BaseException) -> str:
+        """The error in one line, without any password of ours."""
+        text = str(exc) or type(exc).__name__
+        if type(exc).__name__ not in text:
+            text = f"{type(exc).__name__}: {text}"
+        return scrub(text, self.urls)
+
+
+def scrub(text: str, urls: BrokerURLs | None) -> str:
+    """``text`` on one line, with the password of every URL in it masked, and the
+    passwords of ``urls`` masked wherever they appear (but a user name that happens to
+    equal its password stays readable in ``user:***@``)."""
+    text = mask_url(" ".join(text.split()))
+    for password in urls.passwords() if urls is not None else ():
+        text = re.sub(re.escape(password) + r"(?!:\*\*\*@)", "***", text)
+    return text
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -257,7 +265,7 @@ def cmd_dead_show(args: argparse.Namespace) -> int:
     dead = ctx.run(lambda c: ops.find_dead(c, ctx.namespace, queues, args.job_id))
     if dead is None:
         searched = ", ".join(dead_queue(ctx.namespace, q) for q in queues)
-        raise ops.NotFoundError(f"no dead job {args.job_id!r} in {searched}")
+        raise NotFoundError(f"no dead job {args.job_id!r} in {searched}")
     info = dead.details()
     lines = [f"{k:>14}: {v}" for k, v in info.items() if k not in ("traceback", "headers", "args")]
     lines += ["", "args:", f"  {info['args']}", "", "traceback:", info["traceback"] or "  -"]
@@ -349,7 +357,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         queue = known_job.queue
     envelope = Envelope.new(args.job, body, queue, eta_ms=resolve_eta(delay, run_at))
 
-    async def send(_: AbstractConnection) -> None:
+    async def send(_: ops.Connection) -> None:
         async with JobClient(
             ctx.urls, namespace=ctx.namespace, settings=ctx.settings, retry_for=ctx.connect_timeout
         ) as client:
@@ -373,58 +381,24 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def topology_plan(ns: str, queues: dict[str, set[str]], s: TopologySettings) -> dict[str, Any]:
-    """Every exchange, queue and binding the library declares for these queues."""
-    exchanges = [
-        {"name": jobs_exchange(ns), "type": "direct", "arguments": {}},
-        {"name": dead_exchange(ns), "type": "direct", "arguments": {}},
-        {"name": unroutable(ns), "type": "fanout", "arguments": {}},
-        {
-            "name": deliver_exchange(ns),
-            "type": "topic",
-            "arguments": {"alternate-exchange": unroutable(ns)},
-        },
-    ]
-    declared = [{"name": unroutable(ns), "arguments": parking_queue_arguments(s)}]
-    bindings = [{"source": unroutable(ns), "destination": unroutable(ns), "key": ""}]
-    for q, jobs in sorted(queues.items()):
-        args = work_queue_arguments(ns, q, s)
-        declared += [
-            {"name": work_queue(ns, q), "arguments": args},
-            {"name": due_queue(ns, q), "arguments": args},
-            {"name": quarantine_queue(ns, q), "arguments": args},
-            {"name": dead_queue(ns, q), "arguments": parking_queue_arguments(s)},
-        ]
-        bindings += [
-            {"source": jobs_exchange(ns), "destination": work_queue(ns, q), "key": j}
-            for j in sorted(jobs)
-        ]
-        bindings += [
+    """Every exchange, queue and binding the library declares for these queues: the
+    topology module's plan, which the declarer and namespace deletion read too."""
+    plan = namespace_plan(ns, queues, s, jobs=queues)
+    return {
+        "namespace": ns,
+        "exchanges": [asdict(e) for e in plan.exchanges],
+        "queues": [asdict(q) for q in plan.queues],
+        # as RabbitMQ's management API spells a binding
+        "bindings": [
             {
-                "source": deliver_exchange(ns),
-                "destination": due_queue(ns, q),
-                "key": deliver_binding(q, s),
-            },
-            {"source": dead_exchange(ns), "destination": dead_queue(ns, q), "key": q},
-        ]
-    for level in range(s.delay_levels):
-        below = delay_exchange(ns, level - 1) if level else deliver_exchange(ns)
-        exchanges.append({"name": delay_exchange(ns, level), "type": "topic", "arguments": {}})
-        declared.append(
-            {"name": delay_queue(ns, level), "arguments": delay_queue_arguments(ns, level, s)}
-        )
-        bindings += [
-            {
-                "source": delay_exchange(ns, level),
-                "destination": delay_queue(ns, level),
-                "key": level_binding(level, "1", s),
-            },
-            {
-                "source": delay_exchange(ns, level),
-                "destination": below,
-                "key": level_binding(level, "0", s),
-            },
-        ]
-    return {"namespace": ns, "exchanges": exchanges, "queues": declared, "bindings": bindings}
+                "source": b.source,
+                "destination": b.destination,
+                "destination_type": "exchange" if b.to_exchange else "queue",
+                "key": b.key,
+            }
+            for b in plan.bindings
+        ],
+    }
 
 
 def _queue_jobs(
@@ -467,13 +441,14 @@ def cmd_topology_declare(args: argparse.Namespace) -> int:
     ctx = Context(args)
     plan = _queue_jobs(ctx, args.queues, args.jobs)
 
-    async def declare(_: AbstractConnection) -> None:
-        link = Link(ctx.urls, ctx.namespace, ctx.settings, name="amqp-jobs cli (declare)")
-        await link.open()
+    async def declare(_: ops.Connection) -> None:
+        link = transport_for(ctx.urls).link(
+            ctx.namespace, ctx.settings, name="amqp-jobs cli (declare)"
+        )
         try:
             for queue, jobs in sorted(plan.items()):
-                await link.declarer.queue(queue, jobs)
-            await link.declarer.cascade()
+                await link.declare_queue(queue, jobs)
+            await link.declare_cascade()
         finally:
             await link.close()
 

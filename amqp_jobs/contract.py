@@ -12,13 +12,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import pydantic
 from pydantic_core import PydanticSerializationError
 from tenacity import RetryCallState, Retrying
 from tenacity.wait import wait_base, wait_exponential_jitter, wait_fixed
 
+from amqp_jobs.durations import seconds as seconds
 from amqp_jobs.errors import ArgsValidationError, ContractError, JobTimeoutError
 
 ArgsT = TypeVar("ArgsT", bound=pydantic.BaseModel)
@@ -56,19 +57,6 @@ def check_namespace(namespace: str) -> str:
             f"invalid namespace {namespace!r}: use 1-64 letters, digits, '_' and '-'"
         )
     return namespace
-
-
-def seconds(value: float | timedelta, what: str) -> float:
-    """Turn a number of seconds or a timedelta into seconds: finite and not negative."""
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ContractError(f"{what} must be seconds or a timedelta, got {value!r}")
-    if value < 0:
-        raise ContractError(f"{what} must be >= 0, got {value}")
-    if not math.isfinite(value):
-        raise ContractError(f"{what} must be a finite number of seconds, got {value}")
-    return float(value)
 
 
 class _WaitState(RetryCallState):
@@ -287,3 +275,94 @@ def _non_finite(value: Any) -> list[str | int] | None:
             path.append(key if isinstance(key, str | int) else str(key))
             return path
     return None
+
+
+# -- a namespace and its settings -----------------------------------------------------
+
+QueueType = Literal["quorum", "classic"]
+
+#: RabbitMQ refuses an x-message-ttl above ten years.
+MAX_TTL_MS = 315_360_000_000
+
+#: Time allowed per queue hop of the cascade: the publisher aims this much early per hop,
+#: and the worker waits out the rest, so broker latency does not make jobs late.
+HOP_ALLOWANCE_MS = 25
+
+
+@dataclass(frozen=True)
+class TopologySettings:
+    """Queue arguments shared by publishers and workers of one namespace.
+
+    Both sides must agree: the broker refuses a second declaration with other arguments.
+    The defaults give a maximum single-pass delay of 621 days (longer delays pass the
+    cascade again) and hold at most the last 100 ms (plus hop allowance) in the worker.
+    """
+
+    queue_type: QueueType = "quorum"
+    delivery_limit: int = 10
+    delay_unit_ms: int = 100
+    delay_levels: int = 29
+
+    def __post_init__(self) -> None:
+        if self.queue_type not in ("quorum", "classic"):
+            raise ContractError(
+                f"queue_type must be 'quorum' or 'classic', got {self.queue_type!r}"
+            )
+        if not 1 <= self.delivery_limit <= 1000:
+            raise ContractError(f"delivery_limit must be 1..1000, got {self.delivery_limit}")
+        if not 1 <= self.delay_unit_ms <= 60_000:
+            raise ContractError(f"delay_unit_ms must be 1..60000, got {self.delay_unit_ms}")
+        if not 1 <= self.delay_levels <= 40:
+            raise ContractError(f"delay_levels must be 1..40, got {self.delay_levels}")
+        top = self.delay_unit_ms << (self.delay_levels - 1)
+        if top > MAX_TTL_MS:
+            raise ContractError(
+                f"the top delay level's TTL would be {top} ms, above RabbitMQ's limit of"
+                f" {MAX_TTL_MS} ms (ten years): use fewer delay_levels or a smaller delay_unit_ms"
+            )
+
+    @property
+    def max_units(self) -> int:
+        return (1 << self.delay_levels) - 1
+
+    @property
+    def max_delay_ms(self) -> int:
+        """Longest delay one pass through the cascade can spell."""
+        return self.max_units * self.delay_unit_ms
+
+    @property
+    def hold_window_ms(self) -> int:
+        """A job due within this many ms may be held by the worker instead of re-delayed."""
+        return self.delay_unit_ms + HOP_ALLOWANCE_MS * self.delay_levels
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A namespace's name and topology settings, in one object that publishers
+    (``JobClient``) and workers (``JobApp``) both take, so they cannot disagree on
+    settings by accident: the broker refuses a queue declared twice with other arguments.
+    """
+
+    name: str
+    settings: TopologySettings = field(default_factory=TopologySettings)
+
+    def __post_init__(self) -> None:
+        check_namespace(self.name)
+        if not isinstance(self.settings, TopologySettings):
+            raise ContractError(f"settings must be TopologySettings, got {self.settings!r}")
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def of(cls, namespace: Namespace | str, settings: TopologySettings | None = None) -> Namespace:
+        """``namespace`` as a Namespace; ``settings`` may only be given with a name (or
+        be the namespace's own), never contradict it."""
+        if isinstance(namespace, Namespace):
+            if settings is not None and settings != namespace.settings:
+                raise ContractError(
+                    f"namespace {namespace.name!r} has its own settings; do not pass other"
+                    " settings= with it"
+                )
+            return namespace
+        return cls(namespace, settings or TopologySettings())

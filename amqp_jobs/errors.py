@@ -7,14 +7,18 @@ boundary, so callers catch ours and never need to import theirs::
     ├── ContractError            a job, policy or setting is defined wrongly
     ├── ArgsValidationError      job arguments fail the job's pydantic model
     ├── BrokerUnavailableError   the broker cannot be reached (after retries)
+    │   └── ConnectionLostError  a connection or channel died under an operation
     ├── TopologyMismatchError    a queue or exchange exists with other arguments
     ├── PublishError             the broker did not take a message
     │   ├── UnroutableError      no queue is bound for it (returned)
     │   ├── PublishRefusedError  the broker nacked it
-    │   └── PublishTimeoutError  no confirm arrived in time
-    └── JobTimeoutError          a handler ran longer than its job's timeout
+    │   ├── PublishTimeoutError  no confirm arrived in time
+    │   └── BatchPublishError    jobs of an enqueue_many batch were not confirmed
+    ├── JobTimeoutError          a handler ran longer than its job's timeout
+    ├── NotFoundError            a queue or dead job an operator named does not exist
+    └── SchemaError              a job schema file is missing or not one of ours
 
-    Retry, Discard               raised by handlers; not errors of the library
+    Retry, Discard, Defer        raised by handlers; not errors of the library
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class BrokerUnavailableError(AmqpJobsError, ConnectionError):
     """The broker could not be reached, even after retrying with backoff."""
 
 
+class ConnectionLostError(BrokerUnavailableError):
+    """A connection or channel died under an operation; a new one may succeed.
+
+    Raised at the transport seam for what the AMQP client reports in a dozen ways
+    (a closed channel, a reset socket, a frame on a dead connection).
+    """
+
+
 class TopologyMismatchError(AmqpJobsError):
     """An exchange or queue already exists with arguments other than ours."""
 
@@ -72,8 +84,32 @@ class PublishTimeoutError(PublishError):
     """No publisher confirm arrived in time; the job may or may not have been stored."""
 
 
+class BatchPublishError(PublishError):
+    """Some jobs of an ``enqueue_many`` batch were not confirmed.
+
+    ``job_ids`` lists every job's id in input order; ``failed`` maps the index of each job
+    that was not confirmed to its error. The others were confirmed.
+    """
+
+    def __init__(self, job_ids: list[str], failed: dict[int, BaseException]) -> None:
+        self.job_ids = job_ids
+        self.failed = failed
+        first = failed[min(failed)]
+        super().__init__(
+            f"{len(failed)} of {len(job_ids)} jobs were not confirmed; first error: {first}"
+        )
+
+
 class JobTimeoutError(AmqpJobsError, TimeoutError):
     """A handler exceeded its job's timeout; retried like any failure."""
+
+
+class NotFoundError(AmqpJobsError):
+    """A queue or job the operator named does not exist."""
+
+
+class SchemaError(AmqpJobsError):
+    """A schema directory or file is missing, or is not an amqp-jobs job schema."""
 
 
 class Retry(Exception):
@@ -95,3 +131,28 @@ class Discard(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class Defer(Exception):
+    """Raise in a handler or middleware to run the job again after ``delay`` seconds
+    without counting an attempt (a per-key lock that is taken, say).
+
+    Being turned away is not a failure, so a deferred job is never exhausted by it.
+    """
+
+    def __init__(self, delay: timedelta | float, reason: str = "") -> None:
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
+        if not 0 <= delay < float("inf"):  # NaN fails both
+            raise ContractError(f"Defer delay must be a finite number >= 0 seconds, got {delay}")
+        self.delay: float = float(delay)
+        self.reason = reason
+        super().__init__(reason or f"deferred (delay={delay})")
+
+
+def describe(exc: BaseException | None) -> str:
+    """``Type: message`` for logs and errors (just the message if it names the type)."""
+    if exc is None:
+        return "unknown error"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text

@@ -19,9 +19,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol
 
-import aio_pika
-import aiormq
-
+from amqp_jobs.clock import WALL
 from amqp_jobs.contract import MAX_ETA_AHEAD_MS as MAX_ETA_AHEAD_MS
 from amqp_jobs.errors import ContractError
 
@@ -108,14 +106,23 @@ class RawMessage(Protocol):
     def headers(self) -> Mapping[str, Any]: ...
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+now_ms = WALL.now_ms
+#: The ETA ``seconds`` from now (wall clock) in epoch ms, rounded up.
+eta_after = WALL.ms_after
 
 
-def eta_after(seconds: float) -> int:
-    """The ETA ``seconds`` from now in epoch ms, rounded up: a job due at a whole
-    millisecond that has begun is never early."""
-    return -(-(time.time_ns() + round(seconds * 1_000_000_000)) // 1_000_000)
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message to publish, in the contract's terms; each transport turns it into its
+    client library's frames. It reads like a delivery (RawMessage), so a copy of a copy
+    is built the same way."""
+
+    body: bytes
+    content_type: str | None
+    message_id: str | None
+    type: str | None
+    timestamp: datetime | None
+    headers: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -232,30 +239,13 @@ class Envelope:
             headers.pop(H_ETA, None)
         return headers
 
-    def properties(self) -> aiormq.spec.Basic.Properties:
-        """The AMQP properties, built directly (the publish hot path skips aio-pika's Message)."""
-        return aiormq.spec.Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=2,
-            message_id=self.job_id,
-            message_type=self.job_name,
-            timestamp=self.enqueued_at,
-            headers=self.headers(),
+    def to_message(self) -> Message:
+        return Message(
+            self.body, CONTENT_TYPE, self.job_id, self.job_name, self.enqueued_at, self.headers()
         )
 
-    def to_message(self) -> aio_pika.Message:
-        return aio_pika.Message(
-            body=self.body,
-            content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=self.job_id,
-            type=self.job_name,
-            timestamp=self.enqueued_at,
-            headers=self.headers(),
-        )
-
-    def delayed(self, eta_ms: int | None) -> Envelope:
-        """The same attempt, due at ``eta_ms``."""
+    def deferred(self, eta_ms: int) -> Envelope:
+        """The same attempt again at ``eta_ms`` (a re-delay, or a deferral by middleware)."""
         return replace(self, eta_ms=eta_ms)
 
     def next_attempt(self, error: ErrorInfo, eta_ms: int) -> Envelope:
@@ -440,9 +430,7 @@ def _check_timestamp(value: datetime, where: str) -> None:
         raise ContractError(f"header {where!r}: timestamps before 1970 cannot be sent")
 
 
-def dead_message(
-    raw: RawMessage, reason: DeadReason, error: ErrorInfo, queue: str
-) -> aio_pika.Message:
+def dead_message(raw: RawMessage, reason: DeadReason, error: ErrorInfo, queue: str) -> Message:
     """A copy of ``raw`` for the dead-letter queue, carrying the reason and the error.
 
     Built from the raw delivery, not an Envelope, so that messages which never decoded
@@ -453,14 +441,14 @@ def dead_message(
     return _copy(raw, _with_error(clean, error, reason))
 
 
-def moved_message(raw: RawMessage, queue: str) -> aio_pika.Message:
+def moved_message(raw: RawMessage, queue: str) -> Message:
     """A copy of ``raw`` as it arrived, minus the broker's headers (for the quarantine)."""
     headers = _own_headers(raw)
     headers.setdefault(H_QUEUE, queue)
     return _copy(raw, headers)
 
 
-def replay_message(raw: RawMessage, queue: str) -> aio_pika.Message:
+def replay_message(raw: RawMessage, queue: str) -> Message:
     """The copy that replays a dead job: same id and args, attempt 1, errors dropped."""
     headers = {k: v for k, v in _own_headers(raw).items() if k not in ERROR_HEADERS}
     headers.pop(H_ETA, None)
@@ -474,20 +462,19 @@ def _own_headers(raw: RawMessage) -> dict[str, Any]:
     return {k: v for k, v in headers.items() if isinstance(k, str) and not _is_broker_header(k)}
 
 
-def _copy(raw: RawMessage, headers: dict[str, Any]) -> aio_pika.Message:
+def _copy(raw: RawMessage, headers: dict[str, Any]) -> Message:
     """A persistent copy of a delivery's body and properties with new headers.
 
     A delivery without a message_id gets a marked one (NO_ID_PREFIX), never a real-looking
     one: aiormq invents a uuid for every publish without an id.
     """
-    return aio_pika.Message(
-        body=raw.body,
-        content_type=raw.content_type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=raw.message_id or NO_ID_PREFIX + os.urandom(8).hex(),
-        type=raw.type,
-        timestamp=raw.timestamp,
-        headers=headers,
+    return Message(
+        raw.body,
+        raw.content_type,
+        raw.message_id or NO_ID_PREFIX + os.urandom(8).hex(),
+        raw.type,
+        raw.timestamp,
+        headers,
     )
 
 

@@ -16,16 +16,15 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import quote, unquote, urlsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from amqp_jobs.channels import open_channel
-from amqp_jobs.connection import Publisher, mask_url
 from amqp_jobs.errors import AmqpJobsError
+from amqp_jobs.errors import NotFoundError as NotFoundError
 from amqp_jobs.message import (
     H_ATTEMPT,
     H_DEAD_REASON,
@@ -44,15 +43,30 @@ from amqp_jobs.topology import (
     unroutable,
     work_queue,
 )
+from amqp_jobs.transport.amqp.channels import open_channel
+from amqp_jobs.transport.amqp.connection import Publisher
+from amqp_jobs.transport.amqp.link import message_properties
+from amqp_jobs.urls import mask_url
 
 log = logging.getLogger("amqp_jobs.ops")
+
+#: The connection the operations run on: the commands open it and never name the client
+#: library's type themselves.
+Connection: TypeAlias = AbstractConnection
 
 #: Most dead jobs one listing, replay or purge looks at.
 DEFAULT_SCAN = 100_000
 
-
-class NotFoundError(AmqpJobsError):
-    """A queue or job the operator named does not exist."""
+#: What the AMQP client and the socket raise when the broker goes away under an
+#: operation: aiormq's connection errors are OSErrors (ConnectionError), and a channel of
+#: a dead connection raises ChannelInvalidStateError (a RuntimeError).
+BROKER_LOST: tuple[type[BaseException], ...] = (
+    OSError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+#: What it raises when the broker refuses an operation (closes the channel with
+#: ACCESS_REFUSED, say): the rest of aiormq's errors.
+BROKER_REFUSED: tuple[type[BaseException], ...] = (aiormq.exceptions.AMQPError,)
 
 
 # -- status ----------------------------------------------------------------------
@@ -435,7 +449,8 @@ async def replay_dead(
             if on_progress:
                 on_progress(progress)
             for message, dead in batch:
-                await publisher.publish("", target, replay_message(message, queue))
+                copy = replay_message(message, queue)
+                await publisher.publish("", target, copy.body, message_properties(copy))
                 await message.ack()
                 progress.done += 1
                 progress.job_ids.append(dead.job_id or "")

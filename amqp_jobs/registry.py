@@ -1,7 +1,10 @@
-"""Handlers, what a handler is told (JobContext), and what became of a job (Outcome).
+"""Handlers: which function runs which job, and how it is called.
 
-Also the lifecycle seam: ``JobHooks`` is told when a job starts and how it was settled.
-Lifecycle events, metrics and tracing plug in here without touching the worker.
+JobContext (what a handler is told) and Outcome (what became of a job) live in
+amqp_jobs.outcome, next to the decisions that produce them, and are re-exported here.
+
+Also ``JobHooks``: told when a job starts and how every delivery ended; a convenience
+on top of the middleware seam (amqp_jobs.middleware), which can also change outcomes.
 """
 
 from __future__ import annotations
@@ -10,54 +13,15 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from amqp_jobs.contract import Job
 from amqp_jobs.errors import ContractError
-from amqp_jobs.message import DeadReason, ErrorInfo
+from amqp_jobs.outcome import JobContext as JobContext
+from amqp_jobs.outcome import Outcome as Outcome
+from amqp_jobs.outcome import OutcomeKind as OutcomeKind
 
 Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
-
-
-@dataclass(frozen=True)
-class JobContext:
-    """What a running handler may know about its job."""
-
-    job: Job[Any]
-    job_id: str
-    attempt: int
-    queue: str
-    enqueued_at: datetime | None
-    eta: datetime | None
-    logger: logging.LoggerAdapter[logging.Logger]
-
-    @property
-    def max_attempts(self) -> int:
-        return self.job.retry.max_attempts
-
-    @property
-    def is_last_attempt(self) -> bool:
-        return self.attempt >= self.job.retry.max_attempts
-
-
-class OutcomeKind(StrEnum):
-    SUCCEEDED = "succeeded"
-    RETRYING = "retrying"  # a copy with attempt + 1 is in the delay cascade
-    DEAD = "dead"  # parked in the dead-letter queue
-    ABANDONED = "abandoned"  # not settled: the broker will deliver it again
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one attempt of a job ended."""
-
-    kind: OutcomeKind
-    error: ErrorInfo | None = None
-    retry_in: float | None = None
-    dead_reason: DeadReason | None = None
-    duration: float = 0.0
 
 
 class JobHooks:
@@ -72,6 +36,11 @@ class JobHooks:
 
     async def settled(self, ctx: JobContext, outcome: Outcome) -> None:
         """The attempt ended and the broker confirmed what follows from it."""
+
+    async def not_run(self, outcome: Outcome) -> None:
+        """A delivery ended without reaching its handler, and the broker confirmed what
+        follows: parked as poison (``outcome.dead_reason``), re-delayed before its ETA, or
+        quarantined."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from amqp_jobs.contract import Job
-from amqp_jobs.errors import AmqpJobsError
+from amqp_jobs.errors import SchemaError as SchemaError
 from amqp_jobs.message import (
     CONTENT_TYPE,
     H_ATTEMPT,
@@ -47,10 +47,6 @@ from amqp_jobs.topology import (
 
 ENVELOPE_FILE = "envelope.json"
 JSON_SCHEMA = "https://json-schema.org/draft/2020-12/schema"
-
-
-class SchemaError(AmqpJobsError):
-    """A schema directory is missing, unreadable, or does not match the code."""
 
 
 def job_schema(job: Job[Any], namespace: str) -> dict[str, Any]:

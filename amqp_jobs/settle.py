@@ -19,13 +19,9 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-import aio_pika
-import aiormq
-
-from amqp_jobs.channels import Delivery
-from amqp_jobs.connection import describe
-from amqp_jobs.link import Link
-from amqp_jobs.message import Envelope, moved_message
+from amqp_jobs.errors import ConnectionLostError, describe
+from amqp_jobs.message import Envelope, Message, moved_message
+from amqp_jobs.transport.base import Delivery, Link
 
 log = logging.getLogger("amqp_jobs.settle")
 
@@ -54,14 +50,14 @@ class Republish:
 class Park:
     """Replace the delivery by this message in the dead-letter queue."""
 
-    message: aio_pika.Message
+    message: Message
 
 
 @dataclass(frozen=True)
 class Quarantine:
     """Move the delivery, as it is, to its queue's quarantine queue (run it alone)."""
 
-    message: aio_pika.Message
+    message: Message
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ async def settle(
                 return False
     try:
         await delivery.ack()
-    except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
+    except ConnectionLostError as exc:
         log.warning(
             "ack of job %s lost (%s); the broker delivers it again",
             delivery.message_id,
@@ -184,10 +180,10 @@ async def release(delivery: Delivery, link: Link, queue: str) -> None:
     to the queue it came from, then ack; nack it only if that copy cannot be stored."""
     if delivery.channel.is_closed:
         return
-    copy: aio_pika.Message = moved_message(delivery, queue)
+    copy = moved_message(delivery, queue)
 
     async def back() -> None:
-        await link.publisher.publish("", delivery.queue_name, copy)
+        await link.send_to_queue(delivery.queue_name, copy)
 
     try:
         await link.retrying(back, give_up_after=RELEASE_RETRY_FOR)
@@ -197,7 +193,7 @@ async def release(delivery: Delivery, link: Link, queue: str) -> None:
         return
     try:
         await delivery.ack()
-    except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
+    except ConnectionLostError as exc:
         # the copy is stored and the original comes back too: a duplicate, never a loss
         log.debug("ack of released %s lost: %s", delivery.message_id, describe(exc))
 
@@ -207,5 +203,5 @@ async def _nack(delivery: Delivery) -> None:
         return
     try:
         await delivery.nack(requeue=True)
-    except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
+    except ConnectionLostError as exc:
         log.debug("nack of %s lost: %s", delivery.message_id, describe(exc))

@@ -1,6 +1,14 @@
-"""A pytest plugin for testing job code against a real RabbitMQ.
+"""Testing job code: in memory (``memory://``, with virtual time) or against RabbitMQ.
 
-Installed with the package (entry point ``pytest11``), it provides:
+In memory, nothing touches the network, and time can be made to pass::
+
+    broker = memory_broker("shop", virtual_time=True)
+    async with JobClient("memory://shop", namespace="shop") as client:
+        await client.enqueue(send_welcome, {"user_id": 1}, delay=3600)
+    await run_until_idle(app.worker("memory://shop"), advance_time=True)  # milliseconds
+    assert enqueued(broker, send_welcome)[0].delay == 3600
+
+Installed with the package (entry point ``pytest11``), the pytest plugin provides:
 
 * ``amqp_url``: ``$AMQP_URL`` if set, else a RabbitMQ started with testcontainers for the
   session. With ``CI=true`` a broker that cannot be reached fails the run; elsewhere the
@@ -9,18 +17,23 @@ Installed with the package (entry point ``pytest11``), it provides:
   queue), deleted after the test. Build apps and clients through it (``namespace.app()``,
   ``namespace.client()``) so it knows what to delete.
 * ``run_until_idle(worker)``: run a worker until its queues, the delay cascade and the
-  worker itself hold nothing more, then stop it gracefully.
+  worker itself hold nothing more, then stop it gracefully; on a virtual clock it can
+  advance time whenever nothing else can happen (``advance_time=True``).
+* ``memory_broker(name)``, ``enqueued(broker)``: a fresh in-memory broker, and what was
+  enqueued on it (job, args, delay).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import socket
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,9 +41,15 @@ import pytest
 
 from amqp_jobs.app import JobApp
 from amqp_jobs.client import JobClient
-from amqp_jobs.connection import connect, mask_url
-from amqp_jobs.contract import Job
-from amqp_jobs.topology import TopologySettings, delete_namespace
+from amqp_jobs.clock import VirtualClock
+from amqp_jobs.contract import Job, TopologySettings
+from amqp_jobs.errors import Defer, Discard, Retry
+from amqp_jobs.message import H_ETA
+from amqp_jobs.middleware import Middleware, Next
+from amqp_jobs.outcome import JobContext
+from amqp_jobs.transport import transport_for
+from amqp_jobs.transport.memory import MemoryBroker, MemoryTransport
+from amqp_jobs.urls import mask_url
 from amqp_jobs.worker import Worker, WorkerStats
 
 #: How often run_until_idle looks at the queue counts.
@@ -107,6 +126,14 @@ class Namespace:
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def broker(self) -> MemoryBroker:
+        """The in-memory broker of a ``memory://`` namespace."""
+        transport = transport_for(self.url)
+        if not isinstance(transport, MemoryTransport):
+            raise TypeError(f"{self.name} runs on RabbitMQ, not in memory")
+        return transport.broker
+
     def track(self, *items: str | Job[Any]) -> None:
         """Have teardown delete these work queues (names or jobs' queues)."""
         for item in items:
@@ -143,11 +170,8 @@ class Namespace:
         """Delete every exchange and queue of the namespace."""
         for client in self._clients:
             await client.close()
-        connection = await connect(self.url, name=f"cleanup {self.name}", give_up_after=10)
-        try:
-            await delete_namespace(connection, self.name, self.all_queues(), self.settings)
-        finally:
-            await connection.close()
+        transport = transport_for(self.url)
+        await transport.delete_namespace(self.name, self.all_queues(), self.settings)
 
 
 @pytest.fixture
@@ -163,13 +187,31 @@ async def run_until_idle(
     *,
     timeout: float = 30.0,
     settle_checks: int = 3,
+    advance_time: bool = False,
+    raise_errors: bool = False,
 ) -> WorkerStats:
     """Run ``worker`` until nothing is left to do, then stop it; return its stats.
 
     Idle means: no delivery in the worker, and the work queues, due queues and delay
     cascade are empty, seen ``settle_checks`` times in a row (a message moving between
     two queues is in neither for a moment). Raises TimeoutError after ``timeout``.
+
+    ``advance_time`` (a ``memory://`` broker on a virtual clock): whenever every job
+    the worker holds waits on the clock and the broker has nothing to hand out, move the
+    clock to the next timer (a delay level's TTL, a job's ETA): an hour's delay and a
+    day of backoffs drain in milliseconds. ``raise_errors``: re-raise the first
+    exception a handler raised (after the worker stopped), instead of only retrying it.
     """
+    clock = worker.clock
+    if advance_time and not isinstance(clock, VirtualClock):
+        raise TypeError(
+            "advance_time needs a memory:// broker on a virtual clock:"
+            " memory_broker(name, virtual_time=True)"
+        )
+    capture = _Capture()
+    if raise_errors:
+        worker.middleware = (*worker.middleware, capture)
+    broker = _broker_of(worker)
     task = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(timeout):
@@ -180,9 +222,22 @@ async def run_until_idle(
                 task.result()  # raises why the worker stopped
             quiet = 0
             while quiet < settle_checks:
+                if broker is not None:
+                    await _quiesce(worker, broker)
                 quiet = quiet + 1 if await worker.pending() == 0 else 0
-                if quiet < settle_checks:
-                    await asyncio.sleep(IDLE_POLL)
+                if quiet >= settle_checks:
+                    break
+                if (
+                    advance_time
+                    and isinstance(clock, VirtualClock)
+                    and broker is not None
+                    and _waits_on_time(worker, broker, clock)
+                    and (due := clock.next_due()) is not None
+                ):
+                    clock.advance_to(due * 1_000_000)
+                    quiet = 0
+                    continue
+                await asyncio.sleep(0 if broker is not None and quiet else IDLE_POLL)
     except TimeoutError:
         pending = await _pending_or_unknown(worker)
         worker.stop()
@@ -193,7 +248,95 @@ async def run_until_idle(
         ) from None
     worker.stop()
     await asyncio.wait_for(task, worker.grace + 5)
+    if capture.errors:
+        raise capture.errors[0]
     return worker.stats
+
+
+class _Capture(Middleware):
+    """Keeps what handlers raised (not Retry, Discard or Defer: those steer the job)."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+
+    async def attempt(self, ctx: JobContext, call_next: Next) -> Any:
+        try:
+            return await call_next()
+        except (Retry, Discard, Defer):
+            raise
+        except Exception as exc:
+            self.errors.append(exc)
+            raise
+
+
+def _broker_of(worker: Worker) -> MemoryBroker | None:
+    transport = worker.transport
+    return transport.broker if isinstance(transport, MemoryTransport) else None
+
+
+async def _quiesce(worker: Worker, broker: MemoryBroker) -> None:
+    """Let the event loop run until the broker has handed out what it can."""
+    for _ in range(1000):
+        await asyncio.sleep(0)
+        if not broker.busy():
+            return
+
+
+def _waits_on_time(worker: Worker, broker: MemoryBroker, clock: VirtualClock) -> bool:
+    """Nothing can happen until the clock moves: every job the worker holds sleeps on
+    it, and the broker is not handing anything out."""
+    return (
+        not broker.dispatching()
+        and broker.callbacks_running() <= clock.sleepers
+        and worker.in_flight <= clock.sleepers
+    )
+
+
+def memory_broker(name: str = "default", *, virtual_time: bool = False) -> MemoryBroker:
+    """A fresh in-memory broker for ``memory://NAME``, replacing any before it; with
+    ``virtual_time`` its clock stands still until advanced (``broker.clock.advance(s)``
+    or ``run_until_idle(..., advance_time=True)``)."""
+    return MemoryBroker.reset(name, virtual_time=virtual_time)
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """A job a client enqueued (not the worker's own copies: retries, re-delays)."""
+
+    job_name: str
+    job_id: str
+    args: dict[str, Any]
+    #: seconds from the publish to its ETA (None: due at once)
+    delay: float | None
+    headers: dict[str, Any]
+
+
+def enqueued(broker: MemoryBroker | str, job: Job[Any] | str | None = None) -> list[Enqueued]:
+    """The jobs clients enqueued on an in-memory broker, oldest first (of ``job`` only,
+    if given): what a test asserts about code that enqueues."""
+    if isinstance(broker, str):
+        transport = transport_for(broker)
+        assert isinstance(transport, MemoryTransport), f"{broker} is not a memory:// URL"
+        broker = transport.broker
+    name = job.name if isinstance(job, Job) else job
+    out = []
+    for published in broker.published:
+        if not published.fresh:
+            continue
+        message = published.message
+        if message.type is None or (name is not None and message.type != name):
+            continue
+        eta = message.headers.get(H_ETA)
+        out.append(
+            Enqueued(
+                message.type,
+                message.message_id or "",
+                json.loads(message.body),
+                None if eta is None else max(0.0, (eta - published.at_ms) / 1000),
+                dict(message.headers),
+            )
+        )
+    return out
 
 
 async def _pending_or_unknown(worker: Worker) -> int | str:

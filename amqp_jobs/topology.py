@@ -21,80 +21,27 @@ exchange to exchange, at no queue hop.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
-
-from amqp_jobs.channels import open_channel
-from amqp_jobs.contract import check_namespace, check_queue_name
-from amqp_jobs.errors import ContractError, TopologyMismatchError
-
-log = logging.getLogger("amqp_jobs.topology")
-
-QueueType = Literal["quorum", "classic"]
-
-#: RabbitMQ refuses an x-message-ttl above ten years.
-MAX_TTL_MS = 315_360_000_000
+from amqp_jobs.contract import (
+    HOP_ALLOWANCE_MS as HOP_ALLOWANCE_MS,
+)
+from amqp_jobs.contract import (
+    MAX_TTL_MS as MAX_TTL_MS,
+)
+from amqp_jobs.contract import (
+    QueueType as QueueType,
+)
+from amqp_jobs.contract import (
+    TopologySettings as TopologySettings,
+)
+from amqp_jobs.contract import check_queue_name
 
 #: Quorum queues' leaders spread over a cluster's nodes instead of all landing on the node
 #: the declaring client happens to use (a no-op on a single node).
 LEADER_LOCATOR = {"x-queue-leader-locator": "balanced"}
-
-#: Time allowed per queue hop of the cascade: the publisher aims this much early per hop,
-#: and the worker waits out the rest, so broker latency does not make jobs late.
-HOP_ALLOWANCE_MS = 25
-
-
-@dataclass(frozen=True)
-class TopologySettings:
-    """Queue arguments shared by publishers and workers of one namespace.
-
-    Both sides must agree: the broker refuses a second declaration with other arguments.
-    The defaults give a maximum single-pass delay of 621 days (longer delays pass the
-    cascade again) and hold at most the last 100 ms (plus hop allowance) in the worker.
-    """
-
-    queue_type: QueueType = "quorum"
-    delivery_limit: int = 10
-    delay_unit_ms: int = 100
-    delay_levels: int = 29
-
-    def __post_init__(self) -> None:
-        if self.queue_type not in ("quorum", "classic"):
-            raise ContractError(
-                f"queue_type must be 'quorum' or 'classic', got {self.queue_type!r}"
-            )
-        if not 1 <= self.delivery_limit <= 1000:
-            raise ContractError(f"delivery_limit must be 1..1000, got {self.delivery_limit}")
-        if not 1 <= self.delay_unit_ms <= 60_000:
-            raise ContractError(f"delay_unit_ms must be 1..60000, got {self.delay_unit_ms}")
-        if not 1 <= self.delay_levels <= 40:
-            raise ContractError(f"delay_levels must be 1..40, got {self.delay_levels}")
-        top = self.delay_unit_ms << (self.delay_levels - 1)
-        if top > MAX_TTL_MS:
-            raise ContractError(
-                f"the top delay level's TTL would be {top} ms, above RabbitMQ's limit of"
-                f" {MAX_TTL_MS} ms (ten years): use fewer delay_levels or a smaller delay_unit_ms"
-            )
-
-    @property
-    def max_units(self) -> int:
-        return (1 << self.delay_levels) - 1
-
-    @property
-    def max_delay_ms(self) -> int:
-        """Longest delay one pass through the cascade can spell."""
-        return self.max_units * self.delay_unit_ms
-
-    @property
-    def hold_window_ms(self) -> int:
-        """A job due within this many ms may be held by the worker instead of re-delayed."""
-        return self.delay_unit_ms + HOP_ALLOWANCE_MS * self.delay_levels
 
 
 # -- names ---------------------------------------------------------------------------
@@ -138,21 +85,6 @@ def deliver_exchange(ns: str) -> str:
 
 def unroutable(ns: str) -> str:
     return f"{ns}.unroutable"
-
-
-def namespace_queues(ns: str, queues: set[str] | frozenset[str], s: TopologySettings) -> list[str]:
-    """Every queue name the namespace may hold for these work queues."""
-    names = [unroutable(ns)] + [delay_queue(ns, level) for level in range(s.delay_levels)]
-    for q in sorted(queues):
-        names += [work_queue(ns, q), due_queue(ns, q), quarantine_queue(ns, q), dead_queue(ns, q)]
-    return names
-
-
-def namespace_exchanges(ns: str, s: TopologySettings) -> list[str]:
-    """Every exchange name of the namespace."""
-    return [jobs_exchange(ns), dead_exchange(ns), deliver_exchange(ns), unroutable(ns)] + [
-        delay_exchange(ns, level) for level in range(s.delay_levels)
-    ]
 
 
 # -- delay arithmetic ----------------------------------------------------------------
@@ -254,176 +186,115 @@ def delay_queue_arguments(ns: str, level: int, s: TopologySettings) -> dict[str,
     }
 
 
-# -- declaration ---------------------------------------------------------------------
+# -- the plan: what a namespace consists of, as data ---------------------------------
 
-_INEQUIVALENT = re.compile(
-    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
-    r".*?received (?P<received>.+?) but current is (?P<current>.+?)$"
-)
+ExchangeType = Literal["direct", "topic", "fanout"]
 
 
-def explain_mismatch(exc: aiormq.exceptions.ChannelPreconditionFailed) -> TopologyMismatchError:
-    """Turn the broker's PRECONDITION_FAILED into which argument differs and what to do."""
-    text = str(exc.args[0] if exc.args else exc)
-    m = _INEQUIVALENT.search(text)
-    if not m:
-        return TopologyMismatchError(f"the broker refused a declaration: {text}")
-    return TopologyMismatchError(
-        f"{m['kind']} {m['name']!r} already exists with {m['arg']}={m['current']}, but this"
-        f" process declares {m['arg']}={m['received']}. The broker never changes an existing"
-        f" {m['kind']}'s arguments: give publishers and workers the same TopologySettings, or"
-        " drain and delete it so it is declared anew (README: 'Changing queue arguments')."
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: ExchangeType
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """``source`` exchange sends messages whose key matches ``key`` to ``destination``
+    (a queue, or an exchange when ``to_exchange``)."""
+
+    source: str
+    destination: str
+    key: str
+    to_exchange: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Exchanges, queues and bindings, in the order they must be declared."""
+
+    exchanges: tuple[Exchange, ...] = ()
+    queues: tuple[Queue, ...] = ()
+    bindings: tuple[Binding, ...] = ()
+
+    def __add__(self, other: Plan) -> Plan:
+        return Plan(
+            self.exchanges + other.exchanges,
+            self.queues + other.queues,
+            self.bindings + other.bindings,
+        )
+
+
+def base_plan(ns: str, s: TopologySettings) -> Plan:
+    """What every publisher needs: the jobs and dead exchanges, the cascade's deliver
+    exchange, and where messages it cannot route go."""
+    return Plan(
+        exchanges=(
+            Exchange(jobs_exchange(ns), "direct"),
+            Exchange(dead_exchange(ns), "direct"),
+            Exchange(unroutable(ns), "fanout"),
+            Exchange(deliver_exchange(ns), "topic", {"alternate-exchange": unroutable(ns)}),
+        ),
+        queues=(Queue(unroutable(ns), parking_queue_arguments(s)),),
+        bindings=(Binding(unroutable(ns), unroutable(ns), ""),),
     )
 
 
-def _predates_leader_locator(exc: aiormq.exceptions.ChannelPreconditionFailed) -> bool:
-    text = str(exc.args[0] if exc.args else exc)
-    m = _INEQUIVALENT.search(text)
-    return m is not None and m["arg"] in LEADER_LOCATOR and m["current"].strip() == "none"
+def queue_plan(ns: str, queue: str, job_names: Iterable[str], s: TopologySettings) -> Plan:
+    """A work queue with its due, quarantine and dead queues, bound for these job names."""
+    check_queue_name(queue)
+    args = work_queue_arguments(ns, queue, s)
+    return Plan(
+        queues=(
+            Queue(work_queue(ns, queue), args),
+            Queue(due_queue(ns, queue), args),
+            Queue(quarantine_queue(ns, queue), args),
+            Queue(dead_queue(ns, queue), parking_queue_arguments(s)),
+        ),
+        bindings=(
+            Binding(deliver_exchange(ns), due_queue(ns, queue), deliver_binding(queue, s)),
+            Binding(dead_exchange(ns), dead_queue(ns, queue), queue),
+            *(Binding(jobs_exchange(ns), work_queue(ns, queue), n) for n in sorted(job_names)),
+        ),
+    )
 
 
-class Declarer:
-    """Declares a namespace's topology on one connection, each piece once.
-
-    Declarations are idempotent on the broker; the cache only saves round trips. It uses
-    a channel of its own, because a refused declaration closes the channel it was on.
-    """
-
-    def __init__(self, connection: AbstractConnection, ns: str, settings: TopologySettings) -> None:
-        self.connection = connection
-        self.ns = check_namespace(ns)
-        self.settings = settings
-        self.declared: set[str] = set()
-        self.queues: set[str] = set()
-        self._channel: AbstractChannel | None = None
-        self._lock = asyncio.Lock()
-        #: queues declared before leader placement existed keep their arguments
-        self._legacy_placement = False
-
-    def args(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """The arguments to declare with: without the leader locator for queues that
-        were first declared without it (the broker never changes a queue's arguments)."""
-        if self._legacy_placement:
-            return {k: v for k, v in arguments.items() if k not in LEADER_LOCATOR}
-        return arguments
-
-    async def _chan(self) -> AbstractChannel:
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await open_channel(self.connection, publisher_confirms=False)
-        return self._channel
-
-    async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
-
-    async def _once(self, key: str, declare: Any) -> None:
-        if key in self.declared:
-            return
-        async with self._lock:
-            if key in self.declared:
-                return
-            try:
-                await declare(await self._chan())
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                if self._legacy_placement or not _predates_leader_locator(exc):
-                    raise explain_mismatch(exc) from None
-                log.info(
-                    "%s: queues declared before leader placement keep their leaders where they"
-                    " are (set a queue-leader-locator policy to move new ones)",
-                    self.ns,
-                )
-                self._legacy_placement = True
-                try:
-                    await declare(await self._chan())
-                except aiormq.exceptions.ChannelPreconditionFailed as again:
-                    raise explain_mismatch(again) from None
-            self.declared.add(key)
-
-    async def base(self) -> None:
-        """Exchanges every publisher needs, and the unroutable parking queue."""
-        ns, s = self.ns, self.settings
-
-        async def declare(ch: AbstractChannel) -> None:
-            await ch.declare_exchange(jobs_exchange(ns), ExchangeType.DIRECT, durable=True)
-            await ch.declare_exchange(dead_exchange(ns), ExchangeType.DIRECT, durable=True)
-            ux = await ch.declare_exchange(unroutable(ns), ExchangeType.FANOUT, durable=True)
-            uq = await ch.declare_queue(
-                unroutable(ns), durable=True, arguments=self.args(parking_queue_arguments(s))
-            )
-            await uq.bind(ux, routing_key="")
-            await ch.declare_exchange(
-                deliver_exchange(ns),
-                ExchangeType.TOPIC,
-                durable=True,
-                arguments={"alternate-exchange": unroutable(ns)},
-            )
-
-        await self._once("base", declare)
-
-    async def queue(self, queue: str, job_names: set[str] | frozenset[str]) -> None:
-        """A work queue with its due, quarantine and dead queues, bound for these job names."""
-        check_queue_name(queue)
-        await self.base()
-        ns, s = self.ns, self.settings
-        missing = {n for n in job_names if f"bind:{n}" not in self.declared}
-        if not missing and f"queue:{queue}" in self.declared:
-            return
-
-        async def declare(ch: AbstractChannel) -> None:
-            args = self.args(work_queue_arguments(ns, queue, s))
-            wq = await ch.declare_queue(work_queue(ns, queue), durable=True, arguments=args)
-            dq = await ch.declare_queue(due_queue(ns, queue), durable=True, arguments=args)
-            await dq.bind(deliver_exchange(ns), routing_key=deliver_binding(queue, s))
-            await ch.declare_queue(quarantine_queue(ns, queue), durable=True, arguments=args)
-            dead = await ch.declare_queue(
-                dead_queue(ns, queue), durable=True, arguments=self.args(parking_queue_arguments(s))
-            )
-            await dead.bind(dead_exchange(ns), routing_key=queue)
-            for name in sorted(missing):
-                await wq.bind(jobs_exchange(ns), routing_key=name)
-
-        self.queues.add(queue)
-        key = f"queue:{queue}:" + ",".join(sorted(missing))
-        await self._once(key, declare)
-        self.declared.update(f"bind:{n}" for n in missing)
-        self.declared.add(f"queue:{queue}")
-
-    async def cascade(self) -> None:
-        """The delay levels; declared lazily, on the first delayed job or retry."""
-        await self.base()
-        ns, s = self.ns, self.settings
-
-        async def declare(ch: AbstractChannel) -> None:
-            below = await ch.get_exchange(deliver_exchange(ns), ensure=False)
-            for level in range(s.delay_levels):
-                ex = await ch.declare_exchange(
-                    delay_exchange(ns, level), ExchangeType.TOPIC, durable=True
-                )
-                q = await ch.declare_queue(
-                    delay_queue(ns, level),
-                    durable=True,
-                    arguments=self.args(delay_queue_arguments(ns, level, s)),
-                )
-                await q.bind(ex, routing_key=level_binding(level, "1", s))
-                await below.bind(ex, routing_key=level_binding(level, "0", s))
-                below = ex
-
-        await self._once("cascade", declare)
+def cascade_plan(ns: str, s: TopologySettings) -> Plan:
+    """The delay levels, highest last: level L's exchange sends keys with bit L set to its
+    TTL queue, the rest on to the level below (exchange to exchange)."""
+    exchanges, queues, bindings = [], [], []
+    below = deliver_exchange(ns)
+    for level in range(s.delay_levels):
+        ex = delay_exchange(ns, level)
+        exchanges.append(Exchange(ex, "topic"))
+        queues.append(Queue(delay_queue(ns, level), delay_queue_arguments(ns, level, s)))
+        bindings.append(Binding(ex, delay_queue(ns, level), level_binding(level, "1", s)))
+        bindings.append(Binding(ex, below, level_binding(level, "0", s), to_exchange=True))
+        below = ex
+    return Plan(tuple(exchanges), tuple(queues), tuple(bindings))
 
 
-async def delete_namespace(
-    connection: AbstractConnection,
-    ns: str,
-    queues: set[str] | frozenset[str],
-    settings: TopologySettings | None = None,
-) -> None:
-    """Delete every queue and exchange of a namespace (tests, demos). Missing ones are fine."""
-    s = settings or TopologySettings()
-    channel = await connection.channel(publisher_confirms=False)
-    try:
-        for name in namespace_queues(ns, queues, s):
-            await channel.queue_delete(name)
-        for name in namespace_exchanges(ns, s):
-            await channel.exchange_delete(name)
-    finally:
-        await channel.close()
+def namespace_plan(
+    ns: str, queues: Iterable[str], s: TopologySettings, jobs: dict[str, set[str]] | None = None
+) -> Plan:
+    """The whole namespace for these work queues (``jobs``: job names bound per queue)."""
+    plan = base_plan(ns, s) + cascade_plan(ns, s)
+    for q in sorted(set(queues)):
+        plan += queue_plan(ns, q, (jobs or {}).get(q, ()), s)
+    return plan
+
+
+def namespace_queues(ns: str, queues: set[str] | frozenset[str], s: TopologySettings) -> list[str]:
+    """Every queue name the namespace may hold for these work queues."""
+    return [q.name for q in namespace_plan(ns, queues, s).queues]
+
+
+def namespace_exchanges(ns: str, s: TopologySettings) -> list[str]:
+    """Every exchange name of the namespace."""
+    return [e.name for e in namespace_plan(ns, (), s).exchanges]

@@ -22,6 +22,8 @@ from amqp_jobs.errors import ContractError
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SCHEMES = ("amqp", "amqps")
+#: ``memory://`` or ``memory://NAME``: the in-process broker of that name (one per process).
+MEMORY_SCHEME = "memory"
 
 #: ``scheme://user:password@`` in any text; the password is what gets masked.
 _CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s;,]*:)[^\s;,/]*@")
@@ -47,6 +49,14 @@ class BrokerURLs:
     @property
     def first(self) -> str:
         return self.urls[0]
+
+    @property
+    def memory_name(self) -> str | None:
+        """The in-process broker's name for a ``memory://`` URL, else None."""
+        url = self.urls[0]
+        if not url.startswith(MEMORY_SCHEME + "://"):
+            return None
+        return url[len(MEMORY_SCHEME) + 3 :].strip("/") or "default"
 
     def __str__(self) -> str:
         return ", ".join(mask_url(u) for u in self.urls)
@@ -89,6 +99,11 @@ def resolve(urls: str | Sequence[str] | BrokerURLs | None) -> BrokerURLs:
             f"broker URL must be a string or a list of strings, got {type(urls).__name__}"
         )
     out: list[str] = []
+    if any(p.startswith(MEMORY_SCHEME + "://") for p in pieces):
+        if len(pieces) != 1:
+            raise ContractError("a memory:// broker URL cannot be combined with others")
+        check_memory_url(pieces[0])
+        return BrokerURLs((pieces[0],))
     for piece in pieces:
         for url in _expand_hosts(piece):
             check_url(url)
@@ -108,6 +123,15 @@ def _expand_hosts(url: str) -> list[str]:
     return [prefix + host + match["rest"] for host in hosts.split(",") if host]
 
 
+def check_memory_url(url: str) -> None:
+    name = url[len(MEMORY_SCHEME) + 3 :].strip("/")
+    if name and not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", name):
+        raise ContractError(
+            f"invalid broker URL {url!r}: memory://NAME takes a name of letters, digits,"
+            " '_', '.' and '-'"
+        )
+
+
 def check_url(url: str) -> None:
     """Raise ContractError if ``url`` is not a usable amqp:// or amqps:// URL."""
     shown = mask_url(url)
@@ -118,7 +142,7 @@ def check_url(url: str) -> None:
         raise ContractError(f"invalid broker URL {shown!r}: {_why(exc)}") from None
     if parts.scheme not in SCHEMES:
         raise ContractError(
-            f"invalid broker URL {shown!r}: the scheme must be amqp:// or amqps://"
+            f"invalid broker URL {shown!r}: the scheme must be amqp://, amqps:// or memory://"
             " (several URLs are separated by commas, semicolons or spaces)"
         )
     if not parts.hostname:

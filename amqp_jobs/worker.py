@@ -28,30 +28,33 @@ import enum
 import functools
 import inspect
 import logging
-import re
 import ssl
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import aiormq
-from aio_pika.abc import AbstractConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from amqp_jobs.channels import Delivery, open_channel
-from amqp_jobs.connection import TRANSIENT, connect, describe
-from amqp_jobs.contract import MAX_BACKOFF, Job, check_namespace, check_queue_name
+from amqp_jobs.contract import (
+    Job,
+    Namespace,
+    TopologySettings,
+    check_queue_name,
+)
 from amqp_jobs.errors import (
     ArgsValidationError,
     BrokerUnavailableError,
+    ConnectionLostError,
     ContractError,
+    Defer,
     Discard,
     JobTimeoutError,
     Retry,
+    describe,
 )
-from amqp_jobs.link import Link
 from amqp_jobs.message import (
     DEFAULT_MAX_BODY,
     DeadReason,
@@ -61,11 +64,25 @@ from amqp_jobs.message import (
     check_body,
     dead_message,
     decode,
-    eta_after,
     moved_message,
-    now_ms,
 )
-from amqp_jobs.registry import JobContext, JobHooks, Outcome, OutcomeKind, Registry
+from amqp_jobs.middleware import Middleware, stack, tell_settled, wrap_attempt
+from amqp_jobs.outcome import (
+    Bury,
+    Decision,
+    DeferBy,
+    Hold,
+    JobContext,
+    Outcome,
+    OutcomeKind,
+    Redelay,
+    RetryIn,
+    Succeed,
+    admit,
+    decide,
+    outcome_of,
+)
+from amqp_jobs.registry import HandlerSpec, JobHooks, Registry
 from amqp_jobs.settle import (
     RELEASE_RETRY_FOR,
     Ack,
@@ -77,13 +94,13 @@ from amqp_jobs.settle import (
     settle,
 )
 from amqp_jobs.topology import (
-    TopologySettings,
     delay_queue,
     due_queue,
     quarantine_queue,
     work_queue,
 )
-from amqp_jobs.urls import BrokerURLs, resolve
+from amqp_jobs.transport import Channel, Delivery, Session, Transport, transport_for
+from amqp_jobs.urls import BrokerURLs
 
 log = logging.getLogger("amqp_jobs.worker")
 
@@ -101,8 +118,8 @@ CONSUMER_CHECK_INTERVAL = 3.0
 VOUCH_MEMORY = 100_000
 #: Longest pause before returning a delivery whose processing failed unexpectedly.
 MAX_TROUBLE_PAUSE = 60.0
-#: The broker's reason when it closes a channel for a delivery held too long.
-_CONSUMER_TIMED_OUT = re.compile(r"delivery acknowledgement .*timed out.*?(\d+) ms", re.S)
+#: Longest pause between attempts to reconnect.
+MAX_RECONNECT_PAUSE = 5.0
 
 
 def consumer_timeout_margin(consumer_timeout: float) -> float:
@@ -120,7 +137,7 @@ class Source(enum.Enum):
 
 @dataclass
 class _Consumer:
-    channel: aiormq.abc.AbstractChannel
+    channel: Channel
     tag: str
     queue: str
     source: Source
@@ -138,6 +155,7 @@ class WorkerStats:
     retried: int = 0
     dead: int = 0
     redelayed: int = 0
+    deferred: int = 0
     quarantined: int = 0
     abandoned: int = 0
     connections: int = 0
@@ -151,13 +169,14 @@ class Worker:
         self,
         registry: Registry,
         *,
-        namespace: str,
-        url: str | Sequence[str] | BrokerURLs | None = None,
+        namespace: Namespace | str,
+        url: str | Sequence[str] | BrokerURLs | Transport | None = None,
         queues: Sequence[str] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         grace: float = DEFAULT_GRACE,
         settings: TopologySettings | None = None,
         hooks: Sequence[JobHooks] = (),
+        middleware: Sequence[Middleware] = (),
         ssl_context: ssl.SSLContext | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         connect_timeout: float = 30.0,
@@ -167,9 +186,13 @@ class Worker:
         if len(registry) == 0:
             raise ContractError("the app has no handlers: register some with @app.handler(job)")
         self.registry = registry
-        self.namespace = check_namespace(namespace)
-        #: the broker's URLs (several for a cluster): given, else $AMQP_URL, else local
-        self.urls = resolve(url)
+        ns = Namespace.of(namespace, settings)
+        self.namespace = ns.name
+        self.settings = ns.settings
+        #: the broker (RabbitMQ at the URLs given, else $AMQP_URL, else local; or memory://)
+        self.transport = transport_for(url, ssl_context=ssl_context)
+        self.urls = self.transport.urls
+        self.clock = self.transport.clock
         known = registry.queues
         self.queues = sorted(set(queues) if queues else known)
         for q in self.queues:
@@ -186,9 +209,9 @@ class Worker:
             raise ContractError(f"consumer_timeout must be > 0 seconds, got {consumer_timeout}")
         self.concurrency = concurrency
         self.grace = grace
-        self.settings = settings or TopologySettings()
         self.hooks = tuple(hooks)
-        self.ssl_context = ssl_context
+        #: middleware, then the hooks as middleware (innermost)
+        self.middleware = stack(middleware, hooks)
         self.max_body = max_body
         self.connect_timeout = connect_timeout
         # the namespace in the connection name lets operators (and the management UI) tell
@@ -197,12 +220,10 @@ class Worker:
         _check_timeouts(registry, self.queues, consumer_timeout)
         self.consumer_timeout = consumer_timeout
         self.stats = WorkerStats()
-        self.link = Link(
-            self.urls,
+        self.link = self.transport.link(
             self.namespace,
             self.settings,
             name=f"{self.name} (publish)",
-            ssl_context=ssl_context,
             connect_timeout=connect_timeout,
             # The worker's own copies (retries, dead letters) wait for their confirm as
             # long as the delivery may be held: one copy, stored once the broker can.
@@ -251,30 +272,16 @@ class Worker:
         """
         self._sem = asyncio.Semaphore(self.concurrency)
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqp-jobs")
-        failures = 0
-        connection: AbstractConnection | None = None
+        session: Session | None = None
+        lost: asyncio.Event
         try:
             while not self._stop.is_set():
-                first = self.stats.connections == 0
                 try:
-                    connection = await connect(
-                        self.urls,
-                        name=self.name,
-                        give_up_after=self.connect_timeout if first else None,
-                        ssl_context=self.ssl_context,
-                    )
-                    lost = await self._start_consuming(connection)
-                except BrokerUnavailableError:
+                    session, lost = await self._reconnects()(self._connect)
+                except ConnectionLostError:
+                    if self._stop.is_set():
+                        break  # asked to stop while reconnecting
                     raise
-                except (*TRANSIENT, aiormq.exceptions.ChannelClosed) as exc:
-                    if connection is not None and first and not _is_transient(exc):
-                        raise
-                    failures += 1
-                    log.warning("worker setup failed: %s; retrying", describe(exc))
-                    await _close_quietly(connection)
-                    await self._backoff(failures)
-                    continue
-                failures = 0
                 self.stats.connections += 1
                 self._started.set()
                 log.info(
@@ -284,97 +291,103 @@ class Worker:
                     self.concurrency,
                 )
                 stop_wait = asyncio.ensure_future(self._stop.wait())
-                lost_wait = asyncio.ensure_future(lost.wait())
+                lost_wait: asyncio.Future[Any] = asyncio.ensure_future(lost.wait())
                 watch = asyncio.ensure_future(self._watch_consumers())
-                await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+                waits: set[asyncio.Future[Any]] = {stop_wait, lost_wait}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
                 lost_wait.cancel()
                 watch.cancel()
                 if self._stop.is_set():
                     break
-                log.warning("connection to the broker lost; reconnecting")
                 self._vouch_held()
                 self._consumers = []
-                await _close_quietly(connection)
-                connection = None
-            await self._shutdown(connection)
+                await _close_quietly(session)
+                session = None
+            await self._shutdown(session)
         finally:
-            await _close_quietly(connection)
+            await _close_quietly(session)
             await self.link.close()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _backoff(self, failures: int) -> None:
-        delay = min(5.0, 0.1 * 2 ** min(failures, 6))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), delay)
+    def _reconnects(self) -> AsyncRetrying:
+        """Attempts at connecting and consuming, forever, with capped backoff between
+        failed setups; a pause ends early when the worker is asked to stop. A broker
+        that cannot be reached at the first start (BrokerUnavailableError from the
+        transport, after connect_timeout) is final."""
 
-    async def _start_consuming(self, connection: AbstractConnection) -> asyncio.Event:
+        async def pause(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), seconds)
+
+        return AsyncRetrying(
+            retry=retry_if_exception_type(ConnectionLostError),
+            stop=lambda _: self._stop.is_set(),
+            wait=wait_exponential(multiplier=0.2, max=MAX_RECONNECT_PAUSE) + wait_random(0, 0.1),
+            sleep=pause,
+            reraise=True,
+        )
+
+    async def _connect(self) -> tuple[Session, asyncio.Event]:
+        """Connect and consume every queue; a failure on the way closes the session."""
+        first = self.stats.connections == 0
+        session = await self.transport.session(
+            name=self.name, give_up_after=self.connect_timeout if first else None
+        )
+        try:
+            return session, await self._start_consuming(session)
+        except BaseException as exc:
+            if isinstance(exc, ConnectionLostError):
+                log.warning("worker setup failed: %s; retrying", describe(exc))
+            await session.close()
+            raise
+
+    async def _start_consuming(self, session: Session) -> asyncio.Event:
         self._lost = lost = asyncio.Event()
-        connection.close_callbacks.add(lambda *_: lost.set())
-        await self.link.open()
+        session.on_lost(self._on_lost)
         # declare afresh: a queue deleted while we were away must come back
         self.link.forget_declarations()
         for q in self.queues:
-            await self.link.declarer.queue(q, self.registry.jobs_for(q))
-        work = await open_channel(connection, publisher_confirms=False)
-        await work.set_qos(prefetch_count=self._prefetch[Source.WORK])
-        due = await open_channel(connection, publisher_confirms=False)
-        await due.set_qos(prefetch_count=self._prefetch[Source.DUE])
-        alone = await open_channel(connection, publisher_confirms=False)
-        await alone.set_qos(prefetch_count=self._prefetch[Source.QUARANTINE])
+            await self.link.declare_queue(q, self.registry.jobs_for(q))
         self._consumers = []
-        for channel, source in ((work, Source.WORK), (due, Source.DUE), (alone, Source.QUARANTINE)):
-            channel.close_callbacks.add(self._on_channel_closed)
-            underlay = await channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        for source in (Source.WORK, Source.DUE, Source.QUARANTINE):
+            channel = await session.channel(self._prefetch[source])
             for q in self.queues:
-                await self._consume(underlay, q, source)
+                await self._consume(channel, q, source)
         return lost
 
-    async def _consume(
-        self, channel: aiormq.abc.AbstractChannel, queue: str, source: Source
-    ) -> None:
+    async def _consume(self, channel: Channel, queue: str, source: Source) -> None:
         name = {
             Source.WORK: work_queue,
             Source.DUE: due_queue,
             Source.QUARANTINE: quarantine_queue,
         }[source](self.namespace, queue)
-
-        loop = asyncio.get_running_loop()
         consumer = _Consumer(channel, "", queue, source, name)
 
-        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+        async def on_delivery(delivery: Delivery) -> None:
             consumer.received += 1
-            await self._process(Delivery(message, name, loop.time()), queue=queue, source=source)
+            await self._process(delivery, queue=queue, source=source)
 
-        ok = await channel.basic_consume(name, on_message, no_ack=False)
-        assert ok.consumer_tag is not None
-        consumer.tag = ok.consumer_tag
+        consumer.tag = await channel.consume(name, on_delivery)
         self._consumers.append(consumer)
 
-    def _on_channel_closed(self, _: object, exc: BaseException | None = None) -> None:
-        """A consuming channel closed: reconnect; learn the broker's consumer_timeout if
+    def _on_lost(self, reason: str, consumer_timeout: float | None) -> None:
+        """The session lost a consumer: reconnect. Learn the broker's consumer_timeout if
         that is why (the job that outlived it is named in the log)."""
-        match = _CONSUMER_TIMED_OUT.search(str(exc)) if exc is not None else None
-        if match:
-            learned = int(match[1]) / 1000
+        if consumer_timeout is not None:
             log.error(
                 "the broker closed a channel because a delivery was held past its"
                 " consumer_timeout of %.0fs (this worker was told %.0fs: pass"
                 " --consumer-timeout %.0f); jobs are now stopped before that",
-                learned,
+                consumer_timeout,
                 self.consumer_timeout,
-                learned,
+                consumer_timeout,
             )
-            self.consumer_timeout = min(self.consumer_timeout, learned)
+            self.consumer_timeout = min(self.consumer_timeout, consumer_timeout)
+        elif not self._lost.is_set() and not self._stop.is_set():
+            log.warning("%s; reconnecting", reason)
         self._lost.set()
-
-    def _on_cancelled(self, frame: Any) -> None:
-        """The broker cancelled a consumer (its queue was deleted): start afresh."""
-        for consumer in self._consumers:
-            if consumer.tag == getattr(frame, "consumer_tag", None):
-                self._restart(consumer, "the broker cancelled our consumer")
 
     def _restart(self, consumer: _Consumer, why: str) -> None:
         """Reconnect, which declares every queue again and consumes them anew.
@@ -400,7 +413,7 @@ class Worker:
             try:
                 async with asyncio.timeout(CONSUMER_CHECK_INTERVAL * 2):  # a blocked link
                     suspects = await self._stalled_consumers()
-            except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+            except (BrokerUnavailableError, TimeoutError) as exc:
                 log.debug("checking consumers: %s", describe(exc))
                 continue
             for consumer in suspects:
@@ -413,25 +426,17 @@ class Worker:
         """Consumers whose queue is gone, or has ready messages while the consumer has
         room and received nothing since the last check."""
         out = []
-        await self.link.open()
-        channel = await open_channel(self.link.connection, publisher_confirms=False)
-        try:
-            for consumer in list(self._consumers):
-                received = consumer.received
-                room = self._prefetch[consumer.source] > sum(
-                    1 for d in self._held.values() if d.channel is consumer.channel
-                )
-                try:
-                    declared = await channel.declare_queue(consumer.name, passive=True)
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    return [consumer]
-                ready = declared.declaration_result.message_count or 0
-                if ready and room and received == consumer.received_at_last:
-                    out.append(consumer)
-                consumer.received_at_last = received
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        for consumer in list(self._consumers):
+            received = consumer.received
+            room = self._prefetch[consumer.source] > sum(
+                1 for d in self._held.values() if d.channel is consumer.channel
+            )
+            ready = await self.link.depth(consumer.name)
+            if ready is None:
+                return [consumer]
+            if ready and room and received == consumer.received_at_last:
+                out.append(consumer)
+            consumer.received_at_last = received
         return out
 
     def _vouch_held(self) -> None:
@@ -454,11 +459,11 @@ class Worker:
             if consumer.channel.is_closed:
                 continue
             try:
-                await consumer.channel.basic_cancel(consumer.tag)
-            except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+                await consumer.channel.cancel(consumer.tag)
+            except ConnectionLostError as exc:
                 log.debug("cancelling consumer %s: %s", consumer.tag, describe(exc))
 
-    async def _shutdown(self, connection: AbstractConnection | None) -> None:
+    async def _shutdown(self, session: Session | None) -> None:
         """Stop consuming, give running jobs ``grace`` seconds, return the rest."""
         await self._cancel(list(self._consumers))
         if self._tasks:
@@ -473,8 +478,8 @@ class Worker:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=RELEASE_RETRY_FOR + 1.0)
-        # Closing the connection returns every unacked delivery to its queue.
-        await _close_quietly(connection)
+        # Closing the session returns every unacked delivery to its queue.
+        await _close_quietly(session)
         log.info("worker stopped")
 
     # -- one delivery ----------------------------------------------------------------
@@ -550,6 +555,7 @@ class Worker:
         )
         if await self._settle(msg, Quarantine(moved_message(msg, queue)), queue):
             self.stats.quarantined += 1
+            await self._not_run(OutcomeKind.QUARANTINED, msg, queue)
 
     async def _run_alone(self, task: asyncio.Task[Any], msg: Delivery, queue: str) -> None:
         """Run a quarantined delivery with nothing else held: pause, drain, run, resume."""
@@ -573,11 +579,12 @@ class Worker:
                 continue
             try:
                 await self._consume(consumer.channel, consumer.queue, consumer.source)
-            except (*TRANSIENT, aiormq.exceptions.AMQPError) as exc:
+            except ConnectionLostError as exc:
                 # the channel is going away; the reconnect starts every consumer afresh
                 log.debug("resuming consumer on %s: %s", consumer.queue, describe(exc))
 
     async def _pipeline(self, msg: Delivery, queue: str, is_due: bool) -> None:
+        """One delivery: decode → admit (ETA) → a slot → the attempt → decide → settle."""
         try:
             env = decode(msg, max_body=self.max_body)
             spec = self.registry.get(env.job_name)
@@ -592,20 +599,23 @@ class Worker:
         except PoisonMessage as poison:
             log.warning("dead-lettering message %s: %s", msg.message_id, poison)
             error = ErrorInfo("InvalidMessage", poison.detail)
-            await self._park(
-                msg, dead_message(msg, poison.reason, error, queue), queue, poison.reason
-            )
+            await self._park(msg, poison.reason, error, queue)
             return
 
-        if env.eta_ms is not None and env.eta_ms > now_ms():
-            remaining = env.eta_ms - now_ms()
-            if not is_due or remaining > self.settings.hold_window_ms:
-                if await self._settle(msg, Republish(env), queue):
-                    self.stats.redelayed += 1
-                return
-            if not await self._hold_until(env.eta_ms):
-                await self._settle(msg, Release(), queue)
-                return
+        admission = admit(
+            env.eta_ms,
+            self.clock.now_ms(),
+            from_due_queue=is_due,
+            hold_window_ms=self.settings.hold_window_ms,
+        )
+        if isinstance(admission, Redelay):
+            if await self._settle(msg, Republish(env), queue):
+                self.stats.redelayed += 1
+                await self._not_run(OutcomeKind.REDELAYED, msg, queue, env)
+            return
+        if isinstance(admission, Hold) and not await self._hold_until(admission.until_ms):
+            await self._settle(msg, Release(), queue)
+            return
 
         if not await self._acquire_slot():
             await self._settle(msg, Release(), queue)
@@ -620,37 +630,69 @@ class Worker:
             logger=logging.LoggerAdapter(
                 spec.logger, {"job_id": env.job_id, "attempt": env.attempt}
             ),
+            headers=env.extra_headers,
         )
-        await self._hook("started", ctx)
         loop = asyncio.get_running_loop()
         began = loop.time()
-        failure = await self._run_handler(spec, args, ctx, self._deadline(msg))
+        failure, result = await self._run_handler(spec, args, ctx, self._deadline(msg))
         duration = loop.time() - began
-        if failure is None:
-            action: Action = Ack()
-            outcome = Outcome(OutcomeKind.SUCCEEDED, duration=duration)
-        else:
-            action, outcome = self._failure(spec.job, env, msg, queue, failure, duration)
+        decision = decide(spec.job.retry, env.attempt, failure, result)
+        action = self._carry_out(decision, spec.job, env, msg, queue)
+        outcome = outcome_of(
+            decision,
+            duration=duration,
+            job_id=env.job_id,
+            job_name=env.job_name,
+            queue=queue,
+            attempt=env.attempt,
+        )
         if await self._settle(msg, action, queue):
             self._count(outcome)
         else:
-            outcome = Outcome(OutcomeKind.ABANDONED, outcome.error, duration=duration)
+            outcome = replace(outcome, kind=OutcomeKind.ABANDONED)
             self.stats.abandoned += 1
-        await self._hook("settled", ctx, outcome)
+        if self.middleware:
+            await tell_settled(self.middleware, outcome, ctx)
 
-    async def _park(self, msg: Delivery, dead: Any, queue: str, reason: DeadReason) -> None:
-        if await self._settle(msg, Park(dead), queue):
+    async def _not_run(
+        self,
+        kind: OutcomeKind,
+        msg: Delivery,
+        queue: str,
+        env: Envelope | None = None,
+        **fields: Any,
+    ) -> None:
+        """Tell the middleware how a delivery that reached no handler ended."""
+        if not self.middleware:
+            return
+        outcome = Outcome(
+            kind,
+            job_id=msg.message_id or "",
+            job_name=msg.type or "",
+            queue=queue,
+            attempt=env.attempt if env is not None else 0,
+            **fields,
+        )
+        await tell_settled(self.middleware, outcome, None)
+
+    async def _park(self, msg: Delivery, reason: DeadReason, error: ErrorInfo, queue: str) -> None:
+        """Park a message that can never run (poison), with its reason."""
+        if await self._settle(msg, Park(dead_message(msg, reason, error, queue)), queue):
             self.stats.dead += 1
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+            await self._not_run(OutcomeKind.DEAD, msg, queue, error=error, dead_reason=reason)
 
     async def _hold_until(self, eta_ms: int) -> bool:
         """Wait for the ETA in memory; False if the worker is stopping first."""
-        while (remaining := eta_ms - now_ms()) > 0:
-            try:
-                await asyncio.wait_for(self._stop.wait(), remaining / 1000)
-                return False
-            except TimeoutError:
-                pass
+        if self._stop.is_set():
+            return False
+        due = asyncio.ensure_future(self.clock.sleep_until(eta_ms))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({due, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            due.cancel()
+            stop.cancel()
         return not self._stop.is_set()
 
     async def _acquire_slot(self) -> bool:
@@ -682,9 +724,10 @@ class Worker:
         return msg.received + ct - (margin / 4 if settling else margin)
 
     async def _run_handler(
-        self, spec: Any, args: Any, ctx: JobContext, settle_by: float
-    ) -> BaseException | None:
-        """Run the handler under the job's timeout; return its exception, if any.
+        self, spec: HandlerSpec, args: Any, ctx: JobContext, settle_by: float
+    ) -> tuple[BaseException | None, Any]:
+        """Run the attempt (the handler inside the middleware) under the job's timeout;
+        return its exception, if any, and its result.
 
         No job runs into the broker's consumer_timeout (which would take the delivery
         back and close the channel): one that would is stopped and retried.
@@ -696,28 +739,54 @@ class Worker:
         sem = self._sem
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any]
-        if spec.is_async:
-            future = loop.create_task(spec.call(args, ctx))
-        else:
-            call = functools.partial(
-                contextvars.copy_context().run, _call_sync, spec.call, args, ctx
-            )
-            future = loop.run_in_executor(self._executor, call)
-        # One future woken by whichever comes first, the handler or its deadline: cheaper
-        # than asyncio.wait, and, unlike awaiting the handler under asyncio.timeout, not
-        # held hostage by a handler that swallows its cancellation.
-        woken = loop.create_future()
+        running = 1  # what holds the slot: the attempt, and a handler's thread
+        handler_failure: list[BaseException] = []
+
+        def release_slot() -> None:
+            nonlocal running
+            running -= 1
+            if running == 0:
+                sem.release()
 
         def finished(_: object) -> None:
-            sem.release()
+            release_slot()
             if not woken.done():
                 woken.set_result(True)
 
+        def in_thread() -> asyncio.Future[Any]:
+            call = functools.partial(
+                contextvars.copy_context().run, _call_sync, spec.call, args, ctx
+            )
+            return loop.run_in_executor(self._executor, call)
+
+        if not self.middleware:
+            # the common case, without a coroutine more per job
+            future = loop.create_task(spec.call(args, ctx)) if spec.is_async else in_thread()
+        else:
+
+            async def handler() -> Any:
+                nonlocal running
+                try:
+                    if spec.is_async:
+                        return await spec.call(args, ctx)
+                    thread = in_thread()
+                    running += 1
+                    thread.add_done_callback(lambda _: release_slot())
+                    return await asyncio.shield(thread)
+                except BaseException as exc:
+                    handler_failure.append(exc)
+                    raise
+
+            future = asyncio.ensure_future(wrap_attempt(self.middleware, ctx, handler)())
+        # One future woken by whichever comes first, the attempt or its deadline: cheaper
+        # than asyncio.wait, and, unlike awaiting it under asyncio.timeout, not held
+        # hostage by a handler that swallows its cancellation.
+        woken: asyncio.Future[bool] = loop.create_future()
         future.add_done_callback(finished)
         timeout = spec.job.timeout
         limit = settle_by - loop.time()
         broker_bound = timeout is None or limit < timeout
-        timer = loop.call_later(limit if broker_bound else timeout, _wake, woken)
+        timer = loop.call_later(limit if timeout is None or broker_bound else timeout, _wake, woken)
         try:
             await woken
         except asyncio.CancelledError:
@@ -732,71 +801,71 @@ class Worker:
                     f"job {spec.job.name!r} was stopped before the broker's consumer_timeout"
                     f" ({self.consumer_timeout:.0f}s) would take it back; give the job a"
                     " timeout, or raise consumer_timeout (README: consumer_timeout)"
-                )
-            return JobTimeoutError(f"job {spec.job.name!r} exceeded its timeout of {timeout}s")
+                ), None
+            return JobTimeoutError(
+                f"job {spec.job.name!r} exceeded its timeout of {timeout}s"
+            ), None
         if future.cancelled():
-            return JobTimeoutError(f"job {spec.job.name!r} was cancelled")
-        return future.exception()
+            return JobTimeoutError(f"job {spec.job.name!r} was cancelled"), None
+        failure = future.exception()
+        if failure is None:
+            return None, future.result()
+        if self.middleware and not _steers(failure) and failure not in handler_failure:
+            log.error(
+                "middleware failed around job %s %s: %s; the attempt counts as failed",
+                spec.job.name,
+                ctx.job_id,
+                describe(failure),
+                exc_info=failure,
+            )
+        return failure, None
 
-    def _failure(
-        self,
-        job: Job[Any],
-        env: Envelope,
-        msg: Delivery,
-        queue: str,
-        exc: BaseException,
-        duration: float,
-    ) -> tuple[Action, Outcome]:
-        """Retry or dead-letter, by the job's policy."""
-        error = ErrorInfo.from_exception(exc)
-        policy = job.retry
-        reason: DeadReason | None = None
-        delay: float | None = None
-        if isinstance(exc, Discard):
-            reason = DeadReason.DISCARDED
-        elif isinstance(exc, Retry):
-            # an explicit delay is kept within the ETA bound the worker accepts, as backoffs are
-            delay = (
-                min(exc.delay, MAX_BACKOFF)
-                if exc.delay is not None
-                else policy.delay_after(env.attempt)
-            )
-        elif policy.should_retry(exc):
-            delay = policy.delay_after(env.attempt)
-        else:
-            reason = DeadReason.NOT_RETRYABLE
-        if reason is None and env.attempt >= policy.max_attempts:
-            reason = DeadReason.EXHAUSTED
-        if reason is not None:
-            log.warning(
-                "job %s %s (attempt %d) is dead (%s): %s",
-                job.name,
-                env.job_id,
-                env.attempt,
-                reason,
-                error.message or error.type,
-            )
-            dead = dead_message(msg, reason, error, queue)
-            return Park(dead), Outcome(
-                OutcomeKind.DEAD, error, dead_reason=reason, duration=duration
-            )
-        assert delay is not None
-        log.info(
-            "job %s %s attempt %d failed (%s); retrying in %.2fs",
-            job.name,
-            env.job_id,
-            env.attempt,
-            error.type,
-            delay,
-        )
-        retry = env.next_attempt(error, eta_after(delay))
-        return Republish(retry), Outcome(OutcomeKind.RETRYING, error, delay, duration=duration)
+    def _carry_out(
+        self, decision: Decision, job: Job[Any], env: Envelope, msg: Delivery, queue: str
+    ) -> Action:
+        """The settlement that carries out a decision, logged."""
+        match decision:
+            case Succeed():
+                return Ack()
+            case RetryIn(delay, error):
+                log.info(
+                    "job %s %s attempt %d failed (%s); retrying in %.2fs",
+                    job.name,
+                    env.job_id,
+                    env.attempt,
+                    error.type,
+                    delay,
+                )
+                return Republish(env.next_attempt(error, self.clock.ms_after(delay)))
+            case Bury(reason, error):
+                log.warning(
+                    "job %s %s (attempt %d) is dead (%s): %s",
+                    job.name,
+                    env.job_id,
+                    env.attempt,
+                    reason,
+                    error.message or error.type,
+                )
+                return Park(dead_message(msg, reason, error, queue))
+            case DeferBy(delay, reason):
+                log.info(
+                    "job %s %s attempt %d deferred by %.2fs%s (not counted as an attempt)",
+                    job.name,
+                    env.job_id,
+                    env.attempt,
+                    delay,
+                    f": {reason}" if reason else "",
+                )
+                return Republish(env.deferred(self.clock.ms_after(delay)))
+        raise AssertionError(decision)  # pragma: no cover
 
     def _count(self, outcome: Outcome) -> None:
         if outcome.kind is OutcomeKind.SUCCEEDED:
             self.stats.succeeded += 1
         elif outcome.kind is OutcomeKind.RETRYING:
             self.stats.retried += 1
+        elif outcome.kind is OutcomeKind.DEFERRED:
+            self.stats.deferred += 1
         elif outcome.kind is OutcomeKind.DEAD:
             self.stats.dead += 1
             reason = str(outcome.dead_reason)
@@ -810,40 +879,29 @@ class Worker:
             self._vouch(msg)  # the broker took it back from this living process
         return settled
 
-    async def _hook(self, name: str, ctx: JobContext, *rest: Any) -> None:
-        for hook in self.hooks:
-            try:
-                await getattr(hook, name)(ctx, *rest)
-            except Exception:
-                log.exception("hook %r.%s failed (ignored)", hook, name)
-
     # -- idleness (tests, demo) ------------------------------------------------------
 
     async def pending(self) -> int:
         """Messages not yet done: in this worker, in its queues and in the delay cascade."""
-        await self.link.open()
         total = self.in_flight
-        channel = await open_channel(self.link.connection, publisher_confirms=False)
-        try:
-            for q in self.queues:
-                for name in (
-                    work_queue(self.namespace, q),
-                    due_queue(self.namespace, q),
-                    quarantine_queue(self.namespace, q),
-                ):
-                    declared = await channel.declare_queue(name, passive=True)
-                    total += declared.declaration_result.message_count or 0
-            try:
-                for level in range(self.settings.delay_levels):
-                    name = delay_queue(self.namespace, level)
-                    declared = await channel.declare_queue(name, passive=True)
-                    total += declared.declaration_result.message_count or 0
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                pass  # no cascade declared yet: nothing delayed
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        names = [
+            name(self.namespace, q)
+            for q in self.queues
+            for name in (work_queue, due_queue, quarantine_queue)
+        ]
+        for name in names:
+            total += await self.link.depth(name) or 0
+        for level in range(self.settings.delay_levels):
+            depth = await self.link.depth(delay_queue(self.namespace, level))
+            if depth is None:
+                break  # no cascade declared yet: nothing delayed
+            total += depth
         return total
+
+
+def _steers(exc: BaseException) -> bool:
+    """An exception that says how the job should go on, not that something broke."""
+    return isinstance(exc, Retry | Discard | Defer)
 
 
 def _wake(woken: asyncio.Future[bool]) -> None:
@@ -895,14 +953,6 @@ def _check_timeouts(registry: Registry, queues: Sequence[str], consumer_timeout:
             )
 
 
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT)
-
-
-async def _close_quietly(connection: AbstractConnection | None) -> None:
-    if connection is None or connection.is_closed:
-        return
-    try:
-        await connection.close()
-    except Exception as exc:
-        log.debug("closing connection: %s", describe(exc))
+async def _close_quietly(session: Session | None) -> None:
+    if session is not None:
+        await session.close()

@@ -13,8 +13,8 @@ from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
 
 from amqp_jobs import Job, TopologySettings
-from amqp_jobs.connection import DEFAULT_URL, connect
-from amqp_jobs.topology import delete_namespace
+from amqp_jobs.transport import transport_for
+from amqp_jobs.urls import DEFAULT_URL
 
 URL = os.environ.get("AMQP_URL") or DEFAULT_URL
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -42,11 +42,7 @@ def namespace(label: str) -> str:
 
 
 async def cleanup(ns: str, queues: set[str]) -> None:
-    connection = await connect(URL, name="bench cleanup")
-    try:
-        await delete_namespace(connection, ns, queues, TopologySettings())
-    finally:
-        await connection.close()
+    await transport_for(URL).delete_namespace(ns, queues, TopologySettings())
 
 
 async def queue_depth(connection: AbstractConnection, name: str) -> int:

@@ -21,8 +21,9 @@ import uuid
 from pydantic import BaseModel
 
 from amqp_jobs import Job, JobApp, JobClient, JobContext
-from amqp_jobs.connection import DEFAULT_URL, connect
-from amqp_jobs.topology import delete_namespace
+from amqp_jobs.contract import TopologySettings
+from amqp_jobs.transport import transport_for
+from amqp_jobs.urls import DEFAULT_URL
 
 
 class Tick(BaseModel):
@@ -63,9 +64,7 @@ async def measure(url: str, jobs: int, concurrency: int) -> dict[str, float]:
     finally:
         worker.stop()
         await task
-        connection = await connect(url, name="bench cleanup")
-        await delete_namespace(connection, ns, {"ticks"})
-        await connection.close()
+        await transport_for(url).delete_namespace(ns, {"ticks"}, TopologySettings())
     ordered = sorted(lateness)
     return {
         "jobs": len(ordered),

@@ -25,9 +25,9 @@ from typing import Any
 import aio_pika
 
 from amqp_jobs import JobClient, JobContext, RetryPolicy
-from amqp_jobs.connection import connect
 from amqp_jobs.message import Envelope
 from amqp_jobs.topology import jobs_exchange, work_queue
+from amqp_jobs.transport.amqp.connection import connect
 from bench.common import (
     URL,
     Signup,

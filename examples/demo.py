@@ -20,8 +20,10 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 from amqp_jobs import JobClient, JobContext, JobHooks, Outcome, OutcomeKind
-from amqp_jobs.connection import DEFAULT_URL, connect, mask_url
-from amqp_jobs.topology import dead_queue, delete_namespace
+from amqp_jobs.topology import dead_queue
+from amqp_jobs.transport import transport_for
+from amqp_jobs.transport.amqp.connection import connect
+from amqp_jobs.urls import DEFAULT_URL, mask_url
 
 from .shop import contracts as c
 
@@ -131,9 +133,7 @@ async def run(url: str) -> None:
     finally:
         worker.stop()
         await asyncio.wait_for(task, 15)
-        connection = await connect(url, name="demo cleanup")
-        await delete_namespace(connection, namespace, set(app.queues))
-        await connection.close()
+        await transport_for(url).delete_namespace(namespace, app.queues, app.settings)
     print(f"\nnamespace {namespace} deleted. Worker stats: {worker.stats}")
     print("Run the same handlers as a worker process: amqp-jobs worker examples.shop.worker:app")
 

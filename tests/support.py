@@ -14,9 +14,13 @@ from typing import Any, NoReturn
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel
 
+from amqp_jobs.contract import TopologySettings
+from amqp_jobs.message import Message
 from amqp_jobs.testing import Namespace
+from amqp_jobs.transport import transport_for
+from amqp_jobs.transport.memory import MemoryTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,29 +56,110 @@ async def channel(url: str) -> AsyncIterator[AbstractChannel]:
 
 
 async def queue_count(url: str, name: str) -> int:
-    async with channel(url) as ch:
-        q = await ch.declare_queue(name, passive=True)
-        return q.declaration_result.message_count or 0
+    """Messages ready in a queue (RabbitMQ or memory://)."""
+    link = transport_for(url).link("test", TopologySettings(), name="test helper", declare=False)
+    try:
+        depth = await link.depth(name)
+    finally:
+        await link.close()
+    assert depth is not None, f"no queue {name}"
+    return depth
 
 
-async def drain(
-    url: str, name: str, expected: int, timeout: float = 15.0
-) -> list[AbstractIncomingMessage]:
-    """Take ``expected`` messages off a queue (acked), waiting for them to arrive."""
-    got: list[AbstractIncomingMessage] = []
-    async with channel(url) as ch:
-        q = await ch.declare_queue(name, passive=True)
+async def declare(ns: Namespace, queue: str, job_names: set[str] | None = None) -> None:
+    """Declare a work queue of the namespace (RabbitMQ or memory://), tracked for cleanup."""
+    ns.track(queue)
+    link = transport_for(ns.url).link(ns.name, ns.settings, name="test helper")
+    try:
+        await link.declare_queue(queue, job_names or set())
+    finally:
+        await link.close()
+
+
+class Admin:
+    """Raw broker operations a test needs, on RabbitMQ or memory:// alike."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        transport = transport_for(url)
+        self.memory = transport.broker if isinstance(transport, MemoryTransport) else None
+
+    async def declare_exchange(self, name: str, kind: str = "direct") -> None:
+        if self.memory is not None:
+            self.memory.declare_exchange(name, kind)
+            return
+        async with channel(self.url) as ch:
+            await ch.declare_exchange(name, kind, durable=True)
+
+    async def declare_queue(
+        self,
+        name: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        bind: tuple[str, str] | None = None,
+    ) -> None:
+        """A durable queue, bound to ``bind`` = (exchange, key) if given."""
+        if self.memory is not None:
+            self.memory.declare_queue(name, arguments or {})
+            if bind:
+                self.memory.bind(bind[0], name, bind[1])
+            return
+        async with channel(self.url) as ch:
+            q = await ch.declare_queue(name, durable=True, arguments=arguments)
+            if bind:
+                await q.bind(bind[0], bind[1])
+
+    async def delete_queue(self, name: str) -> None:
+        if self.memory is not None:
+            self.memory.delete_queue(name)
+            return
+        async with channel(self.url) as ch:
+            await ch.queue_delete(name)
+
+    async def purge(self, name: str) -> None:
+        if self.memory is not None:
+            self.memory.purge(name)
+            return
+        async with channel(self.url) as ch:
+            await (await ch.declare_queue(name, passive=True)).purge()
+
+
+async def put(url: str, queue_name: str, message: Message, *, exchange: str = "") -> None:
+    """Publish straight into one queue (or to ``exchange`` with key ``queue_name``),
+    confirmed (RabbitMQ or memory://)."""
+    link = transport_for(url).link("test", TopologySettings(), name="test helper", declare=False)
+
+    async def send() -> None:
+        if exchange:
+            await link.publish(exchange, queue_name, message)
+        else:
+            await link.send_to_queue(queue_name, message)
+
+    try:
+        await link.retrying(send, give_up_after=10)
+    finally:
+        await link.close()
+
+
+async def drain(url: str, name: str, expected: int, timeout: float = 15.0) -> list[Message]:
+    """Take ``expected`` messages off a queue (RabbitMQ or memory://), waiting for them to
+    arrive; fails if more are there."""
+    got: list[Message] = []
+    link = transport_for(url).link("test", TopologySettings(), name="test helper", declare=False)
+    try:
 
         async def take() -> bool:
             while len(got) < expected:
-                msg = await q.get(no_ack=True, fail=False)
-                if msg is None:
+                message = await link.take(name)
+                if message is None:
                     return False
-                got.append(msg)
+                got.append(message)
             return True
 
         await eventually(take, timeout=timeout, what=f"{expected} messages in {name}")
-        assert await q.get(no_ack=True, fail=False) is None, f"more than {expected} in {name}"
+        assert await link.take(name) is None, f"more than {expected} in {name}"
+    finally:
+        await link.close()
     return got
 
 

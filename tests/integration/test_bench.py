@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+#: benchmarks against raw aio-pika
+pytestmark = pytest.mark.rabbitmq_only
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

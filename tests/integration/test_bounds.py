@@ -14,6 +14,9 @@ from pydantic import BaseModel
 
 from amqp_jobs import AmqpJobsError, Job, JobClient
 
+#: fake AMQP servers that never answer
+pytestmark = pytest.mark.rabbitmq_only
+
 RETRY_FOR = 2.0
 SLACK = 1.5
 

@@ -6,25 +6,33 @@ import asyncio
 import contextlib
 import io
 import json
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
 
 from amqp_jobs import ops
 from amqp_jobs.cli import main
-from amqp_jobs.link import Link
-from amqp_jobs.message import now_ms
+from amqp_jobs.message import Message, now_ms
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TopologySettings, dead_queue, quarantine_queue, work_queue
+from amqp_jobs.transport.amqp.link import Link
 from tests.support import MANAGEMENT, channel, drain, eventually, queue_count, require_management
+
+#: the operations commands read RabbitMQ (and its management API)
+pytestmark = pytest.mark.rabbitmq_only
 
 APP = "examples.shop.worker:app"
 
 
-def cli(capsys: pytest.CaptureFixture[str], ns: Namespace, *args: str) -> tuple[int, str, str]:
-    code = main([*args, "--url", ns.url, "--namespace", ns.name])
+def cli(
+    capsys: pytest.CaptureFixture[str], ns: Namespace, *args: str, broker: bool = True
+) -> tuple[int, str, str]:
+    """Run a command in the test's namespace; ``broker``: it takes --url (talks to one)."""
+    code = main([*args, *(["--url", ns.url] if broker else []), "--namespace", ns.name])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -57,11 +65,12 @@ async def park(
             "job-dead-reason": "exhausted",
             "x-death": [{"reason": "rejected"}],
         }
-        message = aio_pika.Message(
-            json.dumps({"user_id": 7, "amount_cents": 5}).encode(),
+        message = Message(
+            body=json.dumps({"user_id": 7, "amount_cents": 5}).encode(),
             content_type="application/json",
             message_id=job_id,
             type=name,
+            timestamp=None,
             headers=headers,
         )
         await link.send_dead(message, queue)
@@ -324,7 +333,9 @@ def test_enqueue_with_schemas_only(
     namespace: Namespace, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     namespace.track("billing")
-    code, _, _ = cli(capsys, namespace, "schemas", "export", str(tmp_path), "--app", APP)
+    code, _, _ = cli(
+        capsys, namespace, "schemas", "export", str(tmp_path), "--app", APP, broker=False
+    )
     assert code == 0
     code, _out, err = cli(
         capsys,
@@ -359,8 +370,9 @@ def test_topology_show_and_declare(
     namespace: Namespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, _ = cli(
-        capsys, namespace, "topology", "show", "--queue", "mail", "--job", "mail.send", "--json"
-    )
+        capsys, namespace, "topology", "show", "--queue", "mail", "--job", "mail.send", "--json",
+        broker=False,
+    )  # fmt: skip
     assert code == 0
     plan = json.loads(out)
     names = {q["name"] for q in plan["queues"]}
@@ -372,6 +384,7 @@ def test_topology_show_and_declare(
     assert {
         "source": f"{namespace.name}.jobs",
         "destination": f"{namespace.name}.q.mail",
+        "destination_type": "queue",
         "key": "mail.send",
     } in plan["bindings"]
     namespace.track("mail")
@@ -428,24 +441,28 @@ async def test_status_unacked_and_discovery_from_the_management_api(namespace: N
                 ]
             )
         assert code == 0
-        return json.loads(out.getvalue())
+        data: dict[str, Any] = json.loads(out.getvalue())
+        return data
 
     try:
         await worker.started()
 
         async def two_unacked() -> bool:
             data = await loop.run_in_executor(None, status)
-            return data["queues"] == [
-                {
-                    "queue": "held",
-                    "ready": 1,
-                    "unacked": 2,
-                    "consumers": 1,
-                    "due": 0,
-                    "quarantined": 0,
-                    "dead": 0,
-                }
-            ]
+            return bool(
+                data["queues"]
+                == [
+                    {
+                        "queue": "held",
+                        "ready": 1,
+                        "unacked": 2,
+                        "consumers": 1,
+                        "due": 0,
+                        "quarantined": 0,
+                        "dead": 0,
+                    }
+                ]
+            )
 
         # the management API refreshes queue statistics every few seconds
         await eventually(two_unacked, timeout=30, interval=0.5, what="2 unacked jobs in the status")
@@ -453,3 +470,98 @@ async def test_status_unacked_and_discovery_from_the_management_api(namespace: N
         release.set()
         worker.stop()
         await asyncio.wait_for(task, 15)
+
+
+# -- a broker that goes away mid-command ------------------------------------------------
+
+
+class Tripwire:
+    """A TCP proxy to the broker that cuts a connection the moment the client sends a
+    frame naming ``marker`` (a queue or job name): the broker is lost mid-command, after
+    the handshake, with the command's request unanswered."""
+
+    def __init__(self, target: tuple[str, int], marker: bytes) -> None:
+        self.target = target
+        self.marker = marker
+        self.cuts = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Tripwire:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def url(self, url: str) -> str:
+        parts = urlsplit(url)
+        netloc = f"{parts.username}:{parts.password}@127.0.0.1:{self.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, watch: bool) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    if watch and self.marker in data:
+                        self.cuts += 1
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+
+@pytest.mark.parametrize(
+    ("command", "marker"),
+    [
+        pytest.param(["status", "--queue", "billing"], "{ns}.q.billing", id="status"),
+        pytest.param(["dead", "list", "billing"], "{ns}.dead.billing", id="dead-list"),
+        pytest.param(
+            ["dead", "show", "d1", "--queue", "billing"], "{ns}.dead.billing", id="dead-show"
+        ),
+        # cut at the first copy's publish: the dead job was fetched, not yet replayed
+        pytest.param(["dead", "replay", "billing", "--all"], "{ns}.q.billing", id="dead-replay"),
+        pytest.param(["dead", "purge", "billing", "--yes"], "{ns}.dead.billing", id="dead-purge"),
+        pytest.param(
+            ["topology", "declare", "--queue", "billing"], "{ns}.q.billing", id="topology-declare"
+        ),
+        pytest.param(
+            ["enqueue", "billing.sync_invoice", '{"user_id": 1, "amount_cents": 2}', "--app", APP],
+            "billing.sync_invoice",
+            id="enqueue",
+        ),
+    ],
+)
+async def test_a_broker_lost_mid_command_is_one_line(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str], command: list[str], marker: str
+) -> None:
+    await park(namespace, "billing", [("d1", "billing.sync_invoice")])
+    parts = urlsplit(namespace.url)
+    target = (parts.hostname or "127.0.0.1", parts.port or 5672)
+    loop = asyncio.get_running_loop()
+    async with Tripwire(target, marker.format(ns=namespace.name).encode()) as proxy:
+        args = [*command, "--url", proxy.url(namespace.url), "--namespace", namespace.name]
+        code = await loop.run_in_executor(None, main, [*args, "--connect-timeout", "1"])
+    out, err = capsys.readouterr()
+    assert proxy.cuts >= 1, "the connection was cut mid-command"
+    assert code == 1, out + err
+    assert err.startswith("amqp-jobs: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert f"{parts.username}:{parts.password}@" not in err, "password masked"
+    # nothing was lost: the dead job is back (the broker requeues what the lost
+    # connection held), and nothing reached the work queue
+    dead = dead_queue(namespace.name, "billing")
+    await eventually(lambda: _is(queue_count(namespace.url, dead), 1), what="the dead job back")
+    assert await queue_count(namespace.url, work_queue(namespace.name, "billing")) == 0
+
+
+async def _is(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected

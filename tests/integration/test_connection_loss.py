@@ -14,6 +14,9 @@ from tests.support import eventually, queue_count
 
 from .proxy import Proxy
 
+#: a TCP proxy cuts real connections
+pytestmark = pytest.mark.rabbitmq_only
+
 
 class N(BaseModel):
     n: int

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 from pydantic import BaseModel
 
 from amqp_jobs import Job, JobContext, TopologySettings
-from amqp_jobs.message import now_ms
+from amqp_jobs.message import Message, now_ms
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import delay_queue, due_queue, jobs_exchange, work_queue
-from tests.support import channel, eventually, queue_count
+from tests.support import eventually, put, queue_count
 
 
 class N(BaseModel):
@@ -101,24 +101,13 @@ async def test_a_year_fits_in_the_cascade(namespace: Namespace) -> None:
 
 async def test_early_arrival_is_delayed_again(namespace: Namespace) -> None:
     """A message published straight to the work queue with a future job-eta still waits."""
-    import aio_pika
 
     job, started = timed_app(namespace)
     async with namespace.client() as client:
         await client.enqueue(job, {"n": 0})  # declares queue and binding
     eta = now_ms() + 1500
-    async with channel(namespace.url) as ch:
-        ex = await ch.get_exchange(jobs_exchange(namespace.name), ensure=False)
-        await ex.publish(
-            aio_pika.Message(
-                b'{"n": 1}',
-                content_type="application/json",
-                message_id="early-1",
-                type="t.timed",
-                headers={"job-eta": eta},
-            ),
-            routing_key="t.timed",
-        )
+    early = Message(b'{"n": 1}', "application/json", "early-1", "t.timed", None, {"job-eta": eta})
+    await put(namespace.url, "t.timed", early, exchange=jobs_exchange(namespace.name))
     stats = await run_until_idle(namespace.worker(timed_app.app))  # type: ignore[attr-defined]
     assert stats.redelayed == 1
     late = [at for n, at, _ in started if n == 1]

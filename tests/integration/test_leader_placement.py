@@ -1,11 +1,15 @@
 """Quorum queues spread their leaders over a cluster; queues declared before keep working."""
 
+import pytest
 from pydantic import BaseModel
 
 from amqp_jobs import Job
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import LEADER_LOCATOR, work_queue, work_queue_arguments
 from tests.support import channel, queue_count
+
+#: quorum queue leaders of RabbitMQ
+pytestmark = pytest.mark.rabbitmq_only
 
 
 class N(BaseModel):

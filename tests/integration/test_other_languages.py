@@ -12,11 +12,15 @@ import uuid
 from pathlib import Path
 
 import pika
+import pytest
 from pydantic import BaseModel
 
 from amqp_jobs import Job, JobContext
 from amqp_jobs.testing import Namespace, run_until_idle
 from tests.support import unavailable
+
+#: publishers in other languages speak AMQP
+pytestmark = pytest.mark.rabbitmq_only
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "examples" / "node-publisher"

@@ -14,6 +14,9 @@ from tests.support import WorkerProcess, drain, eventually, queue_count, read_lo
 
 from . import sample_app
 
+#: worker processes and signals
+pytestmark = pytest.mark.rabbitmq_only
+
 
 def events(log: Path, kind: str) -> list[int]:
     return [e["n"] for e in read_log(log) if e["event"] == kind]

@@ -7,7 +7,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import pytest
 from pydantic import BaseModel
 
@@ -22,9 +21,10 @@ from amqp_jobs import (
     TopologySettings,
     UnroutableError,
 )
+from amqp_jobs.message import Message
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import jobs_exchange, work_queue
-from tests.support import channel, drain, eventually, queue_count
+from tests.support import Admin, drain, eventually, put, queue_count
 
 
 class Email(BaseModel):
@@ -41,7 +41,6 @@ async def test_enqueue_is_confirmed_and_follows_the_wire_contract(namespace: Nam
     [msg] = await drain(namespace.url, work_queue(namespace.name, "emails"), 1)
     assert json.loads(msg.body) == {"user_id": 1, "subject": "hi"}
     assert msg.content_type == "application/json"
-    assert msg.delivery_mode == 2
     assert msg.message_id == job_id
     assert msg.type == "emails.send"
     assert msg.timestamp is not None
@@ -88,8 +87,7 @@ async def test_bad_arguments_raise_typed_errors(
 
 
 async def test_unroutable_publish_raises(namespace: Namespace) -> None:
-    async with channel(namespace.url) as ch:
-        await ch.declare_exchange(jobs_exchange(namespace.name), "direct", durable=True)
+    await Admin(namespace.url).declare_exchange(jobs_exchange(namespace.name))
     async with namespace.client(declare=False, retry_for=1) as client:
         with pytest.raises(UnroutableError, match=r"emails\.send"):
             await client.enqueue(send, {"user_id": 1})
@@ -99,16 +97,15 @@ async def test_refused_publish_raises(
     namespace: Namespace, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A queue that rejects publishes (full, reject-publish) makes the broker nack."""
-    async with channel(namespace.url) as ch:
-        ex = await ch.declare_exchange(jobs_exchange(namespace.name), "direct", durable=True)
-        q = await ch.declare_queue(
-            work_queue(namespace.name, "emails"),
-            durable=True,
-            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
-        )
-        await q.bind(ex, "emails.send")
+    admin = Admin(namespace.url)
+    await admin.declare_exchange(jobs_exchange(namespace.name))
+    await admin.declare_queue(
+        work_queue(namespace.name, "emails"),
+        {"x-max-length": 0, "x-overflow": "reject-publish"},
+        bind=(jobs_exchange(namespace.name), "emails.send"),
+    )
     namespace.track("emails")
-    caplog.set_level(logging.WARNING, logger="amqp_jobs.connection")
+    caplog.set_level(logging.WARNING)
     async with namespace.client(declare=False, retry_for=1) as client:
         began = time.monotonic()
         with pytest.raises(PublishRefusedError):
@@ -123,23 +120,23 @@ async def test_a_refusal_that_passes_is_retried_and_stored(
 ) -> None:
     """A full queue (reject-publish) that drains within retry_for takes the job."""
     name = work_queue(namespace.name, "emails")
-    async with channel(namespace.url) as ch:
-        ex = await ch.declare_exchange(jobs_exchange(namespace.name), "direct", durable=True)
-        q = await ch.declare_queue(
-            name, durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
-        )
-        await q.bind(ex, "emails.send")
-        await ch.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=name)
+    admin = Admin(namespace.url)
+    await admin.declare_exchange(jobs_exchange(namespace.name))
+    await admin.declare_queue(
+        name,
+        {"x-max-length": 1, "x-overflow": "reject-publish"},
+        bind=(jobs_exchange(namespace.name), "emails.send"),
+    )
+    await put(namespace.url, name, Message(b"{}", None, "filler", None, None, {}))
     namespace.track("emails")
-    caplog.set_level(logging.WARNING, logger="amqp_jobs.connection")
+    caplog.set_level(logging.WARNING)
     async with namespace.client(declare=False, retry_for=20) as client:
         sending = asyncio.create_task(client.enqueue(send, {"user_id": 1}))
         await eventually(
             lambda: any("PublishRefusedError" in r.getMessage() for r in caplog.records),
             what="a refused attempt",
         )
-        async with channel(namespace.url) as ch:
-            await (await ch.declare_queue(name, passive=True)).purge()
+        await admin.purge(name)
         await asyncio.wait_for(sending, 25)
     assert await queue_count(namespace.url, name) == 1
 

@@ -7,7 +7,17 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from amqp_jobs import Discard, Job, JobContext, JobTimeoutError, Retry, RetryPolicy
+from amqp_jobs import (
+    Discard,
+    Job,
+    JobContext,
+    JobHooks,
+    JobTimeoutError,
+    Outcome,
+    OutcomeKind,
+    Retry,
+    RetryPolicy,
+)
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import dead_queue
 from tests.support import drain
@@ -58,8 +68,9 @@ async def test_exhausted_job_is_parked_with_its_error(namespace: Namespace) -> N
     assert h["job-dead-reason"] == "exhausted"
     assert h["job-error-type"] == "ValueError"
     assert h["job-error-message"] == "cannot handle 42"
-    assert "in doomed" in h["job-error-traceback"]
-    assert abs(h["job-failed-at"] / 1000 - time.time()) < 60
+    traceback, failed_at = h["job-error-traceback"], h["job-failed-at"]
+    assert isinstance(traceback, str) and "in doomed" in traceback
+    assert isinstance(failed_at, int) and abs(failed_at / 1000 - time.time()) < 60
     assert h["job-queue"] == "r"
     # x-death is never carried over (x-delivery-count is the dead queue's own, on delivery)
     assert not any(k.startswith(("x-death", "x-first-death", "x-last-death")) for k in h)
@@ -125,7 +136,13 @@ async def test_exception_filters(namespace: Namespace) -> None:
 
 @pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_timeout_is_a_retryable_failure(namespace: Namespace, kind: str) -> None:
-    app = namespace.app()
+    outcomes: dict[int, Outcome] = {}
+
+    class Record(JobHooks):
+        async def settled(self, ctx: JobContext, outcome: Outcome) -> None:
+            outcomes[ctx.attempt] = outcome
+
+    app = namespace.app(hooks=[Record()])
     job = Job("t.slow", N, queue="r", timeout=0.3, retry=RetryPolicy(max_attempts=2, backoff=0))
     attempts: list[int] = []
 
@@ -150,4 +167,9 @@ async def test_timeout_is_a_retryable_failure(namespace: Namespace, kind: str) -
     stats = await run_until_idle(namespace.worker(app))
     assert attempts == [1, 2]
     assert (stats.retried, stats.succeeded) == (1, 1)
-    assert JobTimeoutError.__name__ == "JobTimeoutError"
+    # the first attempt was retried because it timed out, and says so in its error
+    first = outcomes[1]
+    assert first.kind == OutcomeKind.RETRYING
+    assert first.error is not None
+    assert first.error.type == f"{JobTimeoutError.__module__}.{JobTimeoutError.__qualname__}"
+    assert outcomes[2].kind == OutcomeKind.SUCCEEDED

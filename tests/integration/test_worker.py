@@ -10,7 +10,7 @@ from amqp_jobs import Job, JobContext, JobHooks, Outcome, OutcomeKind
 from amqp_jobs.message import Envelope
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import quarantine_queue, work_queue
-from tests.support import channel, eventually, queue_count
+from tests.support import eventually, put, queue_count
 
 
 class N(BaseModel):
@@ -63,9 +63,7 @@ async def test_concurrency_bounds_running_jobs(namespace: Namespace) -> None:
     task = asyncio.create_task(run_until_idle(worker))
     await eventually(lambda: running == 3, what="3 jobs running")
     # the broker holds the rest: prefetch = concurrency
-    async with channel(namespace.url) as ch:
-        q = await ch.declare_queue(work_queue(namespace.name, "slow"), passive=True)
-        assert q.declaration_result.message_count == 9
+    assert await queue_count(namespace.url, work_queue(namespace.name, "slow")) == 9
     release.set()
     stats = await asyncio.wait_for(task, 30)
     assert stats.succeeded == 12
@@ -164,9 +162,7 @@ async def test_worker_consumes_only_the_queues_asked_for(namespace: Namespace) -
         await client.enqueue(b, {"n": 1})
     await run_until_idle(namespace.worker(app, queues=["qa"]))
     assert ran == ["a"]
-    async with channel(namespace.url) as ch:
-        q = await ch.declare_queue(work_queue(namespace.name, "qb"), passive=True)
-        assert q.declaration_result.message_count == 1
+    assert await queue_count(namespace.url, work_queue(namespace.name, "qb")) == 1
 
 
 async def test_plain_function_returning_a_coroutine_fails_loudly(namespace: Namespace) -> None:
@@ -220,10 +216,7 @@ async def test_a_quarantined_job_runs_alone_then_the_others_resume(namespace: Na
         await asyncio.wait_for(worker.started(), 15)
         await eventually(lambda: running == {0, 1, 2, 3}, what="four jobs running")
         suspect = Envelope.new(job.name, b'{"n": 100}', "iso")
-        async with channel(namespace.url) as ch:
-            await ch.default_exchange.publish(
-                suspect.to_message(), routing_key=quarantine_queue(namespace.name, "iso")
-            )
+        await put(namespace.url, quarantine_queue(namespace.name, "iso"), suspect.to_message())
 
         async def delivered() -> bool:
             return await queue_count(namespace.url, quarantine_queue(namespace.name, "iso")) == 0

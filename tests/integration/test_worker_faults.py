@@ -16,7 +16,7 @@ from amqp_jobs import Job, JobContext, RetryPolicy
 from amqp_jobs.message import H_ERROR_MESSAGE, H_ERROR_TYPE
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import dead_queue, quarantine_queue, work_queue
-from tests.support import channel, drain, eventually, queue_count
+from tests.support import Admin, drain, eventually, queue_count
 
 
 class N(BaseModel):
@@ -36,8 +36,7 @@ async def test_a_deleted_queue_is_declared_again_and_consumed(namespace: Namespa
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait_for(worker.started(), 15)
-        async with channel(namespace.url) as ch:
-            await ch.queue_delete(work_queue(namespace.name, "del"))
+        await Admin(namespace.url).delete_queue(work_queue(namespace.name, "del"))
         # The client re-declares the queue it finds gone; jobs confirmed into it must run.
         async with namespace.client() as client:
             await client.enqueue_many(job, [{"n": i} for i in range(100)])

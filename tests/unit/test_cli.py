@@ -1,13 +1,23 @@
 """The command line: one-line errors for user mistakes, never a traceback."""
 
+import argparse
+import contextlib
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
 from amqp_jobs import ContractError, Job, JobApp
-from amqp_jobs.cli import main
+from amqp_jobs.cli import build_parser, main
+from amqp_jobs.commands import scrub
+from amqp_jobs.urls import resolve
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class A(BaseModel):
@@ -68,3 +78,195 @@ def test_job_timeout_beyond_consumer_timeout_is_refused() -> None:
 def test_app_without_handlers_is_refused() -> None:
     with pytest.raises(ContractError, match="no handlers"):
         JobApp("t").worker()
+
+
+# -- a broker that is not there, or goes away ------------------------------------------
+
+#: Every command that talks to the broker, with what it needs besides the broker.
+BROKER_COMMANDS = [
+    ["status", "--queue", "q"],
+    ["dead", "list", "q"],
+    ["dead", "show", "some-id", "--queue", "q"],
+    ["dead", "replay", "q", "--all"],
+    ["dead", "purge", "q", "--yes"],
+    ["topology", "declare", "--queue", "q"],
+    ["enqueue", "billing.sync_invoice", '{"user_id": 1, "amount_cents": 2}',
+     "--schemas", str(ROOT / "schemas")],
+]  # fmt: skip
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound for a moment, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def hangs_up(reads: int, answer: bytes = b"") -> Iterator[int]:
+    """A TCP server that accepts, reads up to ``reads`` bytes, sends ``answer`` and
+    closes: a broker that goes away right after connecting or mid-handshake."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    if reads:
+                        conn.recv(reads)
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def run_against(
+    port: int, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    url = f"amqp://guest:hunter2@127.0.0.1:{port}/"
+    code = main([*command, "--url", url, "--namespace", "n", "--connect-timeout", "0.2"])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def assert_one_line_error(code: int, output: str) -> None:
+    assert code == 1, output
+    assert output.startswith("amqp-jobs: error: "), output
+    assert len(output.strip().splitlines()) == 1, output
+    assert "Traceback" not in output
+    assert "hunter2" not in output
+    assert "guest:***@127.0.0.1" in output, "names the broker, password masked"
+
+
+@pytest.mark.parametrize("command", BROKER_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_no_broker_listening_is_one_line(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_one_line_error(*run_against(free_port(), command, capsys))
+
+
+@pytest.mark.parametrize(
+    ("reads", "answer"),
+    [(0, b""), (8, b""), (8, b"HTTP/1.1 400 Bad Request\r\n\r\n")],
+    ids=["closes-at-once", "closes-mid-handshake", "answers-garbage"],
+)
+@pytest.mark.parametrize("command", BROKER_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_broker_that_hangs_up_is_one_line(
+    command: list[str], reads: int, answer: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with hangs_up(reads, answer) as port:
+        assert_one_line_error(*run_against(port, command, capsys))
+
+
+def test_a_file_that_cannot_be_written_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "no-such-dir" / "shop.json"
+    code = main(["asyncapi", "--app", "examples.shop.worker:app", "-o", str(target)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "no-such-dir" in err
+
+
+# -- options: declared once, offered only where they do something ----------------------
+
+
+def subparser(*command: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+def options_of(*command: str) -> set[str]:
+    return {flag for action in subparser(*command)._actions for flag in action.option_strings}
+
+
+@pytest.mark.parametrize(
+    ("command", "takes", "lacks"),
+    [
+        (["worker"], {"--url", "--namespace", "--connect-timeout", "--grace"}, {"--json"}),
+        (["status"], {"--url", "--connect-timeout", "--app", "--json", "--queue"}, set()),
+        (["dead", "list"], {"--url", "--connect-timeout", "--job", "--limit"}, {"--queue"}),
+        (["enqueue"], {"--url", "--connect-timeout", "--delay", "--at"}, {"--queue"}),
+        (["topology", "declare"], {"--url", "--connect-timeout", "--queue", "--job"}, set()),
+        # these never connect: no broker options
+        (["topology", "show"], {"--namespace", "--app", "--json"}, {"--url", "--connect-timeout"}),
+        (["schemas", "export"], {"--namespace", "--app", "--json"}, {"--url", "--connect-timeout"}),
+        (["schemas", "check"], {"--namespace", "--app", "--json"}, {"--url", "--connect-timeout"}),
+        # --url names the server in the document; nothing connects; the output is JSON
+        (["asyncapi"], {"--url", "--namespace", "--app"}, {"--connect-timeout", "--json"}),
+    ],
+)
+def test_each_command_offers_only_options_that_do_something(
+    command: list[str], takes: set[str], lacks: set[str]
+) -> None:
+    offered = options_of(*command)
+    assert takes <= offered
+    assert not lacks & offered
+
+
+def test_shared_options_read_the_same_everywhere() -> None:
+    helps: dict[str, set[str]] = {}
+    for command in (["status"], ["dead", "list"], ["enqueue"], ["topology", "declare"],
+                    ["schemas", "check"], ["asyncapi"], ["worker"]):  # fmt: skip
+        text = " ".join(subparser(*command).format_help().split())
+        helps.setdefault("namespace", set()).add(text.split("--namespace NS ")[1][:60])
+        if "--url URL " in text:
+            helps.setdefault("url", set()).add(text.split("--url URL ")[1][:60])
+    assert all(len(texts) == 1 for texts in helps.values()), helps
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--grace", "90s", "--connect-timeout", "500ms", "--consumer-timeout", "1h"],
+         {"grace": 90.0, "connect_timeout": 0.5, "consumer_timeout": 3600.0}),
+        (["--grace", "2.5"], {"grace": 2.5}),
+    ],
+)  # fmt: skip
+def test_every_duration_option_takes_the_same_durations(
+    args: list[str], expected: dict[str, float]
+) -> None:
+    parsed = build_parser().parse_args(["worker", "examples.shop.worker:app", *args])
+    assert {k: getattr(parsed, k) for k in expected} == expected
+    purge = build_parser().parse_args(["dead", "purge", "q", "--older-than", "1h30m"])
+    assert purge.older_than == 5400.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--grace", "-1", "must not be negative"),
+        ("--grace", "soon", "not a duration: 'soon'"),
+        ("--connect-timeout", "nan", "finite"),
+        ("--consumer-timeout", "inf", "finite"),
+    ],
+)
+def test_a_bad_duration_is_refused_by_the_parser(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["worker", "examples.shop.worker:app", option, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and option in err
+
+
+def test_errors_are_scrubbed_of_passwords_but_keep_user_names() -> None:
+    urls = resolve("amqp://guest:guest@h:5672/,amqp://app:hunter2@k:5672/")
+    text = "cannot reach amqp://guest:guest@h:5672/:\n refused (hunter2, guest)"
+    assert scrub(text, urls) == "cannot reach amqp://guest:***@h:5672/: refused (***, ***)"
+    assert scrub("amqp://u:p4ss@x/ down", None) == "amqp://u:***@x/ down"

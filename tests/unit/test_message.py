@@ -32,6 +32,7 @@ from amqp_jobs.message import (
     now_ms,
     replay_message,
 )
+from amqp_jobs.transport.amqp.link import envelope_properties
 
 
 def make(body: bytes = b"{}", **props: Any) -> aio_pika.Message:
@@ -49,7 +50,7 @@ def test_encode_follows_protocol_1() -> None:
     env = Envelope.new("emails.send", b'{"x":1}', "emails", eta_ms=now_ms() + 5000)
     msg = env.to_message()
     assert msg.content_type == "application/json"
-    assert msg.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert envelope_properties(env).delivery_mode == 2  # persistent on the wire
     assert msg.message_id == env.job_id
     assert len(env.job_id) == 32
     assert msg.type == "emails.send"

@@ -6,18 +6,28 @@ from pathlib import Path
 import amqp_jobs
 
 PACKAGE = Path(amqp_jobs.__file__).parent
-#: Each module may import only modules listed before it (DESIGN.md §6).
+#: Each module may import only modules listed before it (docs/architecture.md).
 LAYERS = [
     "errors",
+    "durations",
+    "clock",
     "urls",
     "contract",
     "message",
-    "channels",
+    "outcome",
     "topology",
-    "connection",
-    "link",
+    "transport.base",
+    "transport.amqp.channels",
+    "transport.amqp.connection",
+    "transport.amqp.declare",
+    "transport.amqp.link",
+    "transport.amqp.session",
+    "transport.amqp",
+    "transport.memory",
+    "transport",
     "settle",
     "registry",
+    "middleware",
     "worker",
     "client",
     "app",
@@ -27,15 +37,18 @@ LAYERS = [
     "testing",
     "cli",
 ]
+#: Client libraries of the AMQP transport: imported nowhere else.
+CLIENT_LIBRARIES = ("aio_pika", "aiormq", "pamqp")
 
 
 def test_public_api_is_pinned() -> None:
     assert sorted(amqp_jobs.__all__) == sorted(
         [
             "AmqpJobsError", "ArgsValidationError", "BatchPublishError",
-            "BrokerUnavailableError", "ContractError", "DeadReason", "Discard", "Job",
-            "JobApp", "JobClient", "JobContext", "JobHooks", "JobTimeoutError", "Outcome",
-            "OutcomeKind", "PublishError", "PublishRefusedError", "PublishTimeoutError",
+            "BrokerUnavailableError", "ConnectionLostError", "ContractError", "DeadReason",
+            "Defer", "Discard", "Job", "JobApp", "JobClient", "JobContext", "JobHooks",
+            "JobTimeoutError", "Middleware", "Namespace", "Outcome", "OutcomeKind",
+            "PublishError", "PublishRefusedError", "PublishTimeoutError", "Publishing",
             "Retry", "RetryPolicy", "TopologyMismatchError", "TopologySettings",
             "UnroutableError", "Worker", "WorkerStats", "__version__",
         ]
@@ -44,15 +57,54 @@ def test_public_api_is_pinned() -> None:
         assert hasattr(amqp_jobs, name)
 
 
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        if parts:
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module ``path`` imports, at any depth (lazy imports count)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.append(node.module)
+        elif isinstance(node, ast.Import):
+            out += [alias.name for alias in node.names]
+    return out
+
+
 def test_every_module_has_a_layer() -> None:
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert modules == set(LAYERS)
+    assert set(_modules()) == set(LAYERS)
 
 
 def test_imports_flow_one_way() -> None:
+    modules = _modules()
     for index, module in enumerate(LAYERS):
-        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("amqp_jobs."):
-                target = node.module.split(".")[1]  # type: ignore[union-attr]
-                assert LAYERS.index(target) < index, f"{module} imports {target}"
+        for imported in _imports(modules[module]):
+            if not imported.startswith("amqp_jobs."):
+                continue
+            target = imported.removeprefix("amqp_jobs.")
+            assert target in LAYERS, f"{module} imports unknown {target}"
+            assert LAYERS.index(target) < index, f"{module} imports {target}"
+
+
+def test_client_libraries_stay_behind_the_transport_seam() -> None:
+    for module, path in _modules().items():
+        if module.startswith("transport.amqp"):
+            continue
+        for imported in _imports(path):
+            assert not imported.startswith(CLIENT_LIBRARIES), f"{module} imports {imported}"
+
+
+def test_the_core_never_imports_the_amqp_transport() -> None:
+    """The worker, settle and the clients see brokers only through transport.base."""
+    modules = _modules()
+    for module in ("settle", "registry", "middleware", "worker", "client", "app", "outcome"):
+        for imported in _imports(modules[module]):
+            assert not imported.startswith("amqp_jobs.transport.amqp"), (module, imported)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from amqp_jobs import ContractError, TopologySettings
 from amqp_jobs import topology as t
+from amqp_jobs.transport.amqp.declare import explain_mismatch
 
 S = TopologySettings()
 YEAR_MS = 365 * 86_400_000
@@ -142,6 +143,6 @@ def test_mismatch_is_explained() -> None:
         "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'shop.q.emails' in"
         " vhost '/': received the value 'quorum' of type 'longstr' but current is none"
     )
-    err = t.explain_mismatch(exc)
+    err = explain_mismatch(exc)
     assert "queue 'shop.q.emails' already exists with x-queue-type=none" in str(err)
     assert "drain and delete" in str(err)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from amqp_jobs import ContractError
-from amqp_jobs.connection import scrub
+from amqp_jobs.transport.amqp.connection import scrub
 from amqp_jobs.urls import DEFAULT_URL, mask_url, resolve
 
 A = "amqp://guest:s3cret@a.example:5701/"
@@ -144,7 +144,7 @@ def test_kombu_style_list_is_accepted_and_masked() -> None:
 
 def test_an_exception_chain_with_a_cycle_is_walked_once() -> None:
     """aiormq's connection error and the reset it wraps can point at each other."""
-    from amqp_jobs.connection import _chain
+    from amqp_jobs.transport.amqp.connection import _chain
 
     outer, inner = ConnectionError("wrapper"), ConnectionResetError("reset")
     outer.__cause__, inner.__context__ = inner, outer

@@ -8,10 +8,18 @@ AMQPConnectionError that the retry logic above understands.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from amqp_jobs.errors import ConnectionLostError
+
+if TYPE_CHECKING:
+    from amqp_jobs.transport.base import Channel
+
+#: What aiormq raises for a channel or connection that died under a call.
+LOST = (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError)
 
 
 def is_alive(connection: AbstractConnection | None) -> bool:
@@ -51,6 +59,7 @@ class Delivery:
     """
 
     __slots__ = (
+        "_raw",
         "body",
         "channel",
         "content_type",
@@ -65,13 +74,18 @@ class Delivery:
     )
 
     def __init__(
-        self, message: aiormq.abc.DeliveredMessage, queue_name: str, received: float
+        self,
+        message: aiormq.abc.DeliveredMessage,
+        queue_name: str,
+        received: float,
+        channel: Channel,
     ) -> None:
         #: the queue it was consumed from, and the loop time it arrived
         self.queue_name = queue_name
         self.received = received
         properties = message.header.properties
-        self.channel: aiormq.abc.AbstractChannel = message.channel
+        self.channel = channel
+        self._raw: aiormq.abc.AbstractChannel = message.channel
         self.body: bytes = message.body
         self.content_type: str | None = properties.content_type
         self.type: str | None = properties.message_type
@@ -79,7 +93,7 @@ class Delivery:
         self.timestamp: datetime | None = properties.timestamp
         self.headers: dict[str, Any] = dict(properties.headers or {})
         delivery = message.delivery
-        assert isinstance(delivery, aiormq.spec.Basic.Deliver)
+        assert isinstance(delivery, aiormq.spec.Basic.Deliver | aiormq.spec.Basic.GetOk)
         self.delivery_tag: int = delivery.delivery_tag or 0
         self.redelivered: bool = bool(delivery.redelivered)
 
@@ -90,7 +104,13 @@ class Delivery:
         return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
     async def ack(self) -> None:
-        await self.channel.basic_ack(self.delivery_tag)
+        try:
+            await self._raw.basic_ack(self.delivery_tag)
+        except LOST as exc:
+            raise ConnectionLostError(f"ack of {self.message_id} lost: {exc!r}") from exc
 
     async def nack(self, *, requeue: bool = True) -> None:
-        await self.channel.basic_nack(self.delivery_tag, requeue=requeue)
+        try:
+            await self._raw.basic_nack(self.delivery_tag, requeue=requeue)
+        except LOST as exc:
+            raise ConnectionLostError(f"nack of {self.message_id} lost: {exc!r}") from exc

@@ -29,14 +29,15 @@ from tenacity import (
     wait_random,
 )
 
-from amqp_jobs.channels import open_channel
 from amqp_jobs.errors import (
     BrokerUnavailableError,
     PublishError,
     PublishRefusedError,
     PublishTimeoutError,
     UnroutableError,
+    describe,
 )
+from amqp_jobs.transport.amqp.channels import open_channel
 from amqp_jobs.urls import DEFAULT_URL, BrokerURLs, mask_url, resolve
 
 __all__ = [
@@ -163,13 +164,6 @@ def log_retries(what: str, url: BrokerURLs | str) -> Callable[[RetryCallState], 
     return before_sleep
 
 
-def describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
-
-
 async def connect(
     urls: BrokerURLs | str,
     *,
@@ -257,13 +251,10 @@ class Publisher:
         self,
         exchange: str,
         routing_key: str,
-        message: aio_pika.Message | tuple[bytes, aiormq.spec.Basic.Properties],
+        body: bytes,
+        properties: aiormq.spec.Basic.Properties,
     ) -> None:
         """Publish mandatory, wait for the confirm; raise a PublishError if not stored."""
-        if isinstance(message, aio_pika.Message):
-            body, properties = message.body, message.properties
-        else:
-            body, properties = message
         channel = await self.channel()
         task = asyncio.current_task()
         assert task is not None

@@ -7,11 +7,11 @@ exchange, or into the delay cascade when it is due later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 from tenacity import (
@@ -23,8 +23,25 @@ from tenacity import (
     wait_random,
 )
 
-from amqp_jobs.channels import is_alive
-from amqp_jobs.connection import (
+from amqp_jobs.clock import WALL
+from amqp_jobs.contract import TopologySettings
+from amqp_jobs.errors import (
+    BrokerUnavailableError,
+    ConnectionLostError,
+    PublishError,
+    PublishRefusedError,
+    PublishTimeoutError,
+    UnroutableError,
+)
+from amqp_jobs.message import CONTENT_TYPE, Envelope, Message
+from amqp_jobs.topology import (
+    dead_exchange,
+    delayed_route,
+    jobs_exchange,
+    quarantine_queue,
+)
+from amqp_jobs.transport.amqp.channels import LOST, is_alive, open_channel
+from amqp_jobs.transport.amqp.connection import (
     TRANSIENT,
     Publisher,
     bounded,
@@ -33,22 +50,7 @@ from amqp_jobs.connection import (
     describe,
     log_retries,
 )
-from amqp_jobs.errors import (
-    BrokerUnavailableError,
-    PublishError,
-    PublishRefusedError,
-    PublishTimeoutError,
-    UnroutableError,
-)
-from amqp_jobs.message import Envelope, now_ms
-from amqp_jobs.topology import (
-    Declarer,
-    TopologySettings,
-    dead_exchange,
-    delayed_route,
-    jobs_exchange,
-    quarantine_queue,
-)
+from amqp_jobs.transport.amqp.declare import Declarer
 from amqp_jobs.urls import BrokerURLs, resolve
 
 log = logging.getLogger("amqp_jobs.link")
@@ -63,8 +65,33 @@ PERMANENT = (
 )
 
 
+def message_properties(message: Message) -> aiormq.spec.Basic.Properties:
+    return aiormq.spec.Basic.Properties(
+        content_type=message.content_type,
+        delivery_mode=2,
+        message_id=message.message_id,
+        message_type=message.type,
+        timestamp=message.timestamp,
+        headers=dict(message.headers),
+    )
+
+
+def envelope_properties(envelope: Envelope) -> aiormq.spec.Basic.Properties:
+    """Built straight from the envelope: the publish hot path skips the Message."""
+    return aiormq.spec.Basic.Properties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=2,
+        message_id=envelope.job_id,
+        message_type=envelope.job_name,
+        timestamp=envelope.enqueued_at,
+        headers=envelope.headers(),
+    )
+
+
 class Link:
     """One connection with its declarer and confirm publisher."""
+
+    clock = WALL
 
     def __init__(
         self,
@@ -92,8 +119,14 @@ class Link:
         self._lock = asyncio.Lock()
         #: (queue, job name) pairs, and "cascade", known declared on this connection
         self._ready: set[tuple[str, str] | str] = set()
-        #: every work queue any declarer of this link declared (for cleanup by tests)
-        self.known_queues: set[str] = set()
+        #: every work queue an earlier declarer of this link declared
+        self._known: set[str] = set()
+
+    @property
+    def known_queues(self) -> set[str]:
+        """Every work queue this link declared (for cleanup by tests)."""
+        current = self._declarer.queues if self._declarer is not None else set()
+        return self._known | current
 
     @property
     def is_open(self) -> bool:
@@ -123,7 +156,7 @@ class Link:
             if self.is_open:
                 return
             if self._declarer is not None:
-                self.known_queues |= self._declarer.queues
+                self._known |= self._declarer.queues
             connection = await connect(
                 self.urls,
                 name=self.name,
@@ -138,14 +171,14 @@ class Link:
 
     async def close(self) -> None:
         if self._declarer is not None:
-            self.known_queues |= self._declarer.queues
+            self._known |= self._declarer.queues
         if self._connection is not None and not self._connection.is_closed:
             await self._connection.close()
         self._connection = None
 
     def forget_declarations(self) -> None:
         if self._declarer is not None:
-            self.known_queues |= self._declarer.queues
+            self._known |= self._declarer.queues
             self._declarer.declared.clear()
         self._ready = set()
 
@@ -158,6 +191,7 @@ class Link:
         job). Otherwise: the delay cascade, which ends in ``queue``'s due queue (retries,
         re-delays, delayed jobs).
         """
+        now_ms = self.clock.now_ms
         due_now = envelope.eta_ms is None or envelope.eta_ms <= now_ms()
         if self.declare:
             await self._declare(queue, envelope.job_name, cascade=not due_now)
@@ -168,7 +202,7 @@ class Link:
             exchange, key = jobs_exchange(self.namespace), envelope.job_name
         else:
             exchange, key = delayed_route(self.namespace, queue, delay_ms, self.settings)
-        await self.publisher.publish(exchange, key, (envelope.body, envelope.properties()))
+        await self.publisher.publish(exchange, key, envelope.body, envelope_properties(envelope))
 
     async def _declare(self, queue: str, job_name: str, *, cascade: bool) -> None:
         """Declare what a publish needs, skipping the declarer once it is known done."""
@@ -182,19 +216,93 @@ class Link:
                 await self.declarer.cascade()
             ready.add("cascade")
 
-    async def send_dead(self, message: aio_pika.Message, queue: str) -> None:
+    async def declare_queue(self, queue: str, job_names: Iterable[str]) -> None:
+        try:
+            async with bounded():
+                await self.open()
+                await self.declarer.queue(queue, set(job_names))
+        except RECOVERABLE as exc:
+            raise ConnectionLostError(f"declaring queue {queue}: {describe(exc)}") from exc
+
+    async def declare_cascade(self) -> None:
+        try:
+            async with bounded():
+                await self.open()
+                await self.declarer.cascade()
+        except RECOVERABLE as exc:
+            raise ConnectionLostError(f"declaring the delay cascade: {describe(exc)}") from exc
+
+    async def send_dead(self, message: Message, queue: str) -> None:
         """Park a message in ``queue``'s dead-letter queue, confirmed."""
         if self.declare:
             async with bounded():
                 await self.declarer.queue(queue, frozenset())
-        await self.publisher.publish(dead_exchange(self.namespace), queue, message)
+        await self.publisher.publish(
+            dead_exchange(self.namespace), queue, message.body, message_properties(message)
+        )
 
-    async def send_quarantine(self, message: aio_pika.Message, queue: str) -> None:
+    async def send_quarantine(self, message: Message, queue: str) -> None:
         """Move a message to ``queue``'s quarantine queue (default exchange), confirmed."""
         if self.declare:
             async with bounded():
                 await self.declarer.queue(queue, frozenset())
-        await self.publisher.publish("", quarantine_queue(self.namespace, queue), message)
+        await self.send_to_queue(quarantine_queue(self.namespace, queue), message)
+
+    async def send_to_queue(self, queue_name: str, message: Message) -> None:
+        await self.publish("", queue_name, message)
+
+    async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        await self.publisher.publish(
+            exchange, routing_key, message.body, message_properties(message)
+        )
+
+    async def take(self, queue_name: str) -> Message | None:
+        try:
+            await self.open()
+            channel = await open_channel(self.connection, publisher_confirms=False)
+            try:
+                raw = await channel.get_underlay_channel()
+                got = await raw.basic_get(queue_name, no_ack=True)
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        except (*RECOVERABLE, *LOST) as exc:
+            raise ConnectionLostError(f"taking from {queue_name}: {describe(exc)}") from exc
+        if got.delivery is None or isinstance(got.delivery, aiormq.spec.Basic.GetEmpty):
+            return None
+        p = got.header.properties
+        return Message(
+            got.body,
+            p.content_type,
+            p.message_id,
+            p.message_type,
+            p.timestamp,
+            dict(p.headers or {}),
+        )
+
+    async def depth(self, queue_name: str) -> int | None:
+        """Messages ready in a queue (a passive declare), or None if it does not exist."""
+        try:
+            await self.open()
+            channel = await open_channel(self.connection, publisher_confirms=False)
+        except RECOVERABLE as exc:
+            raise ConnectionLostError(
+                f"reading the depth of {queue_name}: {describe(exc)}"
+            ) from exc
+        try:
+            raw = await channel.get_underlay_channel()
+            ok = await raw.queue_declare(queue_name, passive=True)
+            return (ok.message_count or 0) if ok is not None else 0
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        except (*RECOVERABLE, *LOST) as exc:
+            raise ConnectionLostError(
+                f"reading the depth of {queue_name}: {describe(exc)}"
+            ) from exc
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*LOST):
+                    await channel.close()
 
     async def retrying(
         self,

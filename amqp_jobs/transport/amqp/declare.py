@@ -1,0 +1,168 @@
+"""Declaring a namespace's topology plan on RabbitMQ, and deleting it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from amqp_jobs.contract import check_namespace
+from amqp_jobs.errors import TopologyMismatchError
+from amqp_jobs.topology import (
+    LEADER_LOCATOR,
+    Plan,
+    TopologySettings,
+    base_plan,
+    cascade_plan,
+    namespace_plan,
+    queue_plan,
+)
+from amqp_jobs.transport.amqp.channels import open_channel
+
+log = logging.getLogger("amqp_jobs.topology")
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
+    r".*?received (?P<received>.+?) but current is (?P<current>.+?)$"
+)
+
+
+def explain_mismatch(exc: aiormq.exceptions.ChannelPreconditionFailed) -> TopologyMismatchError:
+    """Turn the broker's PRECONDITION_FAILED into which argument differs and what to do."""
+    text = str(exc.args[0] if exc.args else exc)
+    m = _INEQUIVALENT.search(text)
+    if not m:
+        return TopologyMismatchError(f"the broker refused a declaration: {text}")
+    return TopologyMismatchError(
+        f"{m['kind']} {m['name']!r} already exists with {m['arg']}={m['current']}, but this"
+        f" process declares {m['arg']}={m['received']}. The broker never changes an existing"
+        f" {m['kind']}'s arguments: give publishers and workers the same TopologySettings, or"
+        " drain and delete it so it is declared anew (README: 'Changing queue arguments')."
+    )
+
+
+def _predates_leader_locator(exc: aiormq.exceptions.ChannelPreconditionFailed) -> bool:
+    text = str(exc.args[0] if exc.args else exc)
+    m = _INEQUIVALENT.search(text)
+    return m is not None and m["arg"] in LEADER_LOCATOR and m["current"].strip() == "none"
+
+
+async def declare_plan(channel: AbstractChannel, plan: Plan, *, legacy: bool = False) -> None:
+    """Declare every exchange, queue and binding of ``plan``, in order (idempotent).
+
+    ``legacy``: queues were first declared without a leader locator, and keep it so.
+    """
+    underlay = await channel.get_underlay_channel()
+    for ex in plan.exchanges:
+        await underlay.exchange_declare(
+            ex.name, exchange_type=ex.type, durable=True, arguments=ex.arguments or None
+        )
+    for q in plan.queues:
+        args = q.arguments
+        if legacy:
+            args = {k: v for k, v in args.items() if k not in LEADER_LOCATOR}
+        await underlay.queue_declare(q.name, durable=True, arguments=args)
+    for b in plan.bindings:
+        if b.to_exchange:
+            await underlay.exchange_bind(
+                destination=b.destination, source=b.source, routing_key=b.key
+            )
+        else:
+            await underlay.queue_bind(b.destination, b.source, routing_key=b.key)
+
+
+class Declarer:
+    """Declares a namespace's topology on one connection, each piece once.
+
+    Declarations are idempotent on the broker; the cache only saves round trips. It uses
+    a channel of its own, because a refused declaration closes the channel it was on.
+    """
+
+    def __init__(self, connection: AbstractConnection, ns: str, settings: TopologySettings) -> None:
+        self.connection = connection
+        self.ns = check_namespace(ns)
+        self.settings = settings
+        self.declared: set[str] = set()
+        self.queues: set[str] = set()
+        self._channel: AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+        #: queues declared before leader placement existed keep their arguments
+        self._legacy_placement = False
+
+    async def _chan(self) -> AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await open_channel(self.connection, publisher_confirms=False)
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+
+    async def _once(self, key: str, plan: Plan) -> None:
+        if key in self.declared:
+            return
+        async with self._lock:
+            if key in self.declared:
+                return
+            try:
+                await declare_plan(await self._chan(), plan, legacy=self._legacy_placement)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                if self._legacy_placement or not _predates_leader_locator(exc):
+                    raise explain_mismatch(exc) from None
+                log.info(
+                    "%s: queues declared before leader placement keep their leaders where they"
+                    " are (set a queue-leader-locator policy to move new ones)",
+                    self.ns,
+                )
+                self._legacy_placement = True
+                try:
+                    await declare_plan(await self._chan(), plan, legacy=True)
+                except aiormq.exceptions.ChannelPreconditionFailed as again:
+                    raise explain_mismatch(again) from None
+            self.declared.add(key)
+
+    async def base(self) -> None:
+        """Exchanges every publisher needs, and the unroutable parking queue."""
+        await self._once("base", base_plan(self.ns, self.settings))
+
+    async def queue(self, queue: str, job_names: Iterable[str]) -> None:
+        """A work queue with its due, quarantine and dead queues, bound for these job names."""
+        plan = queue_plan(self.ns, queue, (), self.settings)  # checks the name
+        await self.base()
+        missing = {n for n in job_names if f"bind:{n}" not in self.declared}
+        if not missing and f"queue:{queue}" in self.declared:
+            return
+        self.queues.add(queue)
+        key = f"queue:{queue}:" + ",".join(sorted(missing))
+        await self._once(
+            key, queue_plan(self.ns, queue, missing, self.settings) if missing else plan
+        )
+        self.declared.update(f"bind:{n}" for n in missing)
+        self.declared.add(f"queue:{queue}")
+
+    async def cascade(self) -> None:
+        """The delay levels; declared lazily, on the first delayed job or retry."""
+        await self.base()
+        await self._once("cascade", cascade_plan(self.ns, self.settings))
+
+
+async def delete_namespace(
+    connection: AbstractConnection,
+    ns: str,
+    queues: Iterable[str],
+    settings: TopologySettings | None = None,
+) -> None:
+    """Delete every queue and exchange of a namespace's plan. Missing ones are fine."""
+    plan = namespace_plan(ns, queues, settings or TopologySettings())
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        for q in plan.queues:
+            await channel.queue_delete(q.name)
+        for ex in plan.exchanges:
+            await channel.exchange_delete(ex.name)
+    finally:
+        await channel.close()

@@ -1,0 +1,149 @@
+"""Consuming from RabbitMQ: a session (one connection) and its prefetch-bounded channels.
+
+Deliveries are read below aio-pika (see ``channels.Delivery``). Whatever ends a
+consumer is reported through one callback: the connection closing, a channel closing
+(with the broker's consumer_timeout when that is the reason), or the broker cancelling
+a consumer because its queue was deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from amqp_jobs.errors import ConnectionLostError
+from amqp_jobs.transport.amqp.channels import LOST, Delivery, open_channel
+from amqp_jobs.transport.amqp.connection import TRANSIENT, connect, describe
+from amqp_jobs.transport.base import Delivery as DeliveryProtocol
+from amqp_jobs.transport.base import OnLost
+from amqp_jobs.urls import BrokerURLs
+
+log = logging.getLogger("amqp_jobs.transport.amqp")
+
+#: The broker's reason when it closes a channel for a delivery held too long.
+_CONSUMER_TIMED_OUT = re.compile(r"delivery acknowledgement .*timed out.*?(\d+) ms", re.S)
+
+
+class AmqpChannel:
+    """A channel that consumes with a prefetch."""
+
+    def __init__(self, session: AmqpSession, channel: AbstractChannel, raw: aiormq.Channel) -> None:
+        self._session = session
+        self._channel = channel
+        self._raw = raw
+
+    @property
+    def is_closed(self) -> bool:
+        return self._raw.is_closed
+
+    async def consume(
+        self, queue: str, on_delivery: Callable[[DeliveryProtocol], Awaitable[None]]
+    ) -> str:
+        loop = asyncio.get_running_loop()
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            await on_delivery(Delivery(message, queue, loop.time(), self))
+
+        try:
+            ok = await self._raw.basic_consume(queue, on_message, no_ack=False)
+        except (*TRANSIENT, *LOST) as exc:
+            raise ConnectionLostError(f"consuming {queue}: {describe(exc)}") from exc
+        assert ok.consumer_tag is not None
+        return ok.consumer_tag
+
+    async def get(self, queue: str) -> DeliveryProtocol | None:
+        try:
+            message = await self._raw.basic_get(queue, no_ack=False)
+        except (*TRANSIENT, *LOST) as exc:
+            raise ConnectionLostError(f"getting from {queue}: {describe(exc)}") from exc
+        if message.delivery is None or isinstance(message.delivery, aiormq.spec.Basic.GetEmpty):
+            return None
+        return Delivery(message, queue, asyncio.get_running_loop().time(), self)
+
+    async def close(self) -> None:
+        if self._channel.is_closed:
+            return
+        try:
+            await self._channel.close()
+        except (*TRANSIENT, *LOST) as exc:
+            raise ConnectionLostError(f"closing a channel: {describe(exc)}") from exc
+
+    async def cancel(self, tag: str) -> None:
+        if self._raw.is_closed:
+            return
+        try:
+            await self._raw.basic_cancel(tag)
+        except (*TRANSIENT, *LOST) as exc:
+            raise ConnectionLostError(f"cancelling consumer {tag}: {describe(exc)}") from exc
+
+
+class AmqpSession:
+    """One consuming connection."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self._connection = connection
+        self._callbacks: list[OnLost] = []
+        self._reported = False
+        connection.close_callbacks.add(self._connection_closed)
+
+    @classmethod
+    async def open(
+        cls,
+        urls: BrokerURLs,
+        *,
+        name: str,
+        give_up_after: float | None,
+        ssl_context: ssl.SSLContext | None,
+    ) -> AmqpSession:
+        connection = await connect(
+            urls, name=name, give_up_after=give_up_after, ssl_context=ssl_context
+        )
+        return cls(connection)
+
+    def on_lost(self, callback: OnLost) -> None:
+        self._callbacks.append(callback)
+
+    def _lost(self, reason: str, consumer_timeout: float | None = None) -> None:
+        for callback in list(self._callbacks):
+            callback(reason, consumer_timeout)
+
+    def _connection_closed(self, _: object, exc: BaseException | None = None) -> None:
+        self._lost(f"connection closed: {describe(exc)}" if exc else "connection closed")
+
+    def _channel_closed(self, _: object, exc: BaseException | None = None) -> None:
+        match = _CONSUMER_TIMED_OUT.search(str(exc)) if exc is not None else None
+        learned = int(match[1]) / 1000 if match else None
+        self._lost(f"channel closed: {describe(exc)}", learned)
+
+    def _cancelled(self, frame: Any) -> None:
+        tag = getattr(frame, "consumer_tag", None)
+        self._lost(f"the broker cancelled consumer {tag} (was its queue deleted?)")
+
+    async def channel(self, prefetch: int) -> AmqpChannel:
+        try:
+            channel = await open_channel(self._connection, publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch)
+            raw = await channel.get_underlay_channel()
+        except (*TRANSIENT, *LOST) as exc:
+            raise ConnectionLostError(f"opening a channel: {describe(exc)}") from exc
+        assert isinstance(raw, aiormq.Channel)
+        channel.close_callbacks.add(self._channel_closed)
+        raw.on_consumer_cancel_callbacks.add(self._cancelled)
+        return AmqpChannel(self, channel, raw)
+
+    async def close(self) -> None:
+        """Close the connection: every delivery it holds returns to its queue."""
+        self._callbacks.clear()
+        if self._connection.is_closed:
+            return
+        try:
+            await self._connection.close()
+        except Exception as exc:
+            log.debug("closing connection: %s", describe(exc))

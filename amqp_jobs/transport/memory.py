@@ -1,0 +1,1570 @@
+"""An in-process broker with RabbitMQ 3.10's semantics, behind the transport seam.
+
+Tests and apps that want jobs without a broker run the same worker, settle and client
+code against it, so it must not be kinder than RabbitMQ: publishes are mandatory, a
+message no queue takes raises, declarations with other arguments are refused, quorum
+queues count deliveries and dead-letter past their limit, TTL expires only ready
+messages at the head, dead-lettering writes ``x-death`` as RabbitMQ does, prefetch is
+per consumer, deliveries run as their own tasks, and a closed channel or session gives
+back what it held. Nothing touches the network.
+
+One broker per name per process (``memory://NAME``); ``MemoryBroker.reset(name,
+virtual_time=True)`` gives a fresh one on a ``VirtualClock``, on which an hour of delay
+cascade drains in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from amqp_jobs.clock import WALL, Clock, VirtualClock
+from amqp_jobs.contract import MAX_TTL_MS, TopologySettings, check_namespace
+from amqp_jobs.errors import (
+    ConnectionLostError,
+    ContractError,
+    PublishError,
+    PublishRefusedError,
+    TopologyMismatchError,
+    UnroutableError,
+    describe,
+)
+from amqp_jobs.message import Envelope, Message
+from amqp_jobs.topology import (
+    Plan,
+    base_plan,
+    cascade_plan,
+    dead_exchange,
+    delayed_route,
+    jobs_exchange,
+    namespace_plan,
+    quarantine_queue,
+    queue_plan,
+)
+from amqp_jobs.transport.base import Delivery as DeliveryProtocol
+from amqp_jobs.transport.base import OnLost
+from amqp_jobs.urls import BrokerURLs, check_memory_url
+
+if TYPE_CHECKING:
+    from amqp_jobs.transport.base import Channel, Link, Session, Transport
+
+__all__ = [
+    "MemoryBroker",
+    "MemoryChannel",
+    "MemoryDelivery",
+    "MemoryLink",
+    "MemorySession",
+    "MemoryTransport",
+    "Published",
+    "topic_matches",
+]
+
+log = logging.getLogger("amqp_jobs.transport.memory")
+
+OnDelivery = Callable[[DeliveryProtocol], Awaitable[None]]
+DeathReason = Literal["expired", "rejected", "delivery_limit", "maxlen"]
+
+#: Queue arguments RabbitMQ compares when a queue is declared again (declare_args and the
+#: quorum queue type's arguments); a difference in any of them is PRECONDITION_FAILED.
+#: Others are stored and never compared, as RabbitMQ does.
+COMPARED_QUEUE_ARGUMENTS = (
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-quorum-initial-group-size",
+    "x-max-age",
+    "x-max-segment-size",
+    "x-initial-cluster-size",
+    "x-queue-leader-locator",
+    "x-delivery-limit",
+)
+#: Exchange arguments RabbitMQ compares on a second declaration (besides the type).
+COMPARED_EXCHANGE_ARGUMENTS = ("alternate-exchange",)
+EXCHANGE_TYPES = ("direct", "topic", "fanout")
+#: How long a dead letter that could not be routed waits before it is tried again.
+DEAD_LETTER_RETRY_MS = 1000
+#: AMQP's prefetch_count is an unsigned short.
+MAX_PREFETCH = 65535
+
+#: First and longest pause before a refused publish (a full queue) is tried again.
+REFUSED_PAUSE = 0.05
+MAX_REFUSED_PAUSE = 2.0
+#: Publishes a broker remembers for tests (``published``).
+PUBLISHED_KEPT = 100_000
+
+_BROKERS: dict[str, MemoryBroker] = {}
+_unnamed = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One publish the broker took (routed to at least one queue), for test assertions.
+
+    Dead-lettering inside the broker is not a publish and is not recorded.
+    """
+
+    exchange: str
+    routing_key: str
+    message: Message
+    at_ms: int
+    #: a new job from a publisher (not the worker's copy: a retry, re-delay, dead letter)
+    fresh: bool = False
+
+
+# -- values as the wire would carry them ---------------------------------------------
+
+
+def _wire_time(value: datetime) -> datetime:
+    """An AMQP timestamp: whole seconds, read back as UTC (naive means UTC, as pamqp)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        value = value.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(int(value.timestamp()), tz=UTC)
+
+
+def _copy_value(value: Any) -> Any:
+    """A deep copy of a header value: what the broker stores or hands out never shares
+    a mutable table with the publisher or another consumer."""
+    if isinstance(value, Mapping):
+        return {k: _copy_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_value(v) for v in value]
+    if isinstance(value, bytearray):
+        return bytearray(value)
+    if isinstance(value, datetime):
+        return _wire_time(value)
+    return value
+
+
+def _copy_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: _copy_value(v) for k, v in (headers or {}).items()}
+
+
+def _stored(message: Message) -> Message:
+    return Message(
+        bytes(message.body),
+        message.content_type,
+        message.message_id,
+        message.type,
+        None if message.timestamp is None else _wire_time(message.timestamp),
+        _copy_headers(message.headers),
+    )
+
+
+def _type_class(value: Any) -> str:
+    """RabbitMQ compares argument values within a type class (any integer width is an
+    integer, any string a string)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str | bytes):
+        return "str"
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is _MISSING else repr(value)
+
+
+_MISSING: Any = object()
+
+
+def _same(current: Any, received: Any) -> bool:
+    if current is _MISSING or received is _MISSING:
+        return current is received
+    return _type_class(current) == _type_class(received) and current == received
+
+
+def _mismatch(kind: str, name: str, arg: str, current: Any, received: Any) -> TopologyMismatchError:
+    """PRECONDITION_FAILED as the AMQP transport explains it (declare.explain_mismatch)."""
+    return TopologyMismatchError(
+        f"{kind} {name!r} already exists with {arg}={_shown(current)}, but this process"
+        f" declares {arg}={_shown(received)}. The broker never changes an existing {kind}'s"
+        " arguments: give publishers and workers the same TopologySettings, or drain and"
+        " delete it so it is declared anew (README: 'Changing queue arguments')."
+    )
+
+
+def _refused(text: str) -> TopologyMismatchError:
+    return TopologyMismatchError(f"the broker refused a declaration: {text}")
+
+
+# -- topic matching ------------------------------------------------------------------
+
+
+def _words(key: str) -> tuple[str, ...]:
+    """A routing or binding key's words; the empty key has none (as RabbitMQ splits it)."""
+    return tuple(key.split(".")) if key else ()
+
+
+def _topic_match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
+    """``*`` is exactly one word, ``#`` zero or more; run as a set of pattern positions,
+    so a pattern of many ``#`` costs no backtracking."""
+    end = len(pattern)
+
+    def closure(positions: set[int]) -> set[int]:
+        out = set()
+        for i in positions:
+            out.add(i)
+            while i < end and pattern[i] == "#":
+                i += 1
+                out.add(i)
+        return out
+
+    states = closure({0})
+    for word in words:
+        nxt = set()
+        for i in states:
+            if i < end:
+                p = pattern[i]
+                if p == "#":
+                    nxt.add(i)
+                elif p == "*" or p == word:
+                    nxt.add(i + 1)
+        if not nxt:
+            return False
+        states = closure(nxt)
+    return end in states
+
+
+def topic_matches(binding_key: str, routing_key: str) -> bool:
+    """Whether a topic exchange sends ``routing_key`` along a binding of ``binding_key``."""
+    return _topic_match(_words(binding_key), _words(routing_key))
+
+
+# -- the broker's parts --------------------------------------------------------------
+
+
+class _Exchange:
+    __slots__ = ("arguments", "bindings", "direct", "name", "type")
+
+    def __init__(self, name: str, type: str, arguments: dict[str, Any]) -> None:
+        self.name = name
+        self.type = type
+        self.arguments = arguments
+        #: (key, destination, to_exchange) -> the key's words (for topic matching)
+        self.bindings: dict[tuple[str, str, bool], tuple[str, ...]] = {}
+        #: direct exchanges: key -> destinations, so routing is one lookup
+        self.direct: dict[str, list[tuple[str, bool]]] = {}
+
+    def bind(self, key: str, destination: str, to_exchange: bool) -> None:
+        ident = (key, destination, to_exchange)
+        if ident in self.bindings:
+            return
+        self.bindings[ident] = _words(key)
+        self.direct.setdefault(key, []).append((destination, to_exchange))
+
+    def unbind_destination(self, destination: str, to_exchange: bool) -> None:
+        for ident in [i for i in self.bindings if i[1] == destination and i[2] == to_exchange]:
+            del self.bindings[ident]
+            self.direct[ident[0]].remove((destination, to_exchange))
+            if not self.direct[ident[0]]:
+                del self.direct[ident[0]]
+
+    def route(self, key: str) -> list[tuple[str, bool]]:
+        if self.type == "direct":
+            return self.direct.get(key, [])
+        if self.type == "fanout":
+            return [(dest, to_x) for (_, dest, to_x) in self.bindings]
+        words = _words(key)
+        return [
+            (dest, to_x)
+            for (_, dest, to_x), pattern in self.bindings.items()
+            if _topic_match(pattern, words)
+        ]
+
+
+class _Entry:
+    """A message in one queue, with that queue's view of it."""
+
+    __slots__ = ("count", "delivered", "exchange", "expiry", "message", "routing_key", "seq")
+
+    def __init__(
+        self, message: Message, exchange: str, routing_key: str, seq: int, expiry: int | None
+    ) -> None:
+        self.message = message
+        #: where it was last published (or dead-lettered) to: x-death's exchange and keys
+        self.exchange = exchange
+        self.routing_key = routing_key
+        #: the queue's order of arrival (classic queues requeue to the original position)
+        self.seq = seq
+        #: epoch ms at which it expires (x-message-ttl after it entered this queue)
+        self.expiry = expiry
+        #: quorum queues: returns so far (x-delivery-count)
+        self.count = 0
+        #: classic queues: handed out before (redelivered)
+        self.delivered = False
+
+
+class _Timer:
+    __slots__ = ("at_ms", "cancel", "loop")
+
+    def __init__(
+        self, at_ms: int, cancel: Callable[[], None], loop: asyncio.AbstractEventLoop | None
+    ) -> None:
+        self.at_ms = at_ms
+        self.cancel = cancel
+        self.loop = loop
+
+    @property
+    def alive(self) -> bool:
+        """A wall-clock timer dies with its event loop (a test's loop is closed after it)."""
+        return self.loop is None or not self.loop.is_closed()
+
+
+class _Queue:
+    __slots__ = (
+        "arguments",
+        "at_least_once",
+        "consumers",
+        "deleted",
+        "dlrk",
+        "dlx",
+        "expiry_timer",
+        "held",
+        "limit",
+        "max_length",
+        "name",
+        "overflow",
+        "pending",
+        "pending_timer",
+        "quorum",
+        "ready",
+        "returns",
+        "rr",
+        "ttl",
+    )
+
+    def __init__(self, name: str, arguments: dict[str, Any]) -> None:
+        self.name = name
+        self.arguments = arguments
+        self.quorum = arguments.get("x-queue-type", "classic") == "quorum"
+        self.ttl: int | None = arguments.get("x-message-ttl")
+        self.dlx: str | None = arguments.get("x-dead-letter-exchange")
+        self.dlrk: str | None = arguments.get("x-dead-letter-routing-key")
+        self.limit: int | None = arguments.get("x-delivery-limit") if self.quorum else None
+        self.max_length: int | None = arguments.get("x-max-length")
+        self.overflow: str = arguments.get("x-overflow", "drop-head")
+        # RabbitMQ falls back to at-most-once unless all three hold
+        self.at_least_once = (
+            self.quorum
+            and arguments.get("x-dead-letter-strategy") == "at-least-once"
+            and arguments.get("x-overflow") == "reject-publish"
+        )
+        #: quorum queues serve returned messages first, in the order they came back
+        self.returns: deque[_Entry] = deque()
+        self.ready: deque[_Entry] = deque()
+        self.consumers: list[_Consumer] = []
+        self.rr = 0
+        #: deliveries handed out and not settled
+        self.held = 0
+        self.deleted = False
+        #: dead letters that found no exchange (or, at-least-once, no queue): tried again
+        self.pending: deque[tuple[_Entry, DeathReason]] = deque()
+        self.pending_timer: _Timer | None = None
+        self.expiry_timer: _Timer | None = None
+
+    @property
+    def full(self) -> bool:
+        """At x-max-length (ready messages): a publish is refused or drops the oldest."""
+        return (
+            self.max_length is not None and len(self.returns) + len(self.ready) >= self.max_length
+        )
+
+    @property
+    def full_over(self) -> bool:
+        return self.max_length is not None and len(self.returns) + len(self.ready) > self.max_length
+
+    def head(self) -> _Entry | None:
+        if self.returns:
+            return self.returns[0]
+        return self.ready[0] if self.ready else None
+
+    def take(self) -> _Entry:
+        return self.returns.popleft() if self.returns else self.ready.popleft()
+
+    def in_order(self) -> list[_Entry]:
+        return [*self.returns, *self.ready]
+
+
+class _Consumer:
+    __slots__ = ("channel", "held", "on_delivery", "prefetch", "queue", "tag")
+
+    def __init__(
+        self, tag: str, channel: MemoryChannel, queue: _Queue, on_delivery: OnDelivery
+    ) -> None:
+        self.tag = tag
+        self.channel = channel
+        self.queue = queue
+        self.on_delivery = on_delivery
+        #: basic.qos with global=false: the limit applies to each consumer on its own
+        self.prefetch = channel.prefetch
+        self.held = 0
+
+    def has_room(self) -> bool:
+        return self.prefetch == 0 or self.held < self.prefetch
+
+
+# -- the broker ----------------------------------------------------------------------
+
+
+class MemoryBroker:
+    """Exchanges, queues and bindings, with the semantics of RabbitMQ 3.10.
+
+    Every operation is synchronous and completes before it returns (a publish is
+    confirmed when the call returns); deliveries are dispatched later by the event loop,
+    each to its own task, never inside the caller's call.
+    """
+
+    def __init__(self, clock: Clock = WALL, *, name: str | None = None) -> None:
+        self.clock = clock
+        self.name = name or f"unnamed-{next(_unnamed)}"
+        check_memory_url(f"memory://{self.name}")
+        #: every publish the broker took, in order (tests assert on it)
+        #: the last PUBLISHED_KEPT publishes (a long-running app must not grow forever)
+        self.published: deque[Published] = deque(maxlen=PUBLISHED_KEPT)
+        self._exchanges: dict[str, _Exchange] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._seq = itertools.count()
+        self._ctags = itertools.count(1)
+        self._sessions: list[MemorySession] = []
+        #: bumped by drop_connections: links opened before it must reconnect
+        self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dirty: dict[str, _Queue] = {}
+        self._dispatch_handle: asyncio.Handle | None = None
+        self._dispatch_loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._warned: set[tuple[str, str]] = set()
+
+    def __repr__(self) -> str:
+        return f"MemoryBroker({self.name!r}, queues={len(self._queues)})"
+
+    # -- the process-wide brokers by name --------------------------------------------
+
+    @classmethod
+    def named(cls, name: str) -> MemoryBroker:
+        """The broker of ``memory://NAME`` in this process, made on first use (wall clock)."""
+        broker = _BROKERS.get(name)
+        if broker is None:
+            broker = _BROKERS[name] = cls(WALL, name=name)
+        return broker
+
+    @classmethod
+    def reset(cls, name: str, *, virtual_time: bool = False) -> MemoryBroker:
+        """Replace the broker of that name by an empty one (on a VirtualClock if asked).
+
+        The old one is left as it is: sessions on it belong to whoever opened them.
+        """
+        broker = _BROKERS[name] = cls(VirtualClock() if virtual_time else WALL, name=name)
+        return broker
+
+    # -- declaring -------------------------------------------------------------------
+
+    def declare(self, plan: Plan) -> None:
+        """Declare a plan's exchanges, queues and bindings in order, idempotently.
+
+        A second declaration with other arguments raises TopologyMismatchError naming the
+        argument (RabbitMQ's PRECONDITION_FAILED); what was declared before it stays.
+        """
+        for ex in plan.exchanges:
+            self.declare_exchange(ex.name, ex.type, ex.arguments)
+        for q in plan.queues:
+            self.declare_queue(q.name, q.arguments)
+        for b in plan.bindings:
+            self.bind(b.source, b.destination, b.key, to_exchange=b.to_exchange)
+
+    def declare_exchange(
+        self, name: str, type: str, arguments: Mapping[str, Any] | None = None
+    ) -> None:
+        if name == "" or name.startswith("amq."):
+            raise ContractError(
+                f"ACCESS_REFUSED - exchange name {name!r} contains reserved prefix 'amq.'"
+                if name
+                else "ACCESS_REFUSED - operation not permitted on the default exchange"
+            )
+        if type not in EXCHANGE_TYPES:
+            raise ContractError(
+                f"exchange type {type!r}: the memory broker has direct, topic and fanout"
+            )
+        args = _copy_headers(arguments)
+        current = self._exchanges.get(name)
+        if current is None:
+            self._exchanges[name] = _Exchange(name, type, args)
+            return
+        if current.type != type:
+            raise _mismatch("exchange", name, "type", current.type, type)
+        for arg in COMPARED_EXCHANGE_ARGUMENTS:
+            have, want = current.arguments.get(arg, _MISSING), args.get(arg, _MISSING)
+            if not _same(have, want):
+                raise _mismatch("exchange", name, arg, have, want)
+
+    def declare_queue(self, name: str, arguments: Mapping[str, Any] | None = None) -> None:
+        if not name:
+            raise ContractError("the memory broker does not name queues: give a name")
+        if name.startswith("amq."):
+            raise ContractError(f"ACCESS_REFUSED - queue name {name!r} contains reserved prefix")
+        args = _copy_headers(arguments)
+        _check_queue_arguments(name, args)
+        current = self._queues.get(name)
+        if current is None:
+            self._queues[name] = _Queue(name, args)
+            return
+        for arg in COMPARED_QUEUE_ARGUMENTS:
+            have, want = current.arguments.get(arg, _MISSING), args.get(arg, _MISSING)
+            if not _same(have, want):
+                raise _mismatch("queue", name, arg, have, want)
+
+    def bind(self, source: str, destination: str, key: str, *, to_exchange: bool = False) -> None:
+        if source == "" or (to_exchange and destination == ""):
+            raise ContractError("ACCESS_REFUSED - operation not permitted on the default exchange")
+        if source not in self._exchanges:
+            raise _refused(f"NOT_FOUND - no exchange {source!r} in vhost '/'")
+        if to_exchange and destination not in self._exchanges:
+            raise _refused(f"NOT_FOUND - no exchange {destination!r} in vhost '/'")
+        if not to_exchange and destination not in self._queues:
+            raise _refused(f"NOT_FOUND - no queue {destination!r} in vhost '/'")
+        self._exchanges[source].bind(key, destination, to_exchange)
+
+    def delete_queue(self, name: str) -> None:
+        """Delete a queue (missing is fine): its messages go, its bindings go, and its
+        consumers are cancelled, which their sessions hear through on_lost."""
+        q = self._queues.pop(name, None)
+        if q is None:
+            return
+        q.deleted = True
+        for timer in (q.expiry_timer, q.pending_timer):
+            if timer is not None:
+                timer.cancel()
+        q.returns.clear()
+        q.ready.clear()
+        q.pending.clear()
+        self._dirty.pop(name, None)
+        for x in self._exchanges.values():
+            x.unbind_destination(name, to_exchange=False)
+        consumers, q.consumers = q.consumers, []
+        for c in consumers:
+            c.channel._consumers.pop(c.tag, None)
+            c.channel._session._lost(
+                f"the broker cancelled consumer {c.tag} (was its queue deleted?)", None
+            )
+
+    def delete_exchange(self, name: str) -> None:
+        """Delete an exchange (missing is fine) and every binding from or to it."""
+        if self._exchanges.pop(name, None) is None:
+            return
+        for x in self._exchanges.values():
+            x.unbind_destination(name, to_exchange=True)
+
+    def purge(self, name: str) -> int:
+        """Drop a queue's ready messages; returns how many."""
+        q = self._queues.get(name)
+        if q is None:
+            return 0
+        count = len(q.returns) + len(q.ready)
+        q.returns.clear()
+        q.ready.clear()
+        return count
+
+    # -- publishing and routing ------------------------------------------------------
+
+    def publish(
+        self, exchange: str, routing_key: str, message: Message, *, fresh: bool = False
+    ) -> None:
+        """Publish mandatory and confirmed: returns once every queue it routes to holds it.
+
+        Raises UnroutableError if no queue takes it (alternate exchanges included) and
+        PublishError if the exchange does not exist.
+        """
+        if exchange != "" and exchange not in self._exchanges:
+            raise PublishError(
+                f"exchange {exchange!r} does not exist: NOT_FOUND - no exchange"
+                f" {exchange!r} in vhost '/'"
+            )
+        queues = self._route(exchange, routing_key)
+        if not queues:
+            raise UnroutableError(
+                f"no queue is bound to {exchange!r} for routing key {routing_key!r}"
+                " (is the topology declared, or the queue deleted?)"
+            )
+        full = [q.name for q in queues if q.full and q.overflow.startswith("reject-publish")]
+        if full:
+            # one queue refusing makes the broker nack the whole publish
+            raise PublishRefusedError(
+                f"the broker refused the message for {exchange!r} / {routing_key!r}:"
+                f" {', '.join(full)} is full (x-max-length, reject-publish)"
+            )
+        stored = _stored(message)
+        for q in queues:
+            self._enqueue(q, stored, exchange, routing_key)
+            while q.full_over:
+                self._dead_letter(q, q.take(), "maxlen")  # drop-head: the oldest goes
+        self.published.append(
+            Published(exchange, routing_key, _stored(stored), self.clock.now_ms(), fresh)
+        )
+
+    def _route(self, exchange: str, key: str) -> list[_Queue]:
+        """The queues a message reaches, each once, as RabbitMQ's rabbit_exchange:route:
+        exchange-to-exchange bindings are followed, each exchange visited once (so cycles
+        end), and an exchange that routes nowhere hands it to its alternate exchange."""
+        if exchange == "":
+            q = self._queues.get(key)
+            return [q] if q is not None else []
+        work = [self._exchanges[exchange]]
+        seen = {exchange}
+        out: dict[str, _Queue] = {}
+        while work:
+            x = work.pop()
+            dests = x.route(key)
+            if not dests:
+                alternate = x.arguments.get("alternate-exchange")
+                dests = [(alternate, True)] if isinstance(alternate, str) else []
+            for name, to_exchange in dests:
+                if to_exchange:
+                    if name not in seen:
+                        seen.add(name)
+                        if name in self._exchanges:
+                            work.append(self._exchanges[name])
+                elif name in self._queues:
+                    out[name] = self._queues[name]
+        return list(out.values())
+
+    def _enqueue(self, q: _Queue, message: Message, exchange: str, routing_key: str) -> None:
+        expiry = None if q.ttl is None else self.clock.now_ms() + q.ttl
+        q.ready.append(_Entry(message, exchange, routing_key, next(self._seq), expiry))
+        if q.ttl is not None:
+            self._schedule_expiry(q)
+        self._kick(q)
+
+    # -- expiry and dead-lettering ---------------------------------------------------
+
+    def _call_at(self, at_ms: int, callback: Callable[[], None]) -> _Timer:
+        """A timer on the broker's clock; a wall-clock one outside a running loop goes on
+        the loop the broker last ran in."""
+        if self.clock.virtual:
+            return _Timer(at_ms, self.clock.call_at(at_ms, callback), None)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            return _Timer(at_ms, self.clock.call_at(at_ms, callback), running)
+        loop = self._current_loop()
+        if loop is None:
+            raise ContractError(
+                "the memory broker's timers (x-message-ttl) need a running event loop,"
+                " or a VirtualClock"
+            )
+        delay = max(0.0, (at_ms - self.clock.now_ms()) / 1000)
+        return _Timer(at_ms, loop.call_later(delay, callback).cancel, loop)
+
+    def _schedule_expiry(self, q: _Queue) -> None:
+        """Keep one timer per queue, at its head's expiry: only the head expires."""
+        if q.ttl is None or q.deleted:
+            return
+        head = q.head()
+        timer = q.expiry_timer
+        if head is None or head.expiry is None:
+            if timer is not None:
+                timer.cancel()
+                q.expiry_timer = None
+            return
+        if timer is not None and timer.alive and timer.at_ms <= head.expiry:
+            return  # fires no later than needed; it looks again then
+        if timer is not None:
+            timer.cancel()
+        q.expiry_timer = self._call_at(head.expiry, lambda: self._expiry_due(q))
+
+    def _expiry_due(self, q: _Queue) -> None:
+        q.expiry_timer = None
+        if q.deleted:
+            return
+        self._expire(q)
+        self._schedule_expiry(q)
+
+    def _expire(self, q: _Queue) -> None:
+        """Dead-letter expired messages at the head (returns first, as a quorum queue
+        serves them). Delivered messages are not in the queue and do not expire."""
+        if q.ttl is None:
+            return
+        now = self.clock.now_ms()
+        while (head := q.head()) is not None and head.expiry is not None and head.expiry <= now:
+            self._dead_letter(q, q.take(), "expired")
+
+    def _dead_letter(self, q: _Queue, entry: _Entry, reason: DeathReason) -> None:
+        """Republish to the queue's x-dead-letter-exchange with an x-death record, as
+        rabbit_dead_letter does; without a dead-letter exchange the message is dropped."""
+        dlx = q.dlx
+        if dlx is None:
+            return
+        if dlx != "" and dlx not in self._exchanges:
+            self._retain(q, entry, reason, f"its dead-letter exchange {dlx!r} does not exist")
+            return
+        key = q.dlrk if q.dlrk is not None else entry.routing_key
+        message = _with_death(entry, reason, q.name, self.clock.now_ms())
+        targets = self._route(dlx, key)
+        if not targets:
+            if q.at_least_once:
+                self._retain(q, entry, reason, f"no queue is bound to {dlx!r} for {key!r}")
+            return
+        if reason != "rejected":
+            deaths = message.headers["x-death"]
+            cycling = [t for t in targets if _is_cycle(t.name, deaths)]
+            if cycling:
+                log.debug(
+                    "dead letter %s from %s dropped for %s: it went round without a reject",
+                    message.message_id,
+                    q.name,
+                    [t.name for t in cycling],
+                )
+                targets = [t for t in targets if t not in cycling]
+        for target in targets:
+            self._enqueue(target, message, dlx, key)
+
+    def _retain(self, q: _Queue, entry: _Entry, reason: DeathReason, why: str) -> None:
+        """Keep a dead letter that could not go anywhere and try again a second later
+        (at-least-once dead-lettering). It is not ready: no consumer gets it."""
+        q.pending.append((entry, reason))
+        if (q.name, why) not in self._warned:
+            self._warned.add((q.name, why))
+            log.warning(
+                "queue %r cannot dead-letter: %s; keeping its dead letters and trying again",
+                q.name,
+                why,
+            )
+        timer = q.pending_timer
+        if timer is None or not timer.alive:
+            at = self.clock.now_ms() + DEAD_LETTER_RETRY_MS
+            q.pending_timer = self._call_at(at, lambda: self._retry_dead_letters(q))
+
+    def _retry_dead_letters(self, q: _Queue) -> None:
+        q.pending_timer = None
+        if q.deleted:
+            return
+        waiting = list(q.pending)
+        q.pending.clear()
+        for entry, reason in waiting:
+            self._dead_letter(q, entry, reason)
+
+    def _return(self, q: _Queue, entry: _Entry) -> None:
+        """A delivery comes back unsettled (nack with requeue, or its channel closed).
+
+        Quorum: the delivery count rises, past x-delivery-limit the message is
+        dead-lettered (delivery_limit), else it joins the returns, served first.
+        Classic: back to its original position, marked redelivered.
+        """
+        if q.deleted:
+            return
+        if q.quorum:
+            entry.count += 1
+            if q.limit is not None and entry.count > q.limit:
+                self._dead_letter(q, entry, "delivery_limit")
+                return
+            q.returns.append(entry)
+        else:
+            later = (i for i, other in enumerate(q.ready) if other.seq > entry.seq)
+            q.ready.insert(next(later, len(q.ready)), entry)
+        self._schedule_expiry(q)
+        self._kick(q)
+
+    # -- dispatching -----------------------------------------------------------------
+
+    def _current_loop(self) -> asyncio.AbstractEventLoop | None:
+        loop: asyncio.AbstractEventLoop | None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = self._loop
+        else:
+            self._loop = loop
+        return None if loop is None or loop.is_closed() else loop
+
+    def _kick(self, q: _Queue) -> None:
+        """Dispatch from ``q`` soon (never inside the caller: aiormq hands deliveries to
+        callbacks from its reader, after the publish or ack has returned)."""
+        if not q.consumers:
+            return
+        self._dirty[q.name] = q
+        if self._dispatch_handle is not None:
+            if self._dispatch_loop is not None and not self._dispatch_loop.is_closed():
+                return
+            self._dispatch_handle = None
+        loop = self._current_loop()
+        if loop is None:
+            return
+        self._dispatch_loop = loop
+        self._dispatch_handle = loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        try:
+            while self._dirty:
+                name = next(iter(self._dirty))
+                self._deliver(self._dirty.pop(name))
+        finally:
+            self._dispatch_handle = None
+
+    def _deliver(self, q: _Queue) -> None:
+        if q.deleted:
+            return
+        for c in list(q.consumers):
+            if c.channel._session._loop.is_closed():
+                # its event loop is gone: the client is gone, as a dead TCP connection
+                c.channel._session._abandon()
+        while True:
+            self._expire(q)
+            if q.head() is None:
+                break
+            consumer = self._next_consumer(q)
+            if consumer is None:
+                break
+            consumer.channel._deliver(consumer, q.take())
+        self._schedule_expiry(q)
+
+    def _next_consumer(self, q: _Queue) -> _Consumer | None:
+        """Round-robin among the consumers with room under their prefetch."""
+        n = len(q.consumers)
+        for i in range(n):
+            index = (q.rr + i) % n
+            consumer = q.consumers[index]
+            if consumer.has_room():
+                q.rr = (index + 1) % n
+                return consumer
+        return None
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a delivery callback raised", exc_info=exc)
+
+    # -- sessions --------------------------------------------------------------------
+
+    def _open_session(self, name: str) -> MemorySession:
+        session = MemorySession(self, name, asyncio.get_running_loop())
+        self._loop = session._loop
+        self._sessions.append(session)
+        return session
+
+    def drop_connections(self, reason: str = "connection lost") -> None:
+        """Close every session as a lost connection would: their deliveries return to
+        their queues, their on_lost callbacks hear ``reason``, and links reconnect."""
+        self._generation += 1
+        for session in list(self._sessions):
+            session._drop(reason)
+
+    # -- inspection ------------------------------------------------------------------
+
+    def queue_names(self) -> list[str]:
+        return sorted(self._queues)
+
+    def exchange_names(self) -> list[str]:
+        return sorted(self._exchanges)
+
+    def has_queue(self, name: str) -> bool:
+        return name in self._queues
+
+    def has_exchange(self, name: str) -> bool:
+        return name == "" or name in self._exchanges
+
+    def ready(self, name: str) -> int:
+        """Messages ready in a queue (0 if it does not exist)."""
+        q = self._queues.get(name)
+        return 0 if q is None else len(q.returns) + len(q.ready)
+
+    def depth(self, name: str) -> int | None:
+        """Messages ready in a queue, or None if it does not exist (a passive declare)."""
+        q = self._queues.get(name)
+        return None if q is None else len(q.returns) + len(q.ready)
+
+    def unacked(self, name: str | None = None) -> int:
+        """Deliveries handed out and not settled, of one queue or of all."""
+        if name is None:
+            return sum(q.held for q in self._queues.values())
+        q = self._queues.get(name)
+        return 0 if q is None else q.held
+
+    def consumer_count(self, name: str) -> int:
+        q = self._queues.get(name)
+        return 0 if q is None else len(q.consumers)
+
+    def messages(self, name: str) -> list[Message]:
+        """A peek at a queue's ready messages, in the order they would be delivered."""
+        q = self._queues.get(name)
+        return [] if q is None else [_as_delivered(q, e) for e in q.in_order()]
+
+    def get(self, name: str) -> Message | None:
+        """Take the next ready message (basic.get with no_ack); None if none (or no queue)."""
+        q = self._queues.get(name)
+        if q is None:
+            return None
+        self._expire(q)
+        if q.head() is None:
+            return None
+        message = _as_delivered(q, q.take())
+        self._schedule_expiry(q)
+        return message
+
+    def busy(self) -> bool:
+        """Whether a dispatch is scheduled or a delivery callback has not finished."""
+        return self.dispatching() or self.callbacks_running() > 0
+
+    def dispatching(self) -> bool:
+        """Whether a dispatch (handing out ready messages) is scheduled."""
+        handle_loop = self._dispatch_loop
+        if self._dispatch_handle is not None:
+            if handle_loop is not None and not handle_loop.is_closed():
+                return True
+            self._dispatch_handle = None
+        return False
+
+    def callbacks_running(self) -> int:
+        """Delivery callbacks (consumers' tasks) not finished, started or not."""
+        for task in [t for t in self._tasks if t.get_loop().is_closed()]:
+            self._tasks.discard(task)
+        return len(self._tasks)
+
+
+def _check_queue_arguments(name: str, args: dict[str, Any]) -> None:
+    """The checks RabbitMQ makes of the arguments the memory broker honours."""
+
+    def invalid(arg: str, why: str) -> TopologyMismatchError:
+        return _refused(f"PRECONDITION_FAILED - invalid arg '{arg}' for queue '{name}': {why}")
+
+    kind = args.get("x-queue-type", "classic")
+    if kind not in ("classic", "quorum"):
+        if kind == "stream":
+            raise ContractError(f"queue {name!r}: the memory broker has no stream queues")
+        raise invalid("x-queue-type", f"unsupported queue type {kind!r}")
+    for arg in ("x-message-ttl", "x-delivery-limit"):
+        value = args.get(arg)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise invalid(arg, f"expected integer, got {value!r}")
+        if value is not None and value < 0:
+            raise invalid(arg, f"value_negative {value}")
+    ttl = args.get("x-message-ttl")
+    if ttl is not None and ttl > MAX_TTL_MS:
+        raise invalid("x-message-ttl", f"value_too_large {ttl}")
+    for arg in ("x-dead-letter-exchange", "x-dead-letter-routing-key"):
+        if arg in args and not isinstance(args[arg], str):
+            raise invalid(arg, f"unacceptable_type {args[arg]!r}")
+    if "x-dead-letter-routing-key" in args and "x-dead-letter-exchange" not in args:
+        raise invalid("x-dead-letter-routing-key", "routing_key_but_no_dlx_defined")
+    strategy = args.get("x-dead-letter-strategy")
+    if strategy is not None and strategy not in ("at-most-once", "at-least-once"):
+        raise invalid("x-dead-letter-strategy", "invalid_dlx_strategy")
+    overflow = args.get("x-overflow")
+    if overflow is not None and overflow not in (
+        "drop-head",
+        "reject-publish",
+        "reject-publish-dlx",
+    ):
+        raise invalid("x-overflow", "invalid_overflow")
+
+
+def _as_delivered(q: _Queue, entry: _Entry) -> Message:
+    """The message as a consumer would see it: a copy, and on a quorum queue the
+    x-delivery-count once it has come back at least once."""
+    m = entry.message
+    headers = _copy_headers(m.headers)
+    if q.quorum and entry.count > 0:
+        headers["x-delivery-count"] = entry.count
+    return Message(m.body, m.content_type, m.message_id, m.type, m.timestamp, headers)
+
+
+def _with_death(entry: _Entry, reason: DeathReason, queue: str, now_ms: int) -> Message:
+    """The message with its x-death updated, as rabbit_dead_letter:make_msg does: newest
+    first; a second death in the same queue for the same reason raises that record's
+    count (its other fields stay those of the first) and moves it to the front."""
+    m = entry.message
+    headers = dict(m.headers)
+    info: dict[str, Any] = {
+        "count": 1,
+        "reason": reason,
+        "queue": queue,
+        "time": datetime.fromtimestamp(now_ms // 1000, tz=UTC),
+        "exchange": entry.exchange,
+        "routing-keys": [entry.routing_key],
+    }
+    deaths = headers.get("x-death")
+    if "x-death" not in headers:
+        headers["x-first-death-reason"] = reason
+        headers["x-first-death-queue"] = queue
+        headers["x-first-death-exchange"] = entry.exchange
+        headers["x-death"] = [info]
+    elif not isinstance(deaths, list):
+        # a client rewrote it (to a string, say): RabbitMQ starts it afresh
+        headers["x-death"] = [info]
+    else:
+        match = next(
+            (
+                d
+                for d in deaths
+                if isinstance(d, Mapping) and d.get("queue") == queue and d.get("reason") == reason
+            ),
+            None,
+        )
+        if match is None:
+            first = info
+        else:
+            first = dict(match)
+            count = first.get("count")
+            first["count"] = count + 1 if isinstance(count, int) else 1
+        headers["x-death"] = [first, *(d for d in deaths if d is not match)]
+    return Message(m.body, m.content_type, m.message_id, m.type, m.timestamp, headers)
+
+
+def _is_cycle(queue: str, deaths: list[Any]) -> bool:
+    """RabbitMQ drops a dead letter (other than a reject) that would reach a queue it
+    already died in, unless a reject happened on the way round (rabbit_dead_letter)."""
+    for index, death in enumerate(deaths):
+        if isinstance(death, Mapping) and death.get("queue") == queue:
+            way_round = deaths[: index + 1]
+            return all(isinstance(d, Mapping) and d.get("reason") != "rejected" for d in way_round)
+    return False
+
+
+# -- consuming -----------------------------------------------------------------------
+
+
+class MemoryDelivery:
+    """One message handed out by a queue, to be acked or returned."""
+
+    __slots__ = (
+        "_channel",
+        "_consumer",
+        "_entry",
+        "_queue",
+        "body",
+        "content_type",
+        "delivery_tag",
+        "exchange",
+        "headers",
+        "message_id",
+        "queue_name",
+        "received",
+        "redelivered",
+        "routing_key",
+        "timestamp",
+        "type",
+    )
+
+    def __init__(
+        self,
+        channel: MemoryChannel,
+        consumer: _Consumer,
+        queue: _Queue,
+        entry: _Entry,
+        tag: int,
+        received: float,
+    ) -> None:
+        self._channel = channel
+        self._consumer = consumer
+        self._queue = queue
+        self._entry = entry
+        message = _as_delivered(queue, entry)
+        self.body: bytes = message.body
+        self.content_type: str | None = message.content_type
+        self.type: str | None = message.type
+        self.message_id: str | None = message.message_id
+        self.timestamp: datetime | None = message.timestamp
+        self.headers: dict[str, Any] = dict(message.headers)
+        self.queue_name: str = queue.name
+        self.received: float = received
+        self.redelivered: bool = entry.count > 0 if queue.quorum else entry.delivered
+        self.exchange: str = entry.exchange
+        self.routing_key: str = entry.routing_key
+        self.delivery_tag: int = tag
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryDelivery({self.message_id!r} from {self.queue_name!r}, tag={self.delivery_tag})"
+        )
+
+    @property
+    def channel(self) -> MemoryChannel:
+        return self._channel
+
+    @property
+    def delivery_count(self) -> int:
+        """Times a quorum queue handed this message out before, unsettled (0 if unknown)."""
+        count = self.headers.get("x-delivery-count")
+        return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+    async def ack(self) -> None:
+        self._channel._settle(self, "ack")
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        self._channel._settle(self, "requeue" if requeue else "reject")
+
+
+async def _no_callback(delivery: DeliveryProtocol) -> None:
+    """What a basic.get 'consumer' is called with: never."""
+
+
+class MemoryChannel:
+    """A consuming channel; its prefetch applies to each of its consumers."""
+
+    def __init__(self, session: MemorySession, prefetch: int) -> None:
+        self._session = session
+        self._broker = session._broker
+        self.prefetch = prefetch
+        self._closed = False
+        self._consumers: dict[str, _Consumer] = {}
+        #: delivery tag -> delivery, in the order handed out
+        self._unacked: dict[int, MemoryDelivery] = {}
+        self._tags = itertools.count(1)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    async def consume(self, queue: str, on_delivery: OnDelivery) -> str:
+        """Start consuming ``queue``; a missing queue closes the channel (NOT_FOUND)."""
+        if self._closed:
+            raise ConnectionLostError(f"consuming {queue}: the channel is closed")
+        q = self._broker._queues.get(queue)
+        if q is None:
+            reason = f"NOT_FOUND - no queue '{queue}' in vhost '/'"
+            self._close(reason, report=True)
+            raise ConnectionLostError(f"consuming {queue}: channel closed: {reason}")
+        tag = f"amq.ctag-{self._session.name}-{next(self._broker._ctags)}"
+        consumer = _Consumer(tag, self, q, on_delivery)
+        self._consumers[tag] = consumer
+        q.consumers.append(consumer)
+        self._broker._kick(q)
+        return tag
+
+    async def cancel(self, tag: str) -> None:
+        """Stop a consumer; what it holds stays held until settled or the channel closes."""
+        consumer = self._consumers.pop(tag, None)
+        if consumer is not None and consumer in consumer.queue.consumers:
+            consumer.queue.consumers.remove(consumer)
+
+    async def close(self) -> None:
+        """Close the channel: what it holds returns to its queues."""
+        self._close("closed by the client", report=False)
+
+    async def get(self, queue: str) -> MemoryDelivery | None:
+        """basic.get without no_ack: the next ready message, held until settled."""
+        if self._closed:
+            raise ConnectionLostError(f"getting from {queue}: the channel is closed")
+        q = self._broker._queues.get(queue)
+        if q is None:
+            reason = f"NOT_FOUND - no queue '{queue}' in vhost '/'"
+            self._close(reason, report=True)
+            raise ConnectionLostError(f"getting from {queue}: channel closed: {reason}")
+        self._broker._expire(q)
+        if q.head() is None:
+            return None
+        getter = _Consumer("basic.get", self, q, _no_callback)
+        entry = q.take()
+        delivery = MemoryDelivery(
+            self, getter, q, entry, next(self._tags), self._session._loop.time()
+        )
+        entry.delivered = True
+        self._unacked[delivery.delivery_tag] = delivery
+        getter.held += 1
+        q.held += 1
+        self._broker._schedule_expiry(q)
+        return delivery
+
+    def _deliver(self, consumer: _Consumer, entry: _Entry) -> None:
+        loop = self._session._loop
+        q = consumer.queue
+        delivery = MemoryDelivery(self, consumer, q, entry, next(self._tags), loop.time())
+        entry.delivered = True
+        self._unacked[delivery.delivery_tag] = delivery
+        consumer.held += 1
+        q.held += 1
+        task = loop.create_task(self._run(consumer.on_delivery, delivery))
+        self._broker._tasks.add(task)
+        task.add_done_callback(self._broker._task_done)
+
+    async def _run(self, on_delivery: OnDelivery, delivery: MemoryDelivery) -> None:
+        # a delivery whose channel closed before its task began went back to its queue
+        if not self._closed:
+            await on_delivery(delivery)
+
+    def _settle(self, delivery: MemoryDelivery, how: Literal["ack", "requeue", "reject"]) -> None:
+        what = "ack" if how == "ack" else "nack"
+        if self._closed:
+            raise ConnectionLostError(
+                f"{what} of {delivery.message_id} lost: the channel is closed"
+            )
+        if self._unacked.get(delivery.delivery_tag) is not delivery:
+            # RabbitMQ closes the channel on an unknown delivery tag
+            reason = f"PRECONDITION_FAILED - unknown delivery tag {delivery.delivery_tag}"
+            self._close(reason, report=True)
+            raise ConnectionLostError(f"{what} of {delivery.message_id} lost: {reason}")
+        del self._unacked[delivery.delivery_tag]
+        delivery._consumer.held -= 1
+        q = delivery._queue
+        if q.deleted:
+            return
+        q.held -= 1
+        broker = self._broker
+        if how == "requeue":
+            broker._return(q, delivery._entry)
+        elif how == "reject":
+            broker._dead_letter(q, delivery._entry, "rejected")
+        broker._kick(q)
+
+    def _close(self, reason: str, *, report: bool) -> None:
+        """Close: consumers go, held deliveries return (in the order handed out)."""
+        if self._closed:
+            return
+        self._closed = True
+        for consumer in self._consumers.values():
+            if consumer in consumer.queue.consumers:
+                consumer.queue.consumers.remove(consumer)
+        self._consumers.clear()
+        held = list(self._unacked.values())
+        self._unacked.clear()
+        for delivery in held:
+            delivery._consumer.held -= 1
+            q = delivery._queue
+            if not q.deleted:
+                q.held -= 1
+                self._broker._return(q, delivery._entry)
+        if self in self._session._channels:
+            self._session._channels.remove(self)
+        if report:
+            self._session._lost(f"channel closed: {reason}", None)
+
+
+class MemorySession:
+    """A consuming connection to the memory broker."""
+
+    def __init__(self, broker: MemoryBroker, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._broker = broker
+        self.name = name
+        self._loop = loop
+        self._callbacks: list[OnLost] = []
+        self._channels: list[MemoryChannel] = []
+        self._closed = False
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def on_lost(self, callback: OnLost) -> None:
+        self._callbacks.append(callback)
+
+    def _lost(self, reason: str, consumer_timeout: float | None) -> None:
+        for callback in list(self._callbacks):
+            callback(reason, consumer_timeout)
+
+    async def channel(self, prefetch: int) -> MemoryChannel:
+        if self._closed:
+            raise ConnectionLostError("opening a channel: the connection is closed")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int):
+            raise ContractError(f"prefetch must be an int, got {prefetch!r}")
+        if not 0 <= prefetch <= MAX_PREFETCH:
+            raise ContractError(f"prefetch must be 0..{MAX_PREFETCH}, got {prefetch}")
+        channel = MemoryChannel(self, prefetch)
+        self._channels.append(channel)
+        return channel
+
+    async def close(self) -> None:
+        """Close the connection: every delivery it holds returns to its queue; nothing
+        is reported, and no callback of it runs again."""
+        self._callbacks.clear()
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for channel in list(self._channels):
+            channel._close("connection closed", report=False)
+        if self in self._broker._sessions:
+            self._broker._sessions.remove(self)
+
+    def _drop(self, reason: str) -> None:
+        if self._closed:
+            return
+        callbacks = list(self._callbacks)
+        self._abandon()
+        for callback in callbacks:
+            callback(f"connection closed: {reason}", None)
+
+
+# -- publishing ----------------------------------------------------------------------
+
+
+_MISSING_EXCHANGE = re.compile(r"^exchange '.*' does not exist")
+
+
+def _stale_topology(exc: PublishError) -> bool:
+    return isinstance(exc, UnroutableError) or bool(_MISSING_EXCHANGE.match(str(exc)))
+
+
+class MemoryLink:
+    """A publishing link of one namespace, as the AMQP Link: declares what a publish
+    needs (once per connection), routes job messages the same way, and reconnects."""
+
+    def __init__(
+        self,
+        transport: MemoryTransport,
+        namespace: str,
+        settings: TopologySettings,
+        *,
+        name: str,
+        declare: bool = True,
+        connect_timeout: float | None = 30.0,
+        confirm_timeout: float | None = 30.0,
+    ) -> None:
+        self.broker = transport.broker
+        self.clock = transport.clock
+        self.urls = transport.urls
+        self.namespace = check_namespace(namespace)
+        self.settings = settings
+        self.name = name
+        self.declare = declare
+        self.connect_timeout = connect_timeout
+        self.confirm_timeout = confirm_timeout
+        #: the broker's connection generation this link is open on (None: closed)
+        self._generation: int | None = None
+        #: what is known declared on this connection: "base", "cascade", ("queue", q),
+        #: (q, job name)
+        self._ready: set[str | tuple[str, str]] = set()
+        self._queues: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"MemoryLink({self.name!r}, {self.namespace!r}, {self.urls})"
+
+    @property
+    def known_queues(self) -> set[str]:
+        """Every work queue declared through this link (for cleanup)."""
+        return self._queues
+
+    @property
+    def is_open(self) -> bool:
+        return self._generation is not None and self._generation == self.broker._generation
+
+    async def open(self) -> None:
+        if not self.is_open:
+            self._generation = self.broker._generation
+            self._ready = set()  # a new connection knows nothing declared
+
+    async def close(self) -> None:
+        self._generation = None
+
+    def forget_declarations(self) -> None:
+        self._ready = set()
+
+    def _connected(self, what: str) -> None:
+        if not self.is_open:
+            raise ConnectionLostError(f"{what}: the connection to {self.urls} is closed")
+
+    # -- declaring -------------------------------------------------------------------
+
+    def _declare_queue(self, queue: str, job_names: Iterable[str]) -> None:
+        ns, s, ready = self.namespace, self.settings, self._ready
+        plan = queue_plan(ns, queue, (), s)  # checks the name
+        if "base" not in ready:
+            self.broker.declare(base_plan(ns, s))
+            ready.add("base")
+        missing = {n for n in job_names if (queue, n) not in ready}
+        self._queues.add(queue)
+        if not missing and ("queue", queue) in ready:
+            return
+        self.broker.declare(queue_plan(ns, queue, missing, s) if missing else plan)
+        ready.update((queue, n) for n in missing)
+        ready.add(("queue", queue))
+
+    def _declare_cascade(self) -> None:
+        ns, s, ready = self.namespace, self.settings, self._ready
+        if "base" not in ready:
+            self.broker.declare(base_plan(ns, s))
+            ready.add("base")
+        if "cascade" not in ready:
+            self.broker.declare(cascade_plan(ns, s))
+            ready.add("cascade")
+
+    async def declare_queue(self, queue: str, job_names: Iterable[str]) -> None:
+        await self.open()
+        self._declare_queue(queue, set(job_names))
+
+    async def declare_cascade(self) -> None:
+        await self.open()
+        self._declare_cascade()
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send(self, envelope: Envelope, queue: str, *, via_jobs_exchange: bool) -> None:
+        """Publish one job message to where its ETA says (as the AMQP Link.send): due now
+        and ``via_jobs_exchange``, the jobs exchange keyed by job name; else the delay
+        cascade towards ``queue``'s due queue."""
+        self._connected("publishing")
+        now_ms = self.clock.now_ms
+        due_now = envelope.eta_ms is None or envelope.eta_ms <= now_ms()
+        if self.declare:
+            self._declare_queue(queue, (envelope.job_name,))
+            if not due_now:
+                self._declare_cascade()
+        delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - now_ms()
+        if delay_ms <= 0 and via_jobs_exchange:
+            exchange, key = jobs_exchange(self.namespace), envelope.job_name
+        else:
+            exchange, key = delayed_route(self.namespace, queue, delay_ms, self.settings)
+        self.broker.publish(exchange, key, envelope.to_message(), fresh=via_jobs_exchange)
+
+    async def send_dead(self, message: Message, queue: str) -> None:
+        """Park a message in ``queue``'s dead-letter queue."""
+        self._connected("publishing")
+        if self.declare:
+            self._declare_queue(queue, ())
+        self.broker.publish(dead_exchange(self.namespace), queue, message)
+
+    async def send_quarantine(self, message: Message, queue: str) -> None:
+        """Move a message to ``queue``'s quarantine queue (default exchange)."""
+        self._connected("publishing")
+        if self.declare:
+            self._declare_queue(queue, ())
+        await self.send_to_queue(quarantine_queue(self.namespace, queue), message)
+
+    async def send_to_queue(self, queue_name: str, message: Message) -> None:
+        await self.publish("", queue_name, message)
+
+    async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        self._connected("publishing")
+        self.broker.publish(exchange, routing_key, message)
+
+    async def depth(self, queue_name: str) -> int | None:
+        await self.open()
+        return self.broker.depth(queue_name)
+
+    async def take(self, queue_name: str) -> Message | None:
+        """Take one ready message (basic.get, no ack); a missing queue is NOT_FOUND,
+        which the AMQP link reports as a lost channel too."""
+        await self.open()
+        if not self.broker.has_queue(queue_name):
+            raise ConnectionLostError(
+                f"taking from {queue_name}: NOT_FOUND - no queue '{queue_name}' in vhost '/'"
+            )
+        return self.broker.get(queue_name)
+
+    async def retrying(self, op: Callable[[], Awaitable[None]], *, give_up_after: float) -> None:
+        """Run a publishing operation, connecting first if needed. The memory broker is
+        never unavailable, so only what the AMQP link also retries is tried again: once,
+        a connection dropped under it and (declaring) a stale declaration cache; with
+        backoff until ``give_up_after``, a refused publish (a full queue may drain)."""
+        reconnected = redeclared = False
+        loop = asyncio.get_running_loop()
+        until = loop.time() + give_up_after
+        pause = REFUSED_PAUSE
+        while True:
+            await self.open()
+            try:
+                await op()
+                return
+            except PublishRefusedError as exc:
+                if loop.time() + pause >= until:
+                    raise
+                log.warning(
+                    "%s: publishing to %s failed: %s; retrying in %.2fs",
+                    self.name,
+                    self.urls,
+                    describe(exc),
+                    pause,
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_REFUSED_PAUSE)
+            except ConnectionLostError:
+                if reconnected:
+                    raise
+                reconnected = True
+            except PublishError as exc:
+                if redeclared or not self.declare or not _stale_topology(exc):
+                    raise
+                redeclared = True
+                log.warning("%s: %s; declaring the topology again", self.name, exc)
+                self.forget_declarations()
+
+
+class MemoryTransport:
+    """The memory broker behind the transport seam (``memory://NAME``)."""
+
+    def __init__(self, broker: MemoryBroker | None = None) -> None:
+        self.broker = broker if broker is not None else MemoryBroker()
+        self.urls = BrokerURLs((f"memory://{self.broker.name}",))
+        self.clock: Clock = self.broker.clock
+
+    def __repr__(self) -> str:
+        return f"MemoryTransport({self.urls})"
+
+    @classmethod
+    def named(cls, name: str) -> MemoryTransport:
+        """The transport of this process's broker of that name."""
+        return cls(MemoryBroker.named(name))
+
+    def link(
+        self,
+        namespace: str,
+        settings: TopologySettings,
+        *,
+        name: str,
+        declare: bool = True,
+        connect_timeout: float | None = 30.0,
+        confirm_timeout: float | None = 30.0,
+    ) -> MemoryLink:
+        return MemoryLink(
+            self,
+            namespace,
+            settings,
+            name=name,
+            declare=declare,
+            connect_timeout=connect_timeout,
+            confirm_timeout=confirm_timeout,
+        )
+
+    async def session(self, *, name: str, give_up_after: float | None) -> MemorySession:
+        return self.broker._open_session(name)
+
+    async def delete_namespace(
+        self, namespace: str, queues: Iterable[str], settings: TopologySettings
+    ) -> None:
+        """Delete every queue and exchange of the namespace's plan (missing ones are fine)."""
+        plan = namespace_plan(namespace, queues, settings)
+        for q in plan.queues:
+            self.broker.delete_queue(q.name)
+        for ex in plan.exchanges:
+            self.broker.delete_exchange(ex.name)
+
+
+if TYPE_CHECKING:
+    # the memory transport implements the seam's protocols (checked by mypy)
+    def _as_transport(t: MemoryTransport) -> Transport:
+        return t
+
+    def _as_link(link: MemoryLink) -> Link:
+        return link
+
+    def _as_session(s: MemorySession) -> Session:
+        return s
+
+    def _as_channel(c: MemoryChannel) -> Channel:
+        return c
+
+    def _as_delivery(d: MemoryDelivery) -> DeliveryProtocol:
+        return d

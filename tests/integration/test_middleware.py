@@ -1,0 +1,217 @@
+"""Middleware: wraps every attempt and publish, may change outcomes, hears every path."""
+
+import logging
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from amqp_jobs import (
+    Defer,
+    Job,
+    JobContext,
+    JobHooks,
+    Middleware,
+    Outcome,
+    OutcomeKind,
+    Publishing,
+    RetryPolicy,
+)
+from amqp_jobs.message import Message, now_ms
+from amqp_jobs.middleware import Next
+from amqp_jobs.testing import Namespace, run_until_idle
+from amqp_jobs.topology import dead_queue, work_queue
+from tests.support import declare, drain, put
+
+
+class N(BaseModel):
+    n: int
+
+
+class Recorder(Middleware):
+    """Records what it is told; outcomes keyed by job id."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[str, int]] = []
+        self.outcomes: list[tuple[Outcome, bool]] = []
+
+    async def attempt(self, ctx: JobContext, call_next: Next) -> Any:
+        self.attempts.append((ctx.job_id, ctx.attempt))
+        return await call_next()
+
+    async def settled(self, outcome: Outcome, ctx: JobContext | None) -> None:
+        self.outcomes.append((outcome, ctx is not None))
+
+    def kinds(self) -> list[OutcomeKind]:
+        return [o.kind for o, _ in self.outcomes]
+
+
+async def test_results_retries_and_dead_letters_reach_the_middleware(
+    namespace: Namespace,
+) -> None:
+    rec = Recorder()
+    app = namespace.app(middleware=[rec])
+    job = Job("t.mw", N, queue="mw", retry=RetryPolicy(max_attempts=2, backoff=0))
+
+    @app.handler(job)
+    async def run(args: N, ctx: JobContext) -> dict[str, int]:
+        if args.n == 2:
+            raise ValueError("never works")
+        return {"double": args.n * 2}
+
+    async with namespace.client() as client:
+        ok = await client.enqueue(job, {"n": 21})
+        bad = await client.enqueue(job, {"n": 2})
+    await run_until_idle(namespace.worker(app))
+    by_job: dict[str, list[Outcome]] = {}
+    for outcome, had_ctx in rec.outcomes:
+        assert had_ctx
+        by_job.setdefault(outcome.job_id, []).append(outcome)
+    [success] = by_job[ok]
+    assert success.kind is OutcomeKind.SUCCEEDED
+    assert success.result == {"double": 42}  # the handler's return value travels
+    assert [o.kind for o in by_job[bad]] == [OutcomeKind.RETRYING, OutcomeKind.DEAD]
+    assert by_job[bad][1].dead_reason == "exhausted"
+    assert by_job[bad][1].error is not None and by_job[bad][1].error.type == "ValueError"
+    assert sorted(rec.attempts) == sorted([(ok, 1), (bad, 1), (bad, 2)])
+
+
+async def test_middleware_defers_a_job_without_counting_an_attempt(
+    namespace: Namespace,
+) -> None:
+    class Busy(Middleware):
+        """Turns the first two tries away, as a taken per-key lock would."""
+
+        def __init__(self) -> None:
+            self.refused = 0
+
+        async def attempt(self, ctx: JobContext, call_next: Next) -> Any:
+            if self.refused < 2:
+                self.refused += 1
+                raise Defer(0.2, reason="key busy")
+            return await call_next()
+
+    rec = Recorder()
+    app = namespace.app(middleware=[rec, Busy()])
+    job = Job("t.defer", N, queue="mw", retry=RetryPolicy(max_attempts=1))
+    seen: list[int] = []
+
+    @app.handler(job)
+    async def run(args: N, ctx: JobContext) -> None:
+        seen.append(ctx.attempt)
+
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1})
+    stats = await run_until_idle(namespace.worker(app))
+    # max_attempts=1: had the deferrals counted, the job would be dead before running
+    assert seen == [1]
+    assert rec.kinds() == [OutcomeKind.DEFERRED, OutcomeKind.DEFERRED, OutcomeKind.SUCCEEDED]
+    assert rec.outcomes[0][0].retry_in == pytest.approx(0.2)
+    assert (stats.deferred, stats.succeeded, stats.dead) == (2, 1, 0)
+
+
+async def test_poison_and_redelays_reach_the_middleware_without_a_context(
+    namespace: Namespace,
+) -> None:
+    rec = Recorder()
+    told: list[Outcome] = []
+
+    class Hooks(JobHooks):
+        async def not_run(self, outcome: Outcome) -> None:
+            told.append(outcome)
+
+    app = namespace.app(middleware=[rec], hooks=[Hooks()])
+    job = Job("t.poisoned", N, queue="mw")
+
+    @app.handler(job)
+    async def run(args: N) -> None:
+        pass
+
+    await declare(namespace, "mw", {job.name})
+    bad = Message(b'{"n": "x"}', "application/json", "poison-1", job.name, None, {})
+    # due in a moment, but put straight into the work queue: the worker sends it back
+    # into the delay cascade (a re-delay), then runs it
+    early = Message(
+        b'{"n": 1}', "application/json", "early-1", job.name, None, {"job-eta": now_ms() + 400}
+    )
+    worker = namespace.worker(app)
+    await put(namespace.url, work_queue(namespace.name, "mw"), bad)
+    await put(namespace.url, work_queue(namespace.name, "mw"), early)
+    await run_until_idle(worker)
+    outcomes = {(o.job_id, o.kind): had_ctx for o, had_ctx in rec.outcomes}
+    assert outcomes == {
+        ("poison-1", OutcomeKind.DEAD): False,
+        ("early-1", OutcomeKind.REDELAYED): False,
+        ("early-1", OutcomeKind.SUCCEEDED): True,
+    }
+    [poison] = [o for o, _ in rec.outcomes if o.job_id == "poison-1"]
+    assert poison.dead_reason == "invalid-args"
+    assert sorted((o.job_id, o.kind) for o in told) == [
+        ("early-1", OutcomeKind.REDELAYED),
+        ("poison-1", OutcomeKind.DEAD),
+    ]  # JobHooks.not_run hears them too
+    [parked] = await drain(namespace.url, dead_queue(namespace.name, "mw"), 1)
+    assert parked.message_id == "poison-1"
+
+
+async def test_failing_middleware_never_loses_a_job(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(Middleware):
+        async def attempt(self, ctx: JobContext, call_next: Next) -> Any:
+            if ctx.attempt == 1:
+                raise RuntimeError("middleware bug")
+            return await call_next()
+
+        async def settled(self, outcome: Outcome, ctx: JobContext | None) -> None:
+            raise RuntimeError("settled bug")
+
+    app = namespace.app(middleware=[Broken()])
+    job = Job("t.broken", N, queue="mw", retry=RetryPolicy(max_attempts=3, backoff=0))
+    runs: list[int] = []
+
+    @app.handler(job)
+    async def run(args: N, ctx: JobContext) -> None:
+        runs.append(ctx.attempt)
+
+    caplog.set_level(logging.ERROR, logger="amqp_jobs")
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1})
+    stats = await run_until_idle(namespace.worker(app))
+    assert runs == [2]  # attempt 1 failed in the middleware and was retried
+    assert (stats.retried, stats.succeeded, stats.dead) == (1, 1, 0)
+    text = caplog.text
+    assert "middleware failed around job t.broken" in text
+    assert "settled failed (ignored)" in text
+
+
+async def test_publish_middleware_adds_headers_the_handler_sees(namespace: Namespace) -> None:
+    class Stamp(Middleware):
+        async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+            publishing.headers["traceparent"] = f"00-{publishing.job_id:0>32}-0000000000000001-01"
+            publishing.headers["tenant"] = "acme"
+            return await call_next()
+
+    app = namespace.app()
+    job = Job("t.stamped", N, queue="mw")
+    seen: list[dict[str, Any]] = []
+
+    @app.handler(job)
+    async def run(args: N, ctx: JobContext) -> None:
+        seen.append(dict(ctx.headers))
+
+    async with namespace.client(middleware=[Stamp()]) as client:
+        job_id = await client.enqueue(job, {"n": 1}, headers={"origin": "test"})
+        await client.enqueue_many(job, [{"n": 2}])
+    await run_until_idle(namespace.worker(app))
+    assert len(seen) == 2
+    first = next(h for h in seen if h.get("origin") == "test")
+    assert first["traceparent"] == f"00-{job_id:0>32}-0000000000000001-01"
+    assert all(h["tenant"] == "acme" for h in seen)
+
+
+def test_middleware_must_subclass_middleware(namespace: Namespace) -> None:
+    from amqp_jobs import ContractError
+
+    with pytest.raises(ContractError, match=r"subclass amqp_jobs\.Middleware"):
+        namespace.app(middleware=[object()])  # type: ignore[list-item]
