@@ -17,6 +17,7 @@ from typing import Any, Self
 
 from amqp_jobs.clock import WALL, Clock
 from amqp_jobs.contract import ArgsT, Job, Namespace, TopologySettings
+from amqp_jobs.durations import seconds
 from amqp_jobs.errors import BatchPublishError as BatchPublishError
 from amqp_jobs.errors import ContractError
 from amqp_jobs.message import (
@@ -56,15 +57,8 @@ def resolve_eta(
     if delay is not None and run_at is not None:
         raise ContractError("pass either delay= or run_at=, not both")
     if delay is not None:
-        if isinstance(delay, timedelta):
-            delay = delay.total_seconds()
-        if isinstance(delay, bool) or not isinstance(delay, int | float):
-            raise ContractError(f"delay must be a timedelta or seconds, got {delay!r}")
-        if delay != delay:
-            raise ContractError(f"delay must be a number of seconds, got {delay}")
-        if delay < 0:
-            raise ContractError(f"delay must not be negative, got {delay}")
-        if delay > MAX_DELAY:  # inf included; checked before eta_after would overflow
+        delay = seconds(delay, "delay")
+        if delay > MAX_DELAY:  # checked before ms_after would overflow
             raise _too_far(f"delay={delay!r} s")
         return clock.ms_after(delay) if delay > 0 else None
     if run_at is not None:
@@ -259,11 +253,15 @@ class JobClient:
         failed: dict[int, BaseException] = {}
         for start in range(0, len(envelopes), BATCH_WINDOW):
             window = envelopes[start : start + BATCH_WINDOW]
-            send = self._send_through_middleware if self.middleware else None
-            results = await asyncio.gather(
-                *(send(job, e) if send else self.send(e, job.queue) for e in window),
-                return_exceptions=True,
-            )
+            if self.middleware:
+                results = await asyncio.gather(
+                    *(self._send_through_middleware(job, e) for e in window),
+                    return_exceptions=True,
+                )
+            else:
+                results = await self._link.send_batch(
+                    window, job.queue, give_up_after=self.retry_for
+                )
             for offset, result in enumerate(results):
                 if isinstance(result, BaseException):
                     if not isinstance(result, Exception):

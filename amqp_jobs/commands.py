@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import json
 import os
@@ -24,7 +23,7 @@ from amqp_jobs import durations, ops, schemas
 from amqp_jobs.app import JobApp
 from amqp_jobs.client import JobClient, resolve_eta
 from amqp_jobs.contract import Job, check_namespace, check_queue_name
-from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, ContractError, NotFoundError
+from amqp_jobs.errors import ConnectionLostError, ContractError, NotFoundError
 from amqp_jobs.message import Envelope
 from amqp_jobs.topology import (
     TopologySettings,
@@ -33,7 +32,6 @@ from amqp_jobs.topology import (
     work_queue,
 )
 from amqp_jobs.transport import transport_for
-from amqp_jobs.transport.amqp.connection import connect
 from amqp_jobs.urls import BrokerURLs, mask_url, resolve
 
 T = TypeVar("T")
@@ -128,31 +126,24 @@ class Context:
         assert self._urls is not None, "this command takes no --url"
         return self._urls
 
-    def run(self, body: Callable[[ops.Connection], Awaitable[T]]) -> T:
-        """``body`` on a new connection. A broker that goes away or refuses mid-command
-        raises one of our errors, password masked, never the AMQP client's."""
+    def run(self, body: Callable[[ops.Broker], Awaitable[T]]) -> T:
+        """``body`` on the broker (a link and a session of the namespace). A broker that
+        goes away mid-command raises ConnectionLostError, password masked."""
 
         async def main() -> T:
-            connection = await connect(
-                self.urls, name="amqp-jobs cli", give_up_after=self.connect_timeout
-            )
-            try:
-                return await body(connection)
-            finally:
-                with contextlib.suppress(*ops.BROKER_LOST, *ops.BROKER_REFUSED):
-                    await connection.close()  # a lost one is closed already
+            transport = transport_for(self.urls)
+            async with ops.Broker(
+                transport, self.namespace, self.settings, connect_timeout=self.connect_timeout
+            ) as broker:
+                return await body(broker)
 
         try:
             return asyncio.run(main())
-        except AmqpJobsError:
-            raise
-        except ops.BROKER_LOST as exc:
+        except ConnectionLostError as exc:
             raise ConnectionLostError(
                 f"lost the connection to the broker at {self.urls}: {self._scrub(exc)}"
                 " (run the command again once it is back)"
             ) from None
-        except ops.BROKER_REFUSED as exc:
-            raise AmqpJobsError(f"the broker at {self.urls} refused: {self._scrub(exc)}") from None
 
     def _scrub(self, exc: BaseException) -> str:
         """The error in one line, without any password of ours."""
@@ -199,7 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise UsageError(
             "which queues? pass --app module:app or --queue Q (or --management-url to discover)"
         )
-    result = ctx.run(lambda c: ops.status(c, ctx.namespace, queues, ctx.settings, management))
+    result = ctx.run(lambda b: ops.status(b, queues, management))
     rows = [
         (q.queue, q.ready, q.unacked, q.consumers, q.due, q.quarantined, q.dead)
         for q in result.queues
@@ -228,9 +219,7 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
     ctx = Context(args)
     queue = _one_queue(args.queue)
     selector = ops.select(job=args.job)
-    found = ctx.run(
-        lambda c: ops.list_dead(c, ctx.namespace, queue, limit=args.limit, selector=selector)
-    )
+    found = ctx.run(lambda b: ops.list_dead(b, queue, limit=args.limit, selector=selector))
     rows = [
         (
             d.job_id,
@@ -262,7 +251,7 @@ def cmd_dead_show(args: argparse.Namespace) -> int:
     queues = ctx.queues(args.queues)
     if not queues:
         raise UsageError("which queues to search? pass --queue Q or --app module:app")
-    dead = ctx.run(lambda c: ops.find_dead(c, ctx.namespace, queues, args.job_id))
+    dead = ctx.run(lambda b: ops.find_dead(b, queues, args.job_id))
     if dead is None:
         searched = ", ".join(dead_queue(ctx.namespace, q) for q in queues)
         raise NotFoundError(f"no dead job {args.job_id!r} in {searched}")
@@ -281,7 +270,7 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
         raise UsageError("say which dead jobs to replay: --id JOB_ID (repeatable) or --all")
     selector = ops.select(ids=None if args.all else args.ids, job=args.job)
     bar = _progress_bar(sys.stderr) if not ctx.json else None
-    result = ctx.run(lambda c: ops.replay_dead(c, ctx.namespace, queue, selector, on_progress=bar))
+    result = ctx.run(lambda b: ops.replay_dead(b, queue, selector, on_progress=bar))
     if bar is not None and sys.stderr.isatty():
         print(file=sys.stderr)
     missing = sorted(set(args.ids or []) - set(result.job_ids))
@@ -309,7 +298,7 @@ def cmd_dead_purge(args: argparse.Namespace) -> int:
     queue = _one_queue(args.queue)
     selector = ops.select(job=args.job, older_than=args.older_than)
     if not args.yes:
-        matching = ctx.run(lambda c: ops.list_dead(c, ctx.namespace, queue, selector=selector))
+        matching = ctx.run(lambda b: ops.list_dead(b, queue, selector=selector))
         if not matching:
             emit(ctx, {"removed": 0}, f"no matching dead jobs in {queue}")
             return 0
@@ -322,7 +311,7 @@ def cmd_dead_purge(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
-    removed = ctx.run(lambda c: ops.purge_dead(c, ctx.namespace, queue, selector))
+    removed = ctx.run(lambda b: ops.purge_dead(b, queue, selector))
     emit(ctx, {"removed": removed}, f"removed {removed} dead jobs from {queue}")
     return 0
 
@@ -357,7 +346,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         queue = known_job.queue
     envelope = Envelope.new(args.job, body, queue, eta_ms=resolve_eta(delay, run_at))
 
-    async def send(_: ops.Connection) -> None:
+    async def send(_: ops.Broker) -> None:
         async with JobClient(
             ctx.urls, namespace=ctx.namespace, settings=ctx.settings, retry_for=ctx.connect_timeout
         ) as client:
@@ -441,10 +430,8 @@ def cmd_topology_declare(args: argparse.Namespace) -> int:
     ctx = Context(args)
     plan = _queue_jobs(ctx, args.queues, args.jobs)
 
-    async def declare(_: ops.Connection) -> None:
-        link = transport_for(ctx.urls).link(
-            ctx.namespace, ctx.settings, name="amqp-jobs cli (declare)"
-        )
+    async def declare(broker: ops.Broker) -> None:
+        link = broker.transport.link(ctx.namespace, ctx.settings, name="amqp-jobs cli (declare)")
         try:
             for queue, jobs in sorted(plan.items()):
                 await link.declare_queue(queue, jobs)

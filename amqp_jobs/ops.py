@@ -9,6 +9,7 @@ half-way (Ctrl-C, kill) leaves every job it had not finished where it was.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import urllib.error
@@ -16,12 +17,8 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
-
-import aio_pika
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from amqp_jobs.errors import AmqpJobsError
 from amqp_jobs.errors import NotFoundError as NotFoundError
@@ -43,30 +40,57 @@ from amqp_jobs.topology import (
     unroutable,
     work_queue,
 )
-from amqp_jobs.transport.amqp.channels import open_channel
-from amqp_jobs.transport.amqp.connection import Publisher
-from amqp_jobs.transport.amqp.link import message_properties
+from amqp_jobs.transport import Channel, Delivery, Session, Transport
 from amqp_jobs.urls import mask_url
 
 log = logging.getLogger("amqp_jobs.ops")
 
-#: The connection the operations run on: the commands open it and never name the client
-#: library's type themselves.
-Connection: TypeAlias = AbstractConnection
-
 #: Most dead jobs one listing, replay or purge looks at.
 DEFAULT_SCAN = 100_000
 
-#: What the AMQP client and the socket raise when the broker goes away under an
-#: operation: aiormq's connection errors are OSErrors (ConnectionError), and a channel of
-#: a dead connection raises ChannelInvalidStateError (a RuntimeError).
-BROKER_LOST: tuple[type[BaseException], ...] = (
-    OSError,
-    aiormq.exceptions.ChannelInvalidStateError,
-)
-#: What it raises when the broker refuses an operation (closes the channel with
-#: ACCESS_REFUSED, say): the rest of aiormq's errors.
-BROKER_REFUSED: tuple[type[BaseException], ...] = (aiormq.exceptions.AMQPError,)
+
+class Broker:
+    """What the operations run on: a link (counts, confirmed publishes) and a session
+    (browsing queues) of one namespace, on RabbitMQ or in memory.
+
+    Use as ``async with Broker(transport, namespace, settings)``; only our errors come
+    out of it (ConnectionLostError when the broker goes away mid-command).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        namespace: str,
+        settings: TopologySettings,
+        *,
+        connect_timeout: float = 10.0,
+        name: str = "amqp-jobs cli",
+    ) -> None:
+        self.transport = transport
+        self.namespace = namespace
+        self.settings = settings
+        self.connect_timeout = connect_timeout
+        self.name = name
+        self.link = transport.link(
+            namespace, settings, name=name, declare=False, connect_timeout=connect_timeout
+        )
+        self._session: Session | None = None
+
+    async def __aenter__(self) -> Broker:
+        await self.link.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        await self.link.close()
+
+    async def session(self) -> Session:
+        if self._session is None:
+            self._session = await self.transport.session(
+                name=self.name, give_up_after=self.connect_timeout
+            )
+        return self._session
 
 
 # -- status ----------------------------------------------------------------------
@@ -99,30 +123,6 @@ class Status:
             "delayed": self.delayed,
             "unroutable": self.unroutable,
         }
-
-
-class Peeker:
-    """Passive declarations on a channel that is reopened after each 404."""
-
-    def __init__(self, connection: AbstractConnection) -> None:
-        self.connection = connection
-        self._channel: AbstractChannel | None = None
-
-    async def counts(self, name: str) -> tuple[int, int] | None:
-        """(ready messages, consumers) of a queue, or None if it does not exist."""
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await open_channel(self.connection, publisher_confirms=False)
-        try:
-            queue = await self._channel.declare_queue(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            self._channel = None
-            return None
-        result = queue.declaration_result
-        return result.message_count or 0, result.consumer_count or 0
-
-    async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
 
 
 class Management:
@@ -164,45 +164,39 @@ class Management:
 
 
 async def status(
-    connection: AbstractConnection,
-    namespace: str,
-    queues: Iterable[str],
-    settings: TopologySettings,
-    management: Management | None = None,
+    broker: Broker, queues: Iterable[str], management: Management | None = None
 ) -> Status:
     """Depth of every work, due, quarantine, dead, delay and unroutable queue."""
-    peek = Peeker(connection)
-    try:
-        rows = []
-        for q in sorted(set(queues)):
-            work = await peek.counts(work_queue(namespace, q))
-            if work is None:
-                raise NotFoundError(f"no work queue {work_queue(namespace, q)!r}")
-            due = await peek.counts(due_queue(namespace, q))
-            quarantined = await peek.counts(quarantine_queue(namespace, q))
-            dead = await peek.counts(dead_queue(namespace, q))
-            unacked = management.unacked(work_queue(namespace, q)) if management else None
-            rows.append(
-                QueueStatus(
-                    q,
-                    work[0],
-                    unacked,
-                    work[1],
-                    due[0] if due else 0,
-                    quarantined[0] if quarantined else 0,
-                    dead[0] if dead else 0,
-                )
+    counts = broker.link.counts
+    namespace = broker.namespace
+    rows = []
+    for q in sorted(set(queues)):
+        work = await counts(work_queue(namespace, q))
+        if work is None:
+            raise NotFoundError(f"no work queue {work_queue(namespace, q)!r}")
+        due = await counts(due_queue(namespace, q))
+        quarantined = await counts(quarantine_queue(namespace, q))
+        dead = await counts(dead_queue(namespace, q))
+        unacked = management.unacked(work_queue(namespace, q)) if management else None
+        rows.append(
+            QueueStatus(
+                q,
+                work[0],
+                unacked,
+                work[1],
+                due[0] if due else 0,
+                quarantined[0] if quarantined else 0,
+                dead[0] if dead else 0,
             )
-        delayed = 0
-        for level in range(settings.delay_levels):
-            counts = await peek.counts(delay_queue(namespace, level))
-            if counts is None:
-                break  # the cascade is declared whole or not at all
-            delayed += counts[0]
-        parked = await peek.counts(unroutable(namespace))
-        return Status(namespace, rows, delayed, parked[0] if parked else 0)
-    finally:
-        await peek.close()
+        )
+    delayed = 0
+    for level in range(broker.settings.delay_levels):
+        level_counts = await counts(delay_queue(namespace, level))
+        if level_counts is None:
+            break  # the cascade is declared whole or not at all
+        delayed += level_counts[0]
+    parked = await counts(unroutable(namespace))
+    return Status(namespace, rows, delayed, parked[0] if parked else 0)
 
 
 # -- dead jobs -------------------------------------------------------------------
@@ -225,7 +219,7 @@ class DeadJob:
     headers: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_message(cls, message: AbstractIncomingMessage, queue: str) -> DeadJob:
+    def from_message(cls, message: Delivery, queue: str) -> DeadJob:
         headers = dict(message.headers or {})
         reason = headers.get(H_DEAD_REASON)
         failed_at = _epoch_ms(headers.get(H_FAILED_AT))
@@ -344,46 +338,42 @@ class DeadQueue:
     """Browse one dead-letter queue without losing or reordering anything.
 
     Use as ``async with DeadQueue(...) as dq``: messages fetched and not removed go back
-    to the queue, in order, when the block ends (however it ends).
+    to the queue, in order, when the block ends (however it ends): they are taken with
+    basic.get unsettled, on a channel of their own that is closed at the end.
     """
 
-    def __init__(self, connection: AbstractConnection, namespace: str, queue: str) -> None:
-        self.connection = connection
-        self.namespace = namespace
+    def __init__(self, broker: Broker, queue: str) -> None:
+        self.broker = broker
+        self.namespace = broker.namespace
         self.queue = queue
-        self.name = dead_queue(namespace, queue)
-        self._channel: AbstractChannel | None = None
-        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self.name = dead_queue(broker.namespace, queue)
+        self._channel: Channel | None = None
         self.size = 0
 
     async def __aenter__(self) -> DeadQueue:
-        channel = await open_channel(self.connection, publisher_confirms=False)
-        try:
-            self._queue = await channel.declare_queue(self.name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
+        size = await self.broker.link.depth(self.name)
+        if size is None:
             raise NotFoundError(
                 f"no dead-letter queue {self.name!r}: is {self.queue!r} a queue of namespace"
                 f" {self.namespace!r}?"
-            ) from None
-        self._channel = channel
-        self.size = self._queue.declaration_result.message_count or 0
+            )
+        self.size = size
+        self._channel = await (await self.broker.session()).channel(prefetch=0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         # Closing the channel returns every unacked message, in its original order.
-        if self._channel is not None and not self._channel.is_closed:
+        if self._channel is not None:
             await self._channel.close()
 
-    async def scan(
-        self, limit: int = DEFAULT_SCAN
-    ) -> list[tuple[AbstractIncomingMessage, DeadJob]]:
+    async def scan(self, limit: int = DEFAULT_SCAN) -> list[tuple[Delivery, DeadJob]]:
         """Fetch up to ``limit`` messages (at most the count seen on opening), unacked."""
-        assert self._queue is not None
-        out: list[tuple[AbstractIncomingMessage, DeadJob]] = []
+        assert self._channel is not None
+        out: list[tuple[Delivery, DeadJob]] = []
         # Only the messages present at the start: jobs that die again while we work
         # (a replayed job failing at once) are left for the next run.
         for _ in range(min(limit, self.size)):
-            message = await self._queue.get(no_ack=False, fail=False)
+            message = await self._channel.get(self.name)
             if message is None:
                 break
             out.append((message, DeadJob.from_message(message, self.queue)))
@@ -391,8 +381,7 @@ class DeadQueue:
 
 
 async def list_dead(
-    connection: AbstractConnection,
-    namespace: str,
+    broker: Broker,
     queue: str,
     *,
     limit: int | None = None,
@@ -400,17 +389,15 @@ async def list_dead(
     scan: int = DEFAULT_SCAN,
 ) -> list[DeadJob]:
     """Dead jobs of one queue, oldest first; the queue is left exactly as it was."""
-    async with DeadQueue(connection, namespace, queue) as dq:
+    async with DeadQueue(broker, queue) as dq:
         found = [dead for _, dead in await dq.scan(scan) if selector is None or selector(dead)]
     return found if limit is None else found[:limit]
 
 
-async def find_dead(
-    connection: AbstractConnection, namespace: str, queues: Iterable[str], job_id: str
-) -> DeadJob | None:
+async def find_dead(broker: Broker, queues: Iterable[str], job_id: str) -> DeadJob | None:
     """The dead job with this id in any of the queues, or None."""
     for queue in sorted(set(queues)):
-        matches = await list_dead(connection, namespace, queue, selector=select(ids=[job_id]))
+        matches = await list_dead(broker, queue, selector=select(ids=[job_id]))
         if matches:
             return matches[0]
     return None
@@ -424,8 +411,7 @@ class Progress:
 
 
 async def replay_dead(
-    connection: AbstractConnection,
-    namespace: str,
+    broker: Broker,
     queue: str,
     selector: Selector,
     *,
@@ -439,31 +425,30 @@ async def replay_dead(
     the dead queue; one confirmed but not yet removed is replayed again by a re-run
     (same job id: at least once, as everywhere).
     """
-    target = work_queue(namespace, queue)
-    publisher = Publisher(connection)
+    target = work_queue(broker.namespace, queue)
+    link = broker.link
     progress = Progress()
-    try:
-        async with DeadQueue(connection, namespace, queue) as dq:
-            batch = [(m, d) for m, d in await dq.scan(scan) if selector(d)]
-            progress.total = len(batch)
+    async with DeadQueue(broker, queue) as dq:
+        batch = [(m, d) for m, d in await dq.scan(scan) if selector(d)]
+        progress.total = len(batch)
+        if on_progress:
+            on_progress(progress)
+        for message, dead in batch:
+            copy = replay_message(message, queue)
+            await link.retrying(
+                functools.partial(link.send_to_queue, target, copy),
+                give_up_after=broker.connect_timeout,
+            )
+            await message.ack()
+            progress.done += 1
+            progress.job_ids.append(dead.job_id or "")
             if on_progress:
                 on_progress(progress)
-            for message, dead in batch:
-                copy = replay_message(message, queue)
-                await publisher.publish("", target, copy.body, message_properties(copy))
-                await message.ack()
-                progress.done += 1
-                progress.job_ids.append(dead.job_id or "")
-                if on_progress:
-                    on_progress(progress)
-    finally:
-        await publisher.close()
     return progress
 
 
 async def purge_dead(
-    connection: AbstractConnection,
-    namespace: str,
+    broker: Broker,
     queue: str,
     selector: Selector,
     *,
@@ -471,7 +456,7 @@ async def purge_dead(
 ) -> int:
     """Delete matching dead jobs; returns how many were removed."""
     removed = 0
-    async with DeadQueue(connection, namespace, queue) as dq:
+    async with DeadQueue(broker, queue) as dq:
         for message, dead in await dq.scan(scan):
             if selector(dead):
                 await message.ack()

@@ -19,8 +19,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from amqp_jobs.clock import Clock
 from amqp_jobs.errors import ConnectionLostError, describe
-from amqp_jobs.message import Envelope, Message, moved_message
+from amqp_jobs.message import Envelope, Message, dead_message, moved_message
+from amqp_jobs.outcome import Bury, Decision, DeferBy, RetryIn, Succeed
 from amqp_jobs.transport.base import Delivery, Link
 
 log = logging.getLogger("amqp_jobs.settle")
@@ -66,6 +68,46 @@ class Release:
 
 
 Action = Ack | Republish | Park | Quarantine | Release
+
+
+def action_for(
+    decision: Decision, env: Envelope, delivery: Delivery, queue: str, clock: Clock
+) -> Action:
+    """The settlement that carries out ``decide()``'s decision, logged."""
+    match decision:
+        case Succeed():
+            return Ack()
+        case RetryIn(delay, error):
+            log.info(
+                "job %s %s attempt %d failed (%s); retrying in %.2fs",
+                env.job_name,
+                env.job_id,
+                env.attempt,
+                error.type,
+                delay,
+            )
+            return Republish(env.next_attempt(error, clock.ms_after(delay)))
+        case Bury(reason, error):
+            log.warning(
+                "job %s %s (attempt %d) is dead (%s): %s",
+                env.job_name,
+                env.job_id,
+                env.attempt,
+                reason,
+                error.message or error.type,
+            )
+            return Park(dead_message(delivery, reason, error, queue))
+        case DeferBy(delay, reason):
+            log.info(
+                "job %s %s attempt %d deferred by %.2fs%s (not counted as an attempt)",
+                env.job_name,
+                env.job_id,
+                env.attempt,
+                delay,
+                f": {reason}" if reason else "",
+            )
+            return Republish(env.deferred(clock.ms_after(delay)))
+    raise AssertionError(decision)  # pragma: no cover
 
 
 async def settle(

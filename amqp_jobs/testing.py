@@ -43,13 +43,13 @@ from amqp_jobs.app import JobApp
 from amqp_jobs.client import JobClient
 from amqp_jobs.clock import VirtualClock
 from amqp_jobs.contract import Job, TopologySettings
-from amqp_jobs.errors import Defer, Discard, Retry
+from amqp_jobs.errors import ContractError, Defer, Discard, Retry
 from amqp_jobs.message import H_ETA
 from amqp_jobs.middleware import Middleware, Next
 from amqp_jobs.outcome import JobContext
 from amqp_jobs.transport import transport_for
 from amqp_jobs.transport.memory import MemoryBroker, MemoryTransport
-from amqp_jobs.urls import mask_url
+from amqp_jobs.urls import mask_url, resolve
 from amqp_jobs.worker import Worker, WorkerStats
 
 #: How often run_until_idle looks at the queue counts.
@@ -80,10 +80,18 @@ def _reachable(url: str, timeout: float = 3.0) -> str | None:
 
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
-    """URL of a running RabbitMQ: $AMQP_URL, else a testcontainers one for the session."""
+    """URL of the broker: $AMQP_URL (``memory://`` runs every test in memory), else a
+    RabbitMQ started with testcontainers for the session."""
     url = os.environ.get("AMQP_URL")
     if url:
-        problem = _reachable(url)
+        try:
+            urls = resolve(url)
+        except ContractError as exc:
+            _unavailable(f"$AMQP_URL: {exc}")
+        if urls.memory_name is not None:
+            yield url
+            return
+        problem = _reachable(urls.first)
         if problem:
             _unavailable(f"{problem}; start one with `rabbitmq-server -detached` or unset AMQP_URL")
         yield url
@@ -176,8 +184,13 @@ class Namespace:
 
 @pytest.fixture
 def namespace(amqp_url: str, request: pytest.FixtureRequest) -> Iterator[Namespace]:
-    """A fresh namespace for this test, deleted afterwards."""
-    ns = Namespace(amqp_url, f"t-{_slug(request.node.name)}-{uuid.uuid4().hex[:8]}")
+    """A fresh namespace for this test, deleted afterwards (with ``memory://``, on a fresh
+    in-memory broker of its own)."""
+    name = f"t-{_slug(request.node.name)}-{uuid.uuid4().hex[:8]}"
+    if resolve(amqp_url).memory_name is not None:
+        memory_broker(name)
+        amqp_url = f"memory://{name}"
+    ns = Namespace(amqp_url, name)
     yield ns
     asyncio.run(ns.delete())
 

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import enum
-import functools
-import inspect
 import logging
 import ssl
 from collections import OrderedDict
@@ -38,21 +35,19 @@ from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
+from amqp_jobs.attempt import run_attempt
 from amqp_jobs.contract import (
     Job,
     Namespace,
     TopologySettings,
     check_queue_name,
 )
+from amqp_jobs.durations import seconds
 from amqp_jobs.errors import (
     ArgsValidationError,
     BrokerUnavailableError,
     ConnectionLostError,
     ContractError,
-    Defer,
-    Discard,
-    JobTimeoutError,
-    Retry,
     describe,
 )
 from amqp_jobs.message import (
@@ -66,7 +61,7 @@ from amqp_jobs.message import (
     decode,
     moved_message,
 )
-from amqp_jobs.middleware import Middleware, stack, tell_settled, wrap_attempt
+from amqp_jobs.middleware import Middleware, stack, tell_settled
 from amqp_jobs.outcome import (
     Bury,
     Decision,
@@ -82,15 +77,15 @@ from amqp_jobs.outcome import (
     decide,
     outcome_of,
 )
-from amqp_jobs.registry import HandlerSpec, JobHooks, Registry
+from amqp_jobs.registry import JobHooks, Registry
 from amqp_jobs.settle import (
     RELEASE_RETRY_FOR,
-    Ack,
     Action,
     Park,
     Quarantine,
     Release,
     Republish,
+    action_for,
     settle,
 )
 from amqp_jobs.topology import (
@@ -119,7 +114,7 @@ VOUCH_MEMORY = 100_000
 #: Longest pause before returning a delivery whose processing failed unexpectedly.
 MAX_TROUBLE_PAUSE = 60.0
 #: Longest pause between attempts to reconnect.
-MAX_RECONNECT_PAUSE = 5.0
+MAX_RECONNECT_PAUSE = 2.0
 
 
 def consumer_timeout_margin(consumer_timeout: float) -> float:
@@ -203,10 +198,10 @@ class Worker:
                 )
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ContractError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if grace < 0:
-            raise ContractError(f"grace must be >= 0 seconds, got {grace}")
-        if consumer_timeout <= 0:
-            raise ContractError(f"consumer_timeout must be > 0 seconds, got {consumer_timeout}")
+        grace = seconds(grace, "grace")
+        connect_timeout = seconds(connect_timeout, "connect_timeout")
+        if seconds(consumer_timeout, "consumer_timeout") == 0:
+            raise ContractError("consumer_timeout must be > 0 seconds, got 0")
         self.concurrency = concurrency
         self.grace = grace
         self.hooks = tuple(hooks)
@@ -282,7 +277,6 @@ class Worker:
                     if self._stop.is_set():
                         break  # asked to stop while reconnecting
                     raise
-                self.stats.connections += 1
                 self._started.set()
                 log.info(
                     "worker consuming %s from %s (concurrency %d)",
@@ -331,10 +325,11 @@ class Worker:
 
     async def _connect(self) -> tuple[Session, asyncio.Event]:
         """Connect and consume every queue; a failure on the way closes the session."""
-        first = self.stats.connections == 0
+        first = not self._started.is_set()
         session = await self.transport.session(
             name=self.name, give_up_after=self.connect_timeout if first else None
         )
+        self.stats.connections += 1
         try:
             return session, await self._start_consuming(session)
         except BaseException as exc:
@@ -634,24 +629,36 @@ class Worker:
         )
         loop = asyncio.get_running_loop()
         began = loop.time()
-        failure, result = await self._run_handler(spec, args, ctx, self._deadline(msg))
+        assert self._sem is not None
+        failure, result = await run_attempt(
+            spec,
+            args,
+            ctx,
+            middleware=self.middleware,
+            executor=self._executor,
+            release_slot=self._sem.release,
+            settle_by=self._deadline(msg),
+            consumer_timeout=self.consumer_timeout,
+        )
         duration = loop.time() - began
         decision = decide(spec.job.retry, env.attempt, failure, result)
-        action = self._carry_out(decision, spec.job, env, msg, queue)
-        outcome = outcome_of(
-            decision,
-            duration=duration,
-            job_id=env.job_id,
-            job_name=env.job_name,
-            queue=queue,
-            attempt=env.attempt,
-        )
-        if await self._settle(msg, action, queue):
-            self._count(outcome)
+        action = action_for(decision, env, msg, queue, self.clock)
+        settled = await self._settle(msg, action, queue)
+        if settled:
+            self._count(decision)
         else:
-            outcome = replace(outcome, kind=OutcomeKind.ABANDONED)
             self.stats.abandoned += 1
         if self.middleware:
+            outcome = outcome_of(
+                decision,
+                duration=duration,
+                job_id=env.job_id,
+                job_name=env.job_name,
+                queue=queue,
+                attempt=env.attempt,
+            )
+            if not settled:
+                outcome = replace(outcome, kind=OutcomeKind.ABANDONED)
             await tell_settled(self.middleware, outcome, ctx)
 
     async def _not_run(
@@ -723,153 +730,19 @@ class Worker:
         margin = consumer_timeout_margin(ct)
         return msg.received + ct - (margin / 4 if settling else margin)
 
-    async def _run_handler(
-        self, spec: HandlerSpec, args: Any, ctx: JobContext, settle_by: float
-    ) -> tuple[BaseException | None, Any]:
-        """Run the attempt (the handler inside the middleware) under the job's timeout;
-        return its exception, if any, and its result.
-
-        No job runs into the broker's consumer_timeout (which would take the delivery
-        back and close the channel): one that would is stopped and retried.
-
-        The slot is released when the handler really ends, which for a timed-out thread
-        (threads cannot be killed) or a task that ignores cancellation may be later.
-        """
-        assert self._sem is not None
-        sem = self._sem
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any]
-        running = 1  # what holds the slot: the attempt, and a handler's thread
-        handler_failure: list[BaseException] = []
-
-        def release_slot() -> None:
-            nonlocal running
-            running -= 1
-            if running == 0:
-                sem.release()
-
-        def finished(_: object) -> None:
-            release_slot()
-            if not woken.done():
-                woken.set_result(True)
-
-        def in_thread() -> asyncio.Future[Any]:
-            call = functools.partial(
-                contextvars.copy_context().run, _call_sync, spec.call, args, ctx
-            )
-            return loop.run_in_executor(self._executor, call)
-
-        if not self.middleware:
-            # the common case, without a coroutine more per job
-            future = loop.create_task(spec.call(args, ctx)) if spec.is_async else in_thread()
-        else:
-
-            async def handler() -> Any:
-                nonlocal running
-                try:
-                    if spec.is_async:
-                        return await spec.call(args, ctx)
-                    thread = in_thread()
-                    running += 1
-                    thread.add_done_callback(lambda _: release_slot())
-                    return await asyncio.shield(thread)
-                except BaseException as exc:
-                    handler_failure.append(exc)
-                    raise
-
-            future = asyncio.ensure_future(wrap_attempt(self.middleware, ctx, handler)())
-        # One future woken by whichever comes first, the attempt or its deadline: cheaper
-        # than asyncio.wait, and, unlike awaiting it under asyncio.timeout, not held
-        # hostage by a handler that swallows its cancellation.
-        woken: asyncio.Future[bool] = loop.create_future()
-        future.add_done_callback(finished)
-        timeout = spec.job.timeout
-        limit = settle_by - loop.time()
-        broker_bound = timeout is None or limit < timeout
-        timer = loop.call_later(limit if timeout is None or broker_bound else timeout, _wake, woken)
-        try:
-            await woken
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        finally:
-            timer.cancel()
-        if not future.done():
-            future.cancel()
-            if broker_bound:
-                return JobTimeoutError(
-                    f"job {spec.job.name!r} was stopped before the broker's consumer_timeout"
-                    f" ({self.consumer_timeout:.0f}s) would take it back; give the job a"
-                    " timeout, or raise consumer_timeout (README: consumer_timeout)"
-                ), None
-            return JobTimeoutError(
-                f"job {spec.job.name!r} exceeded its timeout of {timeout}s"
-            ), None
-        if future.cancelled():
-            return JobTimeoutError(f"job {spec.job.name!r} was cancelled"), None
-        failure = future.exception()
-        if failure is None:
-            return None, future.result()
-        if self.middleware and not _steers(failure) and failure not in handler_failure:
-            log.error(
-                "middleware failed around job %s %s: %s; the attempt counts as failed",
-                spec.job.name,
-                ctx.job_id,
-                describe(failure),
-                exc_info=failure,
-            )
-        return failure, None
-
-    def _carry_out(
-        self, decision: Decision, job: Job[Any], env: Envelope, msg: Delivery, queue: str
-    ) -> Action:
-        """The settlement that carries out a decision, logged."""
-        match decision:
-            case Succeed():
-                return Ack()
-            case RetryIn(delay, error):
-                log.info(
-                    "job %s %s attempt %d failed (%s); retrying in %.2fs",
-                    job.name,
-                    env.job_id,
-                    env.attempt,
-                    error.type,
-                    delay,
-                )
-                return Republish(env.next_attempt(error, self.clock.ms_after(delay)))
-            case Bury(reason, error):
-                log.warning(
-                    "job %s %s (attempt %d) is dead (%s): %s",
-                    job.name,
-                    env.job_id,
-                    env.attempt,
-                    reason,
-                    error.message or error.type,
-                )
-                return Park(dead_message(msg, reason, error, queue))
-            case DeferBy(delay, reason):
-                log.info(
-                    "job %s %s attempt %d deferred by %.2fs%s (not counted as an attempt)",
-                    job.name,
-                    env.job_id,
-                    env.attempt,
-                    delay,
-                    f": {reason}" if reason else "",
-                )
-                return Republish(env.deferred(self.clock.ms_after(delay)))
-        raise AssertionError(decision)  # pragma: no cover
-
-    def _count(self, outcome: Outcome) -> None:
-        if outcome.kind is OutcomeKind.SUCCEEDED:
-            self.stats.succeeded += 1
-        elif outcome.kind is OutcomeKind.RETRYING:
-            self.stats.retried += 1
-        elif outcome.kind is OutcomeKind.DEFERRED:
-            self.stats.deferred += 1
-        elif outcome.kind is OutcomeKind.DEAD:
-            self.stats.dead += 1
-            reason = str(outcome.dead_reason)
-            self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+    def _count(self, decision: Decision) -> None:
+        """Count a decision the broker confirmed."""
+        stats = self.stats
+        if type(decision) is Succeed:
+            stats.succeeded += 1
+        elif isinstance(decision, RetryIn):
+            stats.retried += 1
+        elif isinstance(decision, DeferBy):
+            stats.deferred += 1
+        elif isinstance(decision, Bury):
+            stats.dead += 1
+            reason = str(decision.reason)
+            stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
 
     async def _settle(self, msg: Delivery, action: Action, queue: str) -> bool:
         settled = await settle(
@@ -897,29 +770,6 @@ class Worker:
                 break  # no cascade declared yet: nothing delayed
             total += depth
         return total
-
-
-def _steers(exc: BaseException) -> bool:
-    """An exception that says how the job should go on, not that something broke."""
-    return isinstance(exc, Retry | Discard | Defer)
-
-
-def _wake(woken: asyncio.Future[bool]) -> None:
-    if not woken.done():
-        woken.set_result(False)
-
-
-def _call_sync(call: Any, args: Any, ctx: JobContext) -> Any:
-    """Run a plain handler in a pool thread; refuse a coroutine it hands back unrun."""
-    result = call(args, ctx)
-    if inspect.isawaitable(result):
-        if inspect.iscoroutine(result):
-            result.close()
-        raise TypeError(
-            f"the handler of {ctx.job.name!r} returned an awaitable from a plain function;"
-            " declare it `async def` so the worker awaits it"
-        )
-    return result
 
 
 def _decode_args(job: Job[Any], body: bytes) -> Any:

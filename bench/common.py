@@ -14,9 +14,9 @@ from pydantic import BaseModel
 
 from amqp_jobs import Job, TopologySettings
 from amqp_jobs.transport import transport_for
-from amqp_jobs.urls import DEFAULT_URL
+from amqp_jobs.urls import resolve
 
-URL = os.environ.get("AMQP_URL") or DEFAULT_URL
+URL = resolve(None).first  # $AMQP_URL, else the local default
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pydantic import BaseModel
 from amqp_jobs import Job, JobApp, JobClient, JobContext
 from amqp_jobs.contract import TopologySettings
 from amqp_jobs.transport import transport_for
-from amqp_jobs.urls import DEFAULT_URL
+from amqp_jobs.urls import resolve
 
 
 class Tick(BaseModel):
@@ -80,7 +79,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    url = os.environ.get("AMQP_URL") or DEFAULT_URL
+    url = resolve(None).first
     result = asyncio.run(measure(url, args.jobs, args.concurrency))
     print(json.dumps({k: round(v, 1) for k, v in result.items()}))
     if result["min_ms"] < 0:

@@ -1,6 +1,6 @@
 """The benchmark suite: amqp-jobs against raw aio-pika doing the same AMQP work.
 
-    python -m bench.run [--runs 5] [--jobs 20000] [--skip memory,delay] [--output FILE]
+    python -m bench.run [--runs 5] [--jobs 20000] [--skip memory,delay,inmemory] [--output FILE]
 
 Each comparison alternates amqp-jobs and the raw aio-pika baseline on the same broker,
 queue type and queue, ``--runs`` times, and prints the median with min-max and the
@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import aio_pika
 
 from amqp_jobs import JobClient, JobContext, RetryPolicy
-from amqp_jobs.message import Envelope
+from amqp_jobs.message import CONTENT_TYPE, Envelope
 from amqp_jobs.topology import jobs_exchange, work_queue
 from amqp_jobs.transport.amqp.connection import connect
 from bench.common import (
@@ -80,7 +81,15 @@ class Comparison:
 def raw_message(i: int) -> aio_pika.Message:
     """What a careful raw aio-pika publisher sends: the same body, properties, headers."""
     envelope = Envelope.new("bench.signup", json.dumps(args(i)).encode(), "bench")
-    return envelope.to_message()
+    return aio_pika.Message(
+        envelope.body,
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=envelope.job_id,
+        type=envelope.job_name,
+        timestamp=envelope.enqueued_at,
+        headers=envelope.headers(),
+    )
 
 
 async def enqueue_raw(ns: str, n: int) -> float:
@@ -306,6 +315,64 @@ async def bench_memory(n: int) -> dict[str, Any]:
     }
 
 
+# -- workload 6: the in-memory broker ---------------------------------------------
+
+
+def _counting(n: int, done: asyncio.Event) -> Callable[[Signup], Awaitable[None]]:
+    """A no-op handler that sets ``done`` when it has run ``n`` times."""
+    ran = 0
+
+    async def noop(payload: Signup) -> None:
+        nonlocal ran
+        ran += 1
+        if ran == n:
+            done.set()
+
+    return noop
+
+
+async def bench_inmemory(n: int, runs: int) -> dict[str, Any]:
+    """No-op jobs on ``memory://``, in one process: ``enqueue_many`` (validate, encode,
+    publish, route), then the worker's pipeline (consume, decode, admit, run, decide,
+    settle) until the last job ran. No baseline: there is nothing to compare with."""
+    from amqp_jobs import JobApp
+    from amqp_jobs.testing import memory_broker
+
+    enqueue_rates: list[float] = []
+    pipeline_rates: list[float] = []
+    for run in range(runs):
+        name = f"bench-{run}"
+        memory_broker(name)
+        app = JobApp(name)
+        job = bench_job()
+        done = asyncio.Event()
+        app.add_handler(job, _counting(n, done))
+
+        url = f"memory://{name}"
+        began = time.perf_counter()
+        async with JobClient(url, namespace=name) as client:
+            for start in range(0, n, 10_000):
+                batch = [args(i) for i in range(start, min(n, start + 10_000))]
+                await client.enqueue_many(job, batch)
+        enqueued = time.perf_counter()
+        worker = app.worker(url)
+        task = asyncio.create_task(worker.run())
+        try:
+            await asyncio.wait_for(done.wait(), 600)
+        finally:
+            ended = time.perf_counter()
+            worker.stop()
+            await task
+        enqueue_rates.append(n / (enqueued - began))
+        pipeline_rates.append(n / (ended - enqueued))
+    return {
+        "jobs": n,
+        "enqueue_jobs_per_s": Spread.of(enqueue_rates).to_json(),
+        "pipeline_jobs_per_s": Spread.of(pipeline_rates).to_json(),
+        "target_jobs_per_s": 20_000,
+    }
+
+
 # -- report -------------------------------------------------------------------------
 
 
@@ -335,6 +402,14 @@ def report(comparisons: list[Comparison], extra: dict[str, Any]) -> str:
             f" p99 {d['p99_ms']:.1f} ms, max {d['max_ms']:.1f} ms, min {d['min_ms']:.1f} ms"
             " (target p99 ≤ 100 ms, never negative)"
         )
+    if "inmemory" in extra:
+        m, p, e = extra["inmemory"], extra["inmemory"]["pipeline_jobs_per_s"], None
+        e = m["enqueue_jobs_per_s"]
+        lines.append(
+            f"in-memory broker (memory://), {m['jobs']:,} no-op jobs in one process: worker"
+            f" pipeline {p['median']:,.0f} jobs/s ({p['min']:,.0f}-{p['max']:,.0f}; target"
+            f" ≥ 20,000), enqueue_many {e['median']:,.0f} jobs/s ({e['min']:,.0f}-{e['max']:,.0f})"
+        )
     if "memory" in extra:
         m = extra["memory"]
         lines.append(
@@ -360,6 +435,8 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
         extra["delay"] = await measure_delays(URL, options.delay_jobs, 16)
     if "memory" not in skip:
         extra["memory"] = await bench_memory(options.memory_jobs)
+    if "inmemory" not in skip:
+        extra["inmemory"] = await bench_inmemory(options.jobs, options.runs)
     print(report(comparisons, extra))
     return {
         "broker_cpu_measured": beam is not None,
@@ -378,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay-jobs", type=int, default=300)
     parser.add_argument("--memory-jobs", type=int, default=100_000)
     parser.add_argument(
-        "--skip", default="", help="comma-separated: enqueue,drain,retry,delay,memory"
+        "--skip", default="", help="comma-separated: enqueue,drain,retry,delay,memory,inmemory"
     )
     parser.add_argument("--output", default=str(RESULTS / "latest.json"))
     options = parser.parse_args(argv)

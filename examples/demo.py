@@ -23,7 +23,7 @@ from amqp_jobs import JobClient, JobContext, JobHooks, Outcome, OutcomeKind
 from amqp_jobs.topology import dead_queue
 from amqp_jobs.transport import transport_for
 from amqp_jobs.transport.amqp.connection import connect
-from amqp_jobs.urls import DEFAULT_URL, mask_url
+from amqp_jobs.urls import mask_url, resolve
 
 from .shop import contracts as c
 
@@ -176,7 +176,7 @@ async def show_dead(url: str, namespace: str) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="  worker log: %(message)s")
-    url = os.environ.get("AMQP_URL") or DEFAULT_URL
+    url = resolve(None).first
     container = None
     if not reachable(url):
         if not os.environ.get("AMQP_URL") and docker_available():

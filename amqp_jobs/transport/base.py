@@ -13,7 +13,7 @@ a message the broker did not take, ``TopologyMismatchError`` for a declaration r
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -115,6 +115,13 @@ class Link(Protocol):
         """A job message to the jobs exchange (due now, ``via_jobs_exchange``) or into
         the delay cascade towards ``queue``'s due queue."""
 
+    async def send_batch(
+        self, envelopes: Sequence[Envelope], queue: str, *, give_up_after: float
+    ) -> list[BaseException | None]:
+        """Fresh jobs (as ``send`` via the jobs exchange), each retried as ``retrying``
+        does, confirms pipelined where the broker allows; each one's error (or None), in
+        order."""
+
     async def send_dead(self, message: Message, queue: str) -> None: ...
 
     async def send_quarantine(self, message: Message, queue: str) -> None: ...
@@ -131,6 +138,9 @@ class Link(Protocol):
 
     async def depth(self, queue_name: str) -> int | None:
         """Messages ready in a queue, or None if it does not exist."""
+
+    async def counts(self, queue_name: str) -> tuple[int, int] | None:
+        """(messages ready, consumers) of a queue, or None if it does not exist."""
 
     async def take(self, queue_name: str) -> Message | None:
         """Take one ready message off a queue, removed (operations, tests); None if empty."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 from collections.abc import Awaitable
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aio_pika
 import pytest
 
 from amqp_jobs import ops
@@ -19,11 +19,16 @@ from amqp_jobs.cli import main
 from amqp_jobs.message import Message, now_ms
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TopologySettings, dead_queue, quarantine_queue, work_queue
-from amqp_jobs.transport.amqp.link import Link
-from tests.support import MANAGEMENT, channel, drain, eventually, queue_count, require_management
-
-#: the operations commands read RabbitMQ (and its management API)
-pytestmark = pytest.mark.rabbitmq_only
+from amqp_jobs.transport import transport_for
+from tests.support import (
+    MANAGEMENT,
+    drain,
+    eventually,
+    put,
+    queue_count,
+    require_management,
+)
+from tests.support import declare as declare_queue
 
 APP = "examples.shop.worker:app"
 
@@ -38,12 +43,8 @@ def cli(
 
 
 async def declare(ns: Namespace, queues: dict[str, set[str]]) -> None:
-    link = Link(ns.url, ns.name, TopologySettings(), name="test declare")
-    await link.open()
     for queue, jobs in queues.items():
-        await link.declarer.queue(queue, jobs)
-    await link.close()
-    ns.track(*queues)
+        await declare_queue(ns, queue, jobs)
 
 
 async def park(
@@ -51,8 +52,7 @@ async def park(
 ) -> None:
     """Put dead jobs (job id, job name) into ``queue``'s dead-letter queue, as a worker would."""
     await declare(ns, {queue: set()})
-    link = Link(ns.url, ns.name, TopologySettings(), name="test park")
-    await link.open()
+    link = transport_for(ns.url).link(ns.name, TopologySettings(), name="test park")
     for job_id, name in jobs:
         headers: dict[str, Any] = {
             "job-protocol": 1,
@@ -73,13 +73,12 @@ async def park(
             timestamp=None,
             headers=headers,
         )
-        await link.send_dead(message, queue)
+        await link.retrying(functools.partial(link.send_dead, message, queue), give_up_after=10)
     await link.close()
 
 
 async def publish_raw(url: str, queue: str, body: bytes) -> None:
-    async with channel(url) as ch:
-        await ch.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
+    await put(url, queue, Message(body, None, None, None, None, {}))
 
 
 def run(coro: Any) -> Any:
@@ -229,13 +228,9 @@ def test_interrupted_replay_loses_nothing(namespace: Namespace) -> None:
             raise Stop
 
     async def replay(on_progress: Any = None) -> ops.Progress:
-        connection = await aio_pika.connect(namespace.url)
-        try:
-            return await ops.replay_dead(
-                connection, namespace.name, "billing", ops.select(), on_progress=on_progress
-            )
-        finally:
-            await connection.close()
+        transport = transport_for(namespace.url)
+        async with ops.Broker(transport, namespace.name, namespace.settings) as broker:
+            return await ops.replay_dead(broker, "billing", ops.select(), on_progress=on_progress)
 
     with pytest.raises(Stop):
         run(replay(stop_after_two))
@@ -394,14 +389,13 @@ def test_topology_show_and_declare(
     assert code == 0
 
     async def check() -> None:
-        async with channel(namespace.url) as ch:
-            for q in plan["queues"]:
-                declared = await ch.declare_queue(q["name"], passive=True)
-                assert declared.declaration_result.message_count == 0
+        for q in plan["queues"]:
+            assert await queue_count(namespace.url, q["name"]) == 0
 
     run(check())
 
 
+@pytest.mark.rabbitmq_only  # RabbitMQ's management API
 async def test_status_unacked_and_discovery_from_the_management_api(namespace: Namespace) -> None:
     require_management()
     from pydantic import BaseModel
@@ -540,6 +534,7 @@ class Tripwire:
         ),
     ],
 )
+@pytest.mark.rabbitmq_only  # a TCP proxy cuts the connection
 async def test_a_broker_lost_mid_command_is_one_line(
     namespace: Namespace, capsys: pytest.CaptureFixture[str], command: list[str], marker: str
 ) -> None:

@@ -3,12 +3,12 @@
 import signal
 from pathlib import Path
 
-import aio_pika
 import pytest
 
 from amqp_jobs import ops
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TopologySettings, dead_queue, quarantine_queue, work_queue
+from amqp_jobs.transport import transport_for
 from amqp_jobs.worker import SUSPECT_AFTER
 from tests.support import WorkerProcess, drain, eventually, queue_count, read_log
 
@@ -137,11 +137,9 @@ async def test_a_job_that_kills_its_worker_is_dead_lettered_by_the_delivery_limi
             assert await worker.wait(30) == 3, "the crash job kills the process"
         finally:
             worker.stop_now()
-    connection = await aio_pika.connect(namespace.url)
-    try:
-        [listed] = await ops.list_dead(connection, namespace.name, "work")
-    finally:
-        await connection.close()
+    transport = transport_for(namespace.url)
+    async with ops.Broker(transport, namespace.name, namespace.settings) as broker:
+        [listed] = await ops.list_dead(broker, "work")
     assert listed.reason == "delivery-limit", "the operator sees why the broker parked it"
     assert listed.job_name == "sample.crash"
     [msg] = await drain(namespace.url, dead, 1)

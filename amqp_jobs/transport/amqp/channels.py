@@ -13,13 +13,25 @@ from typing import TYPE_CHECKING, Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from amqp_jobs.errors import ConnectionLostError
+from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, describe
 
 if TYPE_CHECKING:
     from amqp_jobs.transport.base import Channel
 
 #: What aiormq raises for a channel or connection that died under a call.
 LOST = (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError)
+#: ... and what it raises when the broker refuses the call itself.
+REFUSED = (
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelPreconditionFailed,
+)
+
+
+def ours(what: str, exc: BaseException) -> AmqpJobsError:
+    """An error of the AMQP client as ours: a refusal, or a lost connection or channel."""
+    if isinstance(exc, REFUSED):
+        return AmqpJobsError(f"the broker refused {what}: {describe(exc)}")
+    return ConnectionLostError(f"{what}: {describe(exc)}")
 
 
 def is_alive(connection: AbstractConnection | None) -> bool:

@@ -62,6 +62,9 @@ TRANSIENT = (
     OSError,
     asyncio.TimeoutError,
 )
+#: Longest pause between connection attempts: a worker whose broker restarted is back
+#: within about this long of the broker (a refused attempt costs the broker nothing).
+MAX_CONNECT_PAUSE = 2.0
 #: Seconds one connection attempt to one broker node may take.
 CONNECT_ATTEMPT_TIMEOUT = 10.0
 
@@ -183,7 +186,7 @@ async def connect(
     tried = brokers.first
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT) & retry_if_exception(lambda e: not _permanent(e)),
-        wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.2),
+        wait=wait_exponential(multiplier=0.1, max=MAX_CONNECT_PAUSE) + wait_random(0, 0.3),
         stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
         before_sleep=log_retries("connecting to", brokers),
         reraise=True,

@@ -224,6 +224,25 @@ class Link:
         except RECOVERABLE as exc:
             raise ConnectionLostError(f"declaring queue {queue}: {describe(exc)}") from exc
 
+    async def send_batch(
+        self, envelopes: Sequence[Envelope], queue: str, *, give_up_after: float
+    ) -> list[BaseException | None]:
+        """Publishes in flight together: their confirms arrive pipelined."""
+
+        async def one(envelope: Envelope) -> None:
+            async def op() -> None:
+                await self.send(envelope, queue, via_jobs_exchange=True)
+
+            await self.retrying(op, give_up_after=give_up_after)
+
+        results = await asyncio.gather(*(one(e) for e in envelopes), return_exceptions=True)
+        out: list[BaseException | None] = []
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            out.append(result)
+        return out
+
     async def declare_cascade(self) -> None:
         try:
             async with bounded():
@@ -282,6 +301,11 @@ class Link:
 
     async def depth(self, queue_name: str) -> int | None:
         """Messages ready in a queue (a passive declare), or None if it does not exist."""
+        counts = await self.counts(queue_name)
+        return None if counts is None else counts[0]
+
+    async def counts(self, queue_name: str) -> tuple[int, int] | None:
+        """(ready, consumers) of a queue (a passive declare), or None if it does not exist."""
         try:
             await self.open()
             channel = await open_channel(self.connection, publisher_confirms=False)
@@ -292,7 +316,9 @@ class Link:
         try:
             raw = await channel.get_underlay_channel()
             ok = await raw.queue_declare(queue_name, passive=True)
-            return (ok.message_count or 0) if ok is not None else 0
+            if ok is None:
+                return 0, 0
+            return ok.message_count or 0, ok.consumer_count or 0
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         except (*RECOVERABLE, *LOST) as exc:

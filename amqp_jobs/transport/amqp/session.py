@@ -18,8 +18,7 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from amqp_jobs.errors import ConnectionLostError
-from amqp_jobs.transport.amqp.channels import LOST, Delivery, open_channel
+from amqp_jobs.transport.amqp.channels import LOST, Delivery, open_channel, ours
 from amqp_jobs.transport.amqp.connection import TRANSIENT, connect, describe
 from amqp_jobs.transport.base import Delivery as DeliveryProtocol
 from amqp_jobs.transport.base import OnLost
@@ -54,7 +53,7 @@ class AmqpChannel:
         try:
             ok = await self._raw.basic_consume(queue, on_message, no_ack=False)
         except (*TRANSIENT, *LOST) as exc:
-            raise ConnectionLostError(f"consuming {queue}: {describe(exc)}") from exc
+            raise ours(f"consuming {queue}", exc) from exc
         assert ok.consumer_tag is not None
         return ok.consumer_tag
 
@@ -62,7 +61,7 @@ class AmqpChannel:
         try:
             message = await self._raw.basic_get(queue, no_ack=False)
         except (*TRANSIENT, *LOST) as exc:
-            raise ConnectionLostError(f"getting from {queue}: {describe(exc)}") from exc
+            raise ours(f"getting from {queue}", exc) from exc
         if message.delivery is None or isinstance(message.delivery, aiormq.spec.Basic.GetEmpty):
             return None
         return Delivery(message, queue, asyncio.get_running_loop().time(), self)
@@ -73,7 +72,7 @@ class AmqpChannel:
         try:
             await self._channel.close()
         except (*TRANSIENT, *LOST) as exc:
-            raise ConnectionLostError(f"closing a channel: {describe(exc)}") from exc
+            raise ours("closing a channel", exc) from exc
 
     async def cancel(self, tag: str) -> None:
         if self._raw.is_closed:
@@ -81,7 +80,7 @@ class AmqpChannel:
         try:
             await self._raw.basic_cancel(tag)
         except (*TRANSIENT, *LOST) as exc:
-            raise ConnectionLostError(f"cancelling consumer {tag}: {describe(exc)}") from exc
+            raise ours(f"cancelling consumer {tag}", exc) from exc
 
 
 class AmqpSession:
@@ -132,7 +131,7 @@ class AmqpSession:
             await channel.set_qos(prefetch_count=prefetch)
             raw = await channel.get_underlay_channel()
         except (*TRANSIENT, *LOST) as exc:
-            raise ConnectionLostError(f"opening a channel: {describe(exc)}") from exc
+            raise ours("opening a channel", exc) from exc
         assert isinstance(raw, aiormq.Channel)
         channel.close_callbacks.add(self._channel_closed)
         raw.on_consumer_cancel_callbacks.add(self._cancelled)

@@ -1,70 +1,35 @@
-"""An in-process broker with RabbitMQ 3.10's semantics, behind the transport seam.
-
-Tests and apps that want jobs without a broker run the same worker, settle and client
-code against it, so it must not be kinder than RabbitMQ: publishes are mandatory, a
-message no queue takes raises, declarations with other arguments are refused, quorum
-queues count deliveries and dead-letter past their limit, TTL expires only ready
-messages at the head, dead-lettering writes ``x-death`` as RabbitMQ does, prefetch is
-per consumer, deliveries run as their own tasks, and a closed channel or session gives
-back what it held. Nothing touches the network.
-
-One broker per name per process (``memory://NAME``); ``MemoryBroker.reset(name,
-virtual_time=True)`` gives a fresh one on a ``VirtualClock``, on which an hour of delay
-cascade drains in milliseconds.
-"""
+"""The in-memory broker itself: exchanges, queues, bindings, routing, TTL and
+dead-lettering, with RabbitMQ 3.10's semantics (see the package's docstring)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from amqp_jobs.clock import WALL, Clock, VirtualClock
-from amqp_jobs.contract import MAX_TTL_MS, TopologySettings, check_namespace
+from amqp_jobs.contract import MAX_TTL_MS
 from amqp_jobs.errors import (
-    ConnectionLostError,
     ContractError,
     PublishError,
     PublishRefusedError,
     TopologyMismatchError,
     UnroutableError,
-    describe,
 )
-from amqp_jobs.message import Envelope, Message
+from amqp_jobs.message import Message
 from amqp_jobs.topology import (
     Plan,
-    base_plan,
-    cascade_plan,
-    dead_exchange,
-    delayed_route,
-    jobs_exchange,
-    namespace_plan,
-    quarantine_queue,
-    queue_plan,
 )
 from amqp_jobs.transport.base import Delivery as DeliveryProtocol
-from amqp_jobs.transport.base import OnLost
-from amqp_jobs.urls import BrokerURLs, check_memory_url
+from amqp_jobs.urls import check_memory_url
 
 if TYPE_CHECKING:
-    from amqp_jobs.transport.base import Channel, Link, Session, Transport
-
-__all__ = [
-    "MemoryBroker",
-    "MemoryChannel",
-    "MemoryDelivery",
-    "MemoryLink",
-    "MemorySession",
-    "MemoryTransport",
-    "Published",
-    "topic_matches",
-]
+    from amqp_jobs.transport.memory.session import MemoryChannel, MemorySession
 
 log = logging.getLogger("amqp_jobs.transport.memory")
 
@@ -153,8 +118,14 @@ def _copy_value(value: Any) -> Any:
     return value
 
 
+_SCALARS = (str, int, bool, float, type(None))
+
+
 def _copy_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: _copy_value(v) for k, v in (headers or {}).items()}
+    if not headers:
+        return {}
+    # scalars (the common case: the contract's own headers) need no copy
+    return {k: v if type(v) in _SCALARS else _copy_value(v) for k, v in headers.items()}
 
 
 def _stored(message: Message) -> Message:
@@ -619,9 +590,7 @@ class MemoryBroker:
             self._enqueue(q, stored, exchange, routing_key)
             while q.full_over:
                 self._dead_letter(q, q.take(), "maxlen")  # drop-head: the oldest goes
-        self.published.append(
-            Published(exchange, routing_key, _stored(stored), self.clock.now_ms(), fresh)
-        )
+        self.published.append(Published(exchange, routing_key, stored, self.clock.now_ms(), fresh))
 
     def _route(self, exchange: str, key: str) -> list[_Queue]:
         """The queues a message reaches, each once, as RabbitMQ's rabbit_exchange:route:
@@ -858,11 +827,9 @@ class MemoryBroker:
 
     # -- sessions --------------------------------------------------------------------
 
-    def _open_session(self, name: str) -> MemorySession:
-        session = MemorySession(self, name, asyncio.get_running_loop())
+    def _add_session(self, session: MemorySession) -> None:
         self._loop = session._loop
         self._sessions.append(session)
-        return session
 
     def drop_connections(self, reason: str = "connection lost") -> None:
         """Close every session as a lost connection would: their deliveries return to
@@ -1043,528 +1010,3 @@ def _is_cycle(queue: str, deaths: list[Any]) -> bool:
 
 
 # -- consuming -----------------------------------------------------------------------
-
-
-class MemoryDelivery:
-    """One message handed out by a queue, to be acked or returned."""
-
-    __slots__ = (
-        "_channel",
-        "_consumer",
-        "_entry",
-        "_queue",
-        "body",
-        "content_type",
-        "delivery_tag",
-        "exchange",
-        "headers",
-        "message_id",
-        "queue_name",
-        "received",
-        "redelivered",
-        "routing_key",
-        "timestamp",
-        "type",
-    )
-
-    def __init__(
-        self,
-        channel: MemoryChannel,
-        consumer: _Consumer,
-        queue: _Queue,
-        entry: _Entry,
-        tag: int,
-        received: float,
-    ) -> None:
-        self._channel = channel
-        self._consumer = consumer
-        self._queue = queue
-        self._entry = entry
-        message = _as_delivered(queue, entry)
-        self.body: bytes = message.body
-        self.content_type: str | None = message.content_type
-        self.type: str | None = message.type
-        self.message_id: str | None = message.message_id
-        self.timestamp: datetime | None = message.timestamp
-        self.headers: dict[str, Any] = dict(message.headers)
-        self.queue_name: str = queue.name
-        self.received: float = received
-        self.redelivered: bool = entry.count > 0 if queue.quorum else entry.delivered
-        self.exchange: str = entry.exchange
-        self.routing_key: str = entry.routing_key
-        self.delivery_tag: int = tag
-
-    def __repr__(self) -> str:
-        return (
-            f"MemoryDelivery({self.message_id!r} from {self.queue_name!r}, tag={self.delivery_tag})"
-        )
-
-    @property
-    def channel(self) -> MemoryChannel:
-        return self._channel
-
-    @property
-    def delivery_count(self) -> int:
-        """Times a quorum queue handed this message out before, unsettled (0 if unknown)."""
-        count = self.headers.get("x-delivery-count")
-        return count if isinstance(count, int) and not isinstance(count, bool) else 0
-
-    async def ack(self) -> None:
-        self._channel._settle(self, "ack")
-
-    async def nack(self, *, requeue: bool = True) -> None:
-        self._channel._settle(self, "requeue" if requeue else "reject")
-
-
-async def _no_callback(delivery: DeliveryProtocol) -> None:
-    """What a basic.get 'consumer' is called with: never."""
-
-
-class MemoryChannel:
-    """A consuming channel; its prefetch applies to each of its consumers."""
-
-    def __init__(self, session: MemorySession, prefetch: int) -> None:
-        self._session = session
-        self._broker = session._broker
-        self.prefetch = prefetch
-        self._closed = False
-        self._consumers: dict[str, _Consumer] = {}
-        #: delivery tag -> delivery, in the order handed out
-        self._unacked: dict[int, MemoryDelivery] = {}
-        self._tags = itertools.count(1)
-
-    @property
-    def is_closed(self) -> bool:
-        return self._closed
-
-    async def consume(self, queue: str, on_delivery: OnDelivery) -> str:
-        """Start consuming ``queue``; a missing queue closes the channel (NOT_FOUND)."""
-        if self._closed:
-            raise ConnectionLostError(f"consuming {queue}: the channel is closed")
-        q = self._broker._queues.get(queue)
-        if q is None:
-            reason = f"NOT_FOUND - no queue '{queue}' in vhost '/'"
-            self._close(reason, report=True)
-            raise ConnectionLostError(f"consuming {queue}: channel closed: {reason}")
-        tag = f"amq.ctag-{self._session.name}-{next(self._broker._ctags)}"
-        consumer = _Consumer(tag, self, q, on_delivery)
-        self._consumers[tag] = consumer
-        q.consumers.append(consumer)
-        self._broker._kick(q)
-        return tag
-
-    async def cancel(self, tag: str) -> None:
-        """Stop a consumer; what it holds stays held until settled or the channel closes."""
-        consumer = self._consumers.pop(tag, None)
-        if consumer is not None and consumer in consumer.queue.consumers:
-            consumer.queue.consumers.remove(consumer)
-
-    async def close(self) -> None:
-        """Close the channel: what it holds returns to its queues."""
-        self._close("closed by the client", report=False)
-
-    async def get(self, queue: str) -> MemoryDelivery | None:
-        """basic.get without no_ack: the next ready message, held until settled."""
-        if self._closed:
-            raise ConnectionLostError(f"getting from {queue}: the channel is closed")
-        q = self._broker._queues.get(queue)
-        if q is None:
-            reason = f"NOT_FOUND - no queue '{queue}' in vhost '/'"
-            self._close(reason, report=True)
-            raise ConnectionLostError(f"getting from {queue}: channel closed: {reason}")
-        self._broker._expire(q)
-        if q.head() is None:
-            return None
-        getter = _Consumer("basic.get", self, q, _no_callback)
-        entry = q.take()
-        delivery = MemoryDelivery(
-            self, getter, q, entry, next(self._tags), self._session._loop.time()
-        )
-        entry.delivered = True
-        self._unacked[delivery.delivery_tag] = delivery
-        getter.held += 1
-        q.held += 1
-        self._broker._schedule_expiry(q)
-        return delivery
-
-    def _deliver(self, consumer: _Consumer, entry: _Entry) -> None:
-        loop = self._session._loop
-        q = consumer.queue
-        delivery = MemoryDelivery(self, consumer, q, entry, next(self._tags), loop.time())
-        entry.delivered = True
-        self._unacked[delivery.delivery_tag] = delivery
-        consumer.held += 1
-        q.held += 1
-        task = loop.create_task(self._run(consumer.on_delivery, delivery))
-        self._broker._tasks.add(task)
-        task.add_done_callback(self._broker._task_done)
-
-    async def _run(self, on_delivery: OnDelivery, delivery: MemoryDelivery) -> None:
-        # a delivery whose channel closed before its task began went back to its queue
-        if not self._closed:
-            await on_delivery(delivery)
-
-    def _settle(self, delivery: MemoryDelivery, how: Literal["ack", "requeue", "reject"]) -> None:
-        what = "ack" if how == "ack" else "nack"
-        if self._closed:
-            raise ConnectionLostError(
-                f"{what} of {delivery.message_id} lost: the channel is closed"
-            )
-        if self._unacked.get(delivery.delivery_tag) is not delivery:
-            # RabbitMQ closes the channel on an unknown delivery tag
-            reason = f"PRECONDITION_FAILED - unknown delivery tag {delivery.delivery_tag}"
-            self._close(reason, report=True)
-            raise ConnectionLostError(f"{what} of {delivery.message_id} lost: {reason}")
-        del self._unacked[delivery.delivery_tag]
-        delivery._consumer.held -= 1
-        q = delivery._queue
-        if q.deleted:
-            return
-        q.held -= 1
-        broker = self._broker
-        if how == "requeue":
-            broker._return(q, delivery._entry)
-        elif how == "reject":
-            broker._dead_letter(q, delivery._entry, "rejected")
-        broker._kick(q)
-
-    def _close(self, reason: str, *, report: bool) -> None:
-        """Close: consumers go, held deliveries return (in the order handed out)."""
-        if self._closed:
-            return
-        self._closed = True
-        for consumer in self._consumers.values():
-            if consumer in consumer.queue.consumers:
-                consumer.queue.consumers.remove(consumer)
-        self._consumers.clear()
-        held = list(self._unacked.values())
-        self._unacked.clear()
-        for delivery in held:
-            delivery._consumer.held -= 1
-            q = delivery._queue
-            if not q.deleted:
-                q.held -= 1
-                self._broker._return(q, delivery._entry)
-        if self in self._session._channels:
-            self._session._channels.remove(self)
-        if report:
-            self._session._lost(f"channel closed: {reason}", None)
-
-
-class MemorySession:
-    """A consuming connection to the memory broker."""
-
-    def __init__(self, broker: MemoryBroker, name: str, loop: asyncio.AbstractEventLoop) -> None:
-        self._broker = broker
-        self.name = name
-        self._loop = loop
-        self._callbacks: list[OnLost] = []
-        self._channels: list[MemoryChannel] = []
-        self._closed = False
-
-    @property
-    def is_closed(self) -> bool:
-        return self._closed
-
-    def on_lost(self, callback: OnLost) -> None:
-        self._callbacks.append(callback)
-
-    def _lost(self, reason: str, consumer_timeout: float | None) -> None:
-        for callback in list(self._callbacks):
-            callback(reason, consumer_timeout)
-
-    async def channel(self, prefetch: int) -> MemoryChannel:
-        if self._closed:
-            raise ConnectionLostError("opening a channel: the connection is closed")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int):
-            raise ContractError(f"prefetch must be an int, got {prefetch!r}")
-        if not 0 <= prefetch <= MAX_PREFETCH:
-            raise ContractError(f"prefetch must be 0..{MAX_PREFETCH}, got {prefetch}")
-        channel = MemoryChannel(self, prefetch)
-        self._channels.append(channel)
-        return channel
-
-    async def close(self) -> None:
-        """Close the connection: every delivery it holds returns to its queue; nothing
-        is reported, and no callback of it runs again."""
-        self._callbacks.clear()
-        self._abandon()
-
-    def _abandon(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for channel in list(self._channels):
-            channel._close("connection closed", report=False)
-        if self in self._broker._sessions:
-            self._broker._sessions.remove(self)
-
-    def _drop(self, reason: str) -> None:
-        if self._closed:
-            return
-        callbacks = list(self._callbacks)
-        self._abandon()
-        for callback in callbacks:
-            callback(f"connection closed: {reason}", None)
-
-
-# -- publishing ----------------------------------------------------------------------
-
-
-_MISSING_EXCHANGE = re.compile(r"^exchange '.*' does not exist")
-
-
-def _stale_topology(exc: PublishError) -> bool:
-    return isinstance(exc, UnroutableError) or bool(_MISSING_EXCHANGE.match(str(exc)))
-
-
-class MemoryLink:
-    """A publishing link of one namespace, as the AMQP Link: declares what a publish
-    needs (once per connection), routes job messages the same way, and reconnects."""
-
-    def __init__(
-        self,
-        transport: MemoryTransport,
-        namespace: str,
-        settings: TopologySettings,
-        *,
-        name: str,
-        declare: bool = True,
-        connect_timeout: float | None = 30.0,
-        confirm_timeout: float | None = 30.0,
-    ) -> None:
-        self.broker = transport.broker
-        self.clock = transport.clock
-        self.urls = transport.urls
-        self.namespace = check_namespace(namespace)
-        self.settings = settings
-        self.name = name
-        self.declare = declare
-        self.connect_timeout = connect_timeout
-        self.confirm_timeout = confirm_timeout
-        #: the broker's connection generation this link is open on (None: closed)
-        self._generation: int | None = None
-        #: what is known declared on this connection: "base", "cascade", ("queue", q),
-        #: (q, job name)
-        self._ready: set[str | tuple[str, str]] = set()
-        self._queues: set[str] = set()
-
-    def __repr__(self) -> str:
-        return f"MemoryLink({self.name!r}, {self.namespace!r}, {self.urls})"
-
-    @property
-    def known_queues(self) -> set[str]:
-        """Every work queue declared through this link (for cleanup)."""
-        return self._queues
-
-    @property
-    def is_open(self) -> bool:
-        return self._generation is not None and self._generation == self.broker._generation
-
-    async def open(self) -> None:
-        if not self.is_open:
-            self._generation = self.broker._generation
-            self._ready = set()  # a new connection knows nothing declared
-
-    async def close(self) -> None:
-        self._generation = None
-
-    def forget_declarations(self) -> None:
-        self._ready = set()
-
-    def _connected(self, what: str) -> None:
-        if not self.is_open:
-            raise ConnectionLostError(f"{what}: the connection to {self.urls} is closed")
-
-    # -- declaring -------------------------------------------------------------------
-
-    def _declare_queue(self, queue: str, job_names: Iterable[str]) -> None:
-        ns, s, ready = self.namespace, self.settings, self._ready
-        plan = queue_plan(ns, queue, (), s)  # checks the name
-        if "base" not in ready:
-            self.broker.declare(base_plan(ns, s))
-            ready.add("base")
-        missing = {n for n in job_names if (queue, n) not in ready}
-        self._queues.add(queue)
-        if not missing and ("queue", queue) in ready:
-            return
-        self.broker.declare(queue_plan(ns, queue, missing, s) if missing else plan)
-        ready.update((queue, n) for n in missing)
-        ready.add(("queue", queue))
-
-    def _declare_cascade(self) -> None:
-        ns, s, ready = self.namespace, self.settings, self._ready
-        if "base" not in ready:
-            self.broker.declare(base_plan(ns, s))
-            ready.add("base")
-        if "cascade" not in ready:
-            self.broker.declare(cascade_plan(ns, s))
-            ready.add("cascade")
-
-    async def declare_queue(self, queue: str, job_names: Iterable[str]) -> None:
-        await self.open()
-        self._declare_queue(queue, set(job_names))
-
-    async def declare_cascade(self) -> None:
-        await self.open()
-        self._declare_cascade()
-
-    # -- sending ---------------------------------------------------------------------
-
-    async def send(self, envelope: Envelope, queue: str, *, via_jobs_exchange: bool) -> None:
-        """Publish one job message to where its ETA says (as the AMQP Link.send): due now
-        and ``via_jobs_exchange``, the jobs exchange keyed by job name; else the delay
-        cascade towards ``queue``'s due queue."""
-        self._connected("publishing")
-        now_ms = self.clock.now_ms
-        due_now = envelope.eta_ms is None or envelope.eta_ms <= now_ms()
-        if self.declare:
-            self._declare_queue(queue, (envelope.job_name,))
-            if not due_now:
-                self._declare_cascade()
-        delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - now_ms()
-        if delay_ms <= 0 and via_jobs_exchange:
-            exchange, key = jobs_exchange(self.namespace), envelope.job_name
-        else:
-            exchange, key = delayed_route(self.namespace, queue, delay_ms, self.settings)
-        self.broker.publish(exchange, key, envelope.to_message(), fresh=via_jobs_exchange)
-
-    async def send_dead(self, message: Message, queue: str) -> None:
-        """Park a message in ``queue``'s dead-letter queue."""
-        self._connected("publishing")
-        if self.declare:
-            self._declare_queue(queue, ())
-        self.broker.publish(dead_exchange(self.namespace), queue, message)
-
-    async def send_quarantine(self, message: Message, queue: str) -> None:
-        """Move a message to ``queue``'s quarantine queue (default exchange)."""
-        self._connected("publishing")
-        if self.declare:
-            self._declare_queue(queue, ())
-        await self.send_to_queue(quarantine_queue(self.namespace, queue), message)
-
-    async def send_to_queue(self, queue_name: str, message: Message) -> None:
-        await self.publish("", queue_name, message)
-
-    async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
-        self._connected("publishing")
-        self.broker.publish(exchange, routing_key, message)
-
-    async def depth(self, queue_name: str) -> int | None:
-        await self.open()
-        return self.broker.depth(queue_name)
-
-    async def take(self, queue_name: str) -> Message | None:
-        """Take one ready message (basic.get, no ack); a missing queue is NOT_FOUND,
-        which the AMQP link reports as a lost channel too."""
-        await self.open()
-        if not self.broker.has_queue(queue_name):
-            raise ConnectionLostError(
-                f"taking from {queue_name}: NOT_FOUND - no queue '{queue_name}' in vhost '/'"
-            )
-        return self.broker.get(queue_name)
-
-    async def retrying(self, op: Callable[[], Awaitable[None]], *, give_up_after: float) -> None:
-        """Run a publishing operation, connecting first if needed. The memory broker is
-        never unavailable, so only what the AMQP link also retries is tried again: once,
-        a connection dropped under it and (declaring) a stale declaration cache; with
-        backoff until ``give_up_after``, a refused publish (a full queue may drain)."""
-        reconnected = redeclared = False
-        loop = asyncio.get_running_loop()
-        until = loop.time() + give_up_after
-        pause = REFUSED_PAUSE
-        while True:
-            await self.open()
-            try:
-                await op()
-                return
-            except PublishRefusedError as exc:
-                if loop.time() + pause >= until:
-                    raise
-                log.warning(
-                    "%s: publishing to %s failed: %s; retrying in %.2fs",
-                    self.name,
-                    self.urls,
-                    describe(exc),
-                    pause,
-                )
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, MAX_REFUSED_PAUSE)
-            except ConnectionLostError:
-                if reconnected:
-                    raise
-                reconnected = True
-            except PublishError as exc:
-                if redeclared or not self.declare or not _stale_topology(exc):
-                    raise
-                redeclared = True
-                log.warning("%s: %s; declaring the topology again", self.name, exc)
-                self.forget_declarations()
-
-
-class MemoryTransport:
-    """The memory broker behind the transport seam (``memory://NAME``)."""
-
-    def __init__(self, broker: MemoryBroker | None = None) -> None:
-        self.broker = broker if broker is not None else MemoryBroker()
-        self.urls = BrokerURLs((f"memory://{self.broker.name}",))
-        self.clock: Clock = self.broker.clock
-
-    def __repr__(self) -> str:
-        return f"MemoryTransport({self.urls})"
-
-    @classmethod
-    def named(cls, name: str) -> MemoryTransport:
-        """The transport of this process's broker of that name."""
-        return cls(MemoryBroker.named(name))
-
-    def link(
-        self,
-        namespace: str,
-        settings: TopologySettings,
-        *,
-        name: str,
-        declare: bool = True,
-        connect_timeout: float | None = 30.0,
-        confirm_timeout: float | None = 30.0,
-    ) -> MemoryLink:
-        return MemoryLink(
-            self,
-            namespace,
-            settings,
-            name=name,
-            declare=declare,
-            connect_timeout=connect_timeout,
-            confirm_timeout=confirm_timeout,
-        )
-
-    async def session(self, *, name: str, give_up_after: float | None) -> MemorySession:
-        return self.broker._open_session(name)
-
-    async def delete_namespace(
-        self, namespace: str, queues: Iterable[str], settings: TopologySettings
-    ) -> None:
-        """Delete every queue and exchange of the namespace's plan (missing ones are fine)."""
-        plan = namespace_plan(namespace, queues, settings)
-        for q in plan.queues:
-            self.broker.delete_queue(q.name)
-        for ex in plan.exchanges:
-            self.broker.delete_exchange(ex.name)
-
-
-if TYPE_CHECKING:
-    # the memory transport implements the seam's protocols (checked by mypy)
-    def _as_transport(t: MemoryTransport) -> Transport:
-        return t
-
-    def _as_link(link: MemoryLink) -> Link:
-        return link
-
-    def _as_session(s: MemorySession) -> Session:
-        return s
-
-    def _as_channel(c: MemoryChannel) -> Channel:
-        return c
-
-    def _as_delivery(d: MemoryDelivery) -> DeliveryProtocol:
-        return d

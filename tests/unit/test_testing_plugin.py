@@ -1,0 +1,50 @@
+"""The pytest plugin as a user runs it: with AMQP_URL=memory://, tests need no broker."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+USER_TEST = textwrap.dedent(
+    """
+    from pydantic import BaseModel
+
+    from amqp_jobs import Job
+    from amqp_jobs.testing import run_until_idle
+
+
+    class Ping(BaseModel):
+        n: int
+
+
+    ping = Job("user.ping", Ping, queue="pings")
+
+
+    async def test_ping_runs(namespace):
+        assert namespace.url.startswith("memory://")
+        seen = []
+        app = namespace.app()
+        app.add_handler(ping, lambda args: seen.append(args.n))
+        async with namespace.client() as jobs:
+            await jobs.enqueue(ping, {"n": 7})
+        stats = await run_until_idle(namespace.worker(app))
+        assert (stats.succeeded, seen) == (1, [7])
+    """
+)
+
+
+def test_the_namespace_fixture_runs_in_memory_with_a_memory_url(tmp_path: Path) -> None:
+    (tmp_path / "test_user.py").write_text(USER_TEST)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\n")
+    env = {**os.environ, "AMQP_URL": "memory://", "CI": "true"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
