@@ -100,7 +100,10 @@ async def run_attempt(
         timer.cancel()
     name = spec.job.name
     if not future.done():
-        future.cancel()
+        if spec.is_async or middleware:
+            future.cancel()
+        # a plain handler's thread cannot be stopped: its future is left to end with
+        # it, and only then gives the slot back (cancelling would give it back now)
         if broker_bound:
             return JobTimeoutError(
                 f"job {name!r} was stopped before the broker's consumer_timeout"

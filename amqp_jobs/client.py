@@ -19,7 +19,7 @@ from amqp_jobs.clock import WALL, Clock
 from amqp_jobs.contract import ArgsT, Job, Namespace, TopologySettings
 from amqp_jobs.durations import seconds
 from amqp_jobs.errors import BatchPublishError as BatchPublishError
-from amqp_jobs.errors import ContractError
+from amqp_jobs.errors import ContractError, PublishError
 from amqp_jobs.message import (
     MAX_ETA_AHEAD_MS,
     NO_ID_PREFIX,
@@ -124,8 +124,9 @@ class JobClient:
         name: str = "amqp-jobs client",
         middleware: Sequence[Middleware] = (),
     ) -> None:
-        if retry_for < 0 or confirm_timeout <= 0:
-            raise ContractError("retry_for must be >= 0 and confirm_timeout > 0")
+        retry_for = seconds(retry_for, "retry_for")
+        if seconds(confirm_timeout, "confirm_timeout") == 0:
+            raise ContractError("confirm_timeout must be > 0 seconds, got 0")
         ns = Namespace.of(namespace, settings)
         self.namespace = ns.name
         self.settings = ns.settings
@@ -226,14 +227,22 @@ class JobClient:
             job, envelope.job_id, job.queue, envelope.eta_ms, dict(envelope.extra_headers)
         )
 
+        sent = False
+
         async def send() -> None:
-            added = {k: v for k, v in publishing.headers.items() if k not in envelope.extra_headers}
-            if added:
-                check_headers(added)
-            final = replace(envelope, extra_headers=dict(publishing.headers))
-            await self.send(final, job.queue)
+            nonlocal sent
+            headers = dict(publishing.headers)
+            if headers != envelope.extra_headers:
+                check_headers(headers)  # what middleware added or changed, and the total
+            await self.send(replace(envelope, extra_headers=headers), job.queue)
+            sent = True
 
         await publish_through(self.middleware, publishing, send)
+        if not sent:
+            raise PublishError(
+                f"job {envelope.job_id} was not published: a middleware's publish() returned"
+                " without calling call_next(), or swallowed its error"
+            )
 
     async def enqueue_many(
         self,

@@ -55,7 +55,8 @@ class VirtualClock(Clock):
     virtual = True
 
     def __init__(self) -> None:
-        self._now_ns = time.time_ns()
+        # a whole millisecond: ETAs computed on it are exact
+        self._now_ns = time.time_ns() // 1_000_000 * 1_000_000
         self._timers: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._cancelled: set[int] = set()

@@ -15,6 +15,7 @@ then parked); one from ``settled`` is logged and ignored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from amqp_jobs.outcome import JobContext, Outcome
 from amqp_jobs.registry import JobHooks
 
 log = logging.getLogger("amqp_jobs.middleware")
+
+#: How long one middleware may take to hear an outcome: the worker's task (and, for a
+#: job run alone, the other consumers) waits for it.
+SETTLED_TIMEOUT = 30.0
 
 Next = Callable[[], Awaitable[Any]]
 
@@ -125,9 +130,15 @@ def _bind_publish(item: Middleware, publishing: Publishing, inner: Next) -> Next
 async def tell_settled(
     chain: Sequence[Middleware], outcome: Outcome, ctx: JobContext | None
 ) -> None:
-    """Tell every middleware; a failure is logged and never changes anything."""
+    """Tell every middleware, each within SETTLED_TIMEOUT; a failure or a hang is logged
+    and never changes anything (the delivery is settled already)."""
     for item in chain:
         try:
-            await item.settled(outcome, ctx)
+            async with asyncio.timeout(SETTLED_TIMEOUT):
+                await item.settled(outcome, ctx)
+        except TimeoutError:
+            log.error(
+                "middleware %r.settled took more than %.0fs (given up)", item, SETTLED_TIMEOUT
+            )
         except Exception:
             log.exception("middleware %r.settled failed (ignored)", item)

@@ -235,6 +235,9 @@ async def run_until_idle(
                 task.result()  # raises why the worker stopped
             quiet = 0
             while quiet < settle_checks:
+                if task.done():
+                    task.result()  # the worker died: say why, not "not idle"
+                    raise RuntimeError("the worker stopped by itself before it was idle")
                 if broker is not None:
                     await _quiesce(worker, broker)
                 quiet = quiet + 1 if await worker.pending() == 0 else 0

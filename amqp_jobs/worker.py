@@ -27,13 +27,22 @@ import enum
 import logging
 import ssl
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    wait_exponential,
+    wait_random,
+)
+from tenacity.stop import stop_base
 
 from amqp_jobs.attempt import run_attempt
 from amqp_jobs.contract import (
@@ -122,6 +131,20 @@ def consumer_timeout_margin(consumer_timeout: float) -> float:
     return min(60.0, max(2.0, consumer_timeout / 10))
 
 
+class stop_when(stop_base):
+    """A tenacity stop: ``condition()`` holds (the worker is stopping)."""
+
+    def __init__(self, condition: Callable[[], bool]) -> None:
+        self.condition = condition
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.condition()
+
+
+class _Stopping(Exception):
+    """The worker was asked to stop while it connected."""
+
+
 class Source(enum.Enum):
     """Which of a work queue's three queues a delivery came from."""
 
@@ -200,7 +223,8 @@ class Worker:
             raise ContractError(f"concurrency must be an int >= 1, got {concurrency!r}")
         grace = seconds(grace, "grace")
         connect_timeout = seconds(connect_timeout, "connect_timeout")
-        if seconds(consumer_timeout, "consumer_timeout") == 0:
+        consumer_timeout = seconds(consumer_timeout, "consumer_timeout")
+        if consumer_timeout == 0:
             raise ContractError("consumer_timeout must be > 0 seconds, got 0")
         self.concurrency = concurrency
         self.grace = grace
@@ -236,6 +260,8 @@ class Worker:
         # The delivery each processing task holds; vouched-for job ids (returned to the
         # broker by this living process); job ids whose processing failed unexpectedly.
         self._held: dict[asyncio.Task[Any], Delivery] = {}
+        #: deliveries whose settlement has begun (never released again after that)
+        self._decided: set[Delivery] = set()
         self._vouched: OrderedDict[str, None] = OrderedDict()
         self._troubled: OrderedDict[str, int] = OrderedDict()
         self._lost = asyncio.Event()
@@ -273,7 +299,7 @@ class Worker:
             while not self._stop.is_set():
                 try:
                     session, lost = await self._reconnects()(self._connect)
-                except ConnectionLostError:
+                except (ConnectionLostError, _Stopping):
                     if self._stop.is_set():
                         break  # asked to stop while reconnecting
                     raise
@@ -306,18 +332,22 @@ class Worker:
                 self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _reconnects(self) -> AsyncRetrying:
-        """Attempts at connecting and consuming, forever, with capped backoff between
-        failed setups; a pause ends early when the worker is asked to stop. A broker
-        that cannot be reached at the first start (BrokerUnavailableError from the
-        transport, after connect_timeout) is final."""
+        """Attempts at connecting and consuming, with capped backoff between failed
+        setups; a pause, or a connection attempt, ends early when the worker is asked to
+        stop. At the first start everything is bounded by ``connect_timeout``, and a
+        refusal (no permission, other queue arguments) is final; once the worker has
+        consumed, it keeps trying whatever the broker says, logging each failure."""
 
         async def pause(seconds: float) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), seconds)
 
+        first = not self._started.is_set()
+        retry_on = ConnectionLostError if first else BrokerUnavailableError
+        stop = stop_after_delay(self.connect_timeout) if first else stop_never
         return AsyncRetrying(
-            retry=retry_if_exception_type(ConnectionLostError),
-            stop=lambda _: self._stop.is_set(),
+            retry=retry_if_exception_type(retry_on),
+            stop=stop | stop_when(self._stop.is_set),
             wait=wait_exponential(multiplier=0.2, max=MAX_RECONNECT_PAUSE) + wait_random(0, 0.1),
             sleep=pause,
             reraise=True,
@@ -326,9 +356,22 @@ class Worker:
     async def _connect(self) -> tuple[Session, asyncio.Event]:
         """Connect and consume every queue; a failure on the way closes the session."""
         first = not self._started.is_set()
-        session = await self.transport.session(
-            name=self.name, give_up_after=self.connect_timeout if first else None
+        opening = asyncio.ensure_future(
+            self.transport.session(
+                name=self.name, give_up_after=self.connect_timeout if first else None
+            )
         )
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
+            raise _Stopping("asked to stop while connecting")
+        session = opening.result()
         self.stats.connections += 1
         try:
             return session, await self._start_consuming(session)
@@ -496,16 +539,20 @@ class Worker:
             else:
                 await self._pipeline(msg, queue, is_due=source is Source.DUE)
         except asyncio.CancelledError:
-            if self._stop.is_set():
+            if self._stop.is_set() and msg not in self._decided:
                 # cut off by a stop after its grace period: this process did not die
                 # of it, so give it back without spending its delivery count
                 await self._settle(msg, Release(), queue)
             raise
         except Exception:
-            await self._trouble(msg, queue)
+            if msg in self._decided:
+                log.exception("unexpected error after settling job %s", msg.message_id)
+            else:
+                await self._trouble(msg, queue)
         finally:
             self._tasks.discard(task)
             self._held.pop(task, None)
+            self._decided.discard(msg)
 
     async def _trouble(self, msg: Delivery, queue: str) -> None:
         """Processing failed where it never should: log it, pause (longer each time for
@@ -745,6 +792,9 @@ class Worker:
             stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
 
     async def _settle(self, msg: Delivery, action: Action, queue: str) -> bool:
+        """Settle ``msg`` once: its fate (acked, replaced or given back) is then decided,
+        and a later failure on its task must not give it back a second time."""
+        self._decided.add(msg)
         settled = await settle(
             msg, action, self.link, queue, hold_until=self._deadline(msg, settling=True)
         )

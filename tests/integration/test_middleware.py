@@ -14,6 +14,7 @@ from amqp_jobs import (
     Middleware,
     Outcome,
     OutcomeKind,
+    PublishError,
     Publishing,
     RetryPolicy,
 )
@@ -215,3 +216,38 @@ def test_middleware_must_subclass_middleware(namespace: Namespace) -> None:
 
     with pytest.raises(ContractError, match=r"subclass amqp_jobs\.Middleware"):
         namespace.app(middleware=[object()])  # type: ignore[list-item]
+
+
+async def test_a_publish_middleware_that_does_not_publish_raises(namespace: Namespace) -> None:
+    class Forgetful(Middleware):
+        async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+            return None  # never calls call_next()
+
+    job = Job("t.lost", N, queue="mw")
+    namespace.track(job)
+    async with namespace.client(middleware=[Forgetful()]) as client:
+        with pytest.raises(PublishError, match="was not published"):
+            await client.enqueue(job, {"n": 1})
+
+
+async def test_a_hung_settled_hook_is_given_up_on(
+    namespace: Namespace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from amqp_jobs import middleware
+
+    monkeypatch.setattr(middleware, "SETTLED_TIMEOUT", 0.2)
+
+    class Hung(Middleware):
+        async def settled(self, outcome: Outcome, ctx: JobContext | None) -> None:
+            await asyncio.Event().wait()  # never returns
+
+    app = namespace.app(middleware=[Hung()])
+    job = Job("t.hung", N, queue="mw")
+    app.add_handler(job, lambda args: None)
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1})
+    stats = await run_until_idle(namespace.worker(app), timeout=10)
+    assert stats.succeeded == 1
+    assert "settled took more than" in caplog.text

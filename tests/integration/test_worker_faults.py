@@ -183,3 +183,21 @@ async def test_jobs_without_a_timeout_stop_before_the_consumer_timeout(
     assert time.monotonic() - started < 15
     assert "consumer_timeout" in str(dead.headers[H_ERROR_MESSAGE])
     assert dead.headers[H_ERROR_TYPE].endswith("JobTimeoutError")
+
+
+@pytest.mark.rabbitmq_only  # the in-memory broker is always there
+async def test_stop_while_the_broker_cannot_be_reached_returns_at_once(
+    namespace: Namespace,
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    app = namespace.app()
+    app.add_handler(Job("t.never", N, queue="never"), lambda args: None)
+    worker = app.worker(f"amqp://guest:guest@127.0.0.1:{port}/", connect_timeout=30)
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(0)  # it starts connecting
+    worker.stop()
+    await asyncio.wait_for(task, 5)  # not connect_timeout: a stop ends the attempts

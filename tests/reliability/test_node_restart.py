@@ -39,8 +39,13 @@ from tests.reliability.nodes import (
 from tests.reliability.test_faults import CONCURRENCY, finish, start
 from tests.support import channel, unavailable
 
-#: A job may run at most this long after max(its ETA, the node being back up).
-LATE_LIMIT = 10.0
+#: A job may run at most this long after max(its ETA, the node being back up). Measured
+#: here: worst 5.3-9.8 s in most runs, and 13.4 s (before the transport seam, 17a3b25)
+#: and 13.6 s (after it) when three or four delay levels' dead letters found no exchange:
+#: a block of jobs then runs late by the same amount, the time the node took to recover
+#: behind its listener, which no client setting shortens. RabbitMQ's default DLX confirm
+#: timeout makes it about 185 s, which this bound still catches.
+LATE_LIMIT = 20.0
 JOBS = 200
 #: Delays spread over this range (seconds) sit in levels 4..8 of the cascade at the restart.
 DELAYS = (2.0, 30.0)

@@ -495,10 +495,33 @@ async def test_a_held_message_does_not_expire(
     assert broker.messages("dead")[1].headers["x-death"][0]["reason"] == "expired"
 
 
-async def test_dead_letters_wait_for_a_missing_exchange(broker: MemoryBroker) -> None:
+async def test_at_most_once_dead_letters_to_a_missing_exchange_are_dropped(
+    broker: MemoryBroker,
+) -> None:
     clock = broker.clock
     assert isinstance(clock, VirtualClock)
     args = {"x-queue-type": "quorum", "x-message-ttl": 100, "x-dead-letter-exchange": "later"}
+    broker.declare(Plan(queues=(Queue("q", args), Queue("dead"))))
+    broker.publish("", "q", message())
+    clock.advance(0.1)
+    broker.declare(
+        Plan(exchanges=(Exchange("later", "fanout"),), bindings=(Binding("later", "dead", ""),))
+    )
+    clock.advance(1)
+    assert (broker.ready("q"), broker.ready("dead")) == (0, 0)  # as RabbitMQ: gone
+
+
+async def test_dead_letters_wait_for_a_missing_exchange(broker: MemoryBroker) -> None:
+    """At-least-once dead-lettering (what the delay cascade uses) keeps and retries."""
+    clock = broker.clock
+    assert isinstance(clock, VirtualClock)
+    args = {
+        "x-queue-type": "quorum",
+        "x-message-ttl": 100,
+        "x-dead-letter-exchange": "later",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
     broker.declare(Plan(queues=(Queue("q", args), Queue("dead"))))
     broker.publish("", "q", message())
     clock.advance(0.1)

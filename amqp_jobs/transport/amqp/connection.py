@@ -348,4 +348,5 @@ class Publisher:
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+            with contextlib.suppress(Exception):  # a dead connection closes it anyway
+                await self._channel.close()

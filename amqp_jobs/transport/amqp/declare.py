@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import aiormq
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from amqp_jobs.contract import check_namespace
-from amqp_jobs.errors import TopologyMismatchError
+from amqp_jobs.errors import TopologyMismatchError, describe
 from amqp_jobs.topology import (
     LEADER_LOCATOR,
     Binding,
@@ -74,8 +74,10 @@ async def declare_plan(connection: AbstractConnection, plan: Plan, *, legacy: bo
     A refusal (PRECONDITION_FAILED) is raised as aiormq reports it.
     """
     width = max(1, min(PARALLEL_CHANNELS, len(plan.queues)))
-    channels = [await open_channel(connection, publisher_confirms=False) for _ in range(width)]
+    channels: list[AbstractChannel] = []
     try:
+        for _ in range(width):
+            channels.append(await open_channel(connection, publisher_confirms=False))
         raws = [await ch.get_underlay_channel() for ch in channels]
 
         async def exchange(raw: aiormq.abc.AbstractChannel, ex: Exchange) -> None:
@@ -101,10 +103,7 @@ async def declare_plan(connection: AbstractConnection, plan: Plan, *, legacy: bo
         await _spread(raws, plan.queues, queue)
         await _spread(raws[:1], plan.bindings, binding)
     finally:
-        for ch in channels:
-            if not ch.is_closed:
-                with contextlib.suppress(Exception):
-                    await ch.close()
+        await _close_all(channels)
 
 
 async def _spread(
@@ -123,9 +122,24 @@ async def _spread(
         *(share(raw, items[i :: len(raws)]) for i, raw in enumerate(raws)),
         return_exceptions=True,
     )
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    failures = [r for r in results if isinstance(r, BaseException)]
+    for other in failures[1:]:
+        log.debug("declaring: %s (besides %s)", describe(other), describe(failures[0]))
+    if failures:
+        raise failures[0]
+
+
+#: How long closing a declaring channel may take (the connection may be dying).
+CLOSE_TIMEOUT = 5.0
+
+
+async def _close_all(channels: list[AbstractChannel]) -> None:
+    """Close channels opened for one plan, each bounded; errors do not matter here."""
+    for ch in channels:
+        if not ch.is_closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await ch.close()
 
 
 class Declarer:
@@ -205,8 +219,10 @@ async def delete_namespace(
     """Delete every queue and exchange of a namespace's plan. Missing ones are fine."""
     plan = namespace_plan(ns, queues, settings or TopologySettings())
     width = max(1, min(PARALLEL_CHANNELS, len(plan.queues)))
-    channels = [await open_channel(connection, publisher_confirms=False) for _ in range(width)]
+    channels: list[AbstractChannel] = []
     try:
+        for _ in range(width):
+            channels.append(await open_channel(connection, publisher_confirms=False))
         raws = [await ch.get_underlay_channel() for ch in channels]
 
         async def delete_queue(raw: aiormq.abc.AbstractChannel, q: Queue) -> None:
@@ -218,7 +234,4 @@ async def delete_namespace(
         await _spread(raws, plan.queues, delete_queue)
         await _spread(raws[:1], plan.exchanges, delete_exchange)
     finally:
-        for ch in channels:
-            if not ch.is_closed:
-                with contextlib.suppress(Exception):
-                    await ch.close()
+        await _close_all(channels)

@@ -27,7 +27,6 @@ from amqp_jobs.clock import WALL
 from amqp_jobs.contract import TopologySettings
 from amqp_jobs.errors import (
     BrokerUnavailableError,
-    ConnectionLostError,
     PublishError,
     PublishRefusedError,
     PublishTimeoutError,
@@ -40,7 +39,7 @@ from amqp_jobs.topology import (
     jobs_exchange,
     quarantine_queue,
 )
-from amqp_jobs.transport.amqp.channels import LOST, is_alive, open_channel
+from amqp_jobs.transport.amqp.channels import LOST, is_alive, open_channel, ours
 from amqp_jobs.transport.amqp.connection import (
     TRANSIENT,
     Publisher,
@@ -170,6 +169,8 @@ class Link:
             log.debug("%s connected to %s", self.name, self.urls)
 
     async def close(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.close()  # its confirm watchdog and retiring channels
         if self._declarer is not None:
             self._known |= self._declarer.queues
         if self._connection is not None and not self._connection.is_closed:
@@ -222,7 +223,7 @@ class Link:
                 await self.open()
                 await self.declarer.queue(queue, set(job_names))
         except RECOVERABLE as exc:
-            raise ConnectionLostError(f"declaring queue {queue}: {describe(exc)}") from exc
+            raise ours(f"declaring queue {queue}", exc) from exc
 
     async def send_batch(
         self, envelopes: Sequence[Envelope], queue: str, *, give_up_after: float
@@ -249,7 +250,7 @@ class Link:
                 await self.open()
                 await self.declarer.cascade()
         except RECOVERABLE as exc:
-            raise ConnectionLostError(f"declaring the delay cascade: {describe(exc)}") from exc
+            raise ours("declaring the delay cascade", exc) from exc
 
     async def send_dead(self, message: Message, queue: str) -> None:
         """Park a message in ``queue``'s dead-letter queue, confirmed."""
@@ -286,7 +287,7 @@ class Link:
                 if not channel.is_closed:
                     await channel.close()
         except (*RECOVERABLE, *LOST) as exc:
-            raise ConnectionLostError(f"taking from {queue_name}: {describe(exc)}") from exc
+            raise ours(f"taking from {queue_name}", exc) from exc
         if got.delivery is None or isinstance(got.delivery, aiormq.spec.Basic.GetEmpty):
             return None
         p = got.header.properties
@@ -310,9 +311,7 @@ class Link:
             await self.open()
             channel = await open_channel(self.connection, publisher_confirms=False)
         except RECOVERABLE as exc:
-            raise ConnectionLostError(
-                f"reading the depth of {queue_name}: {describe(exc)}"
-            ) from exc
+            raise ours(f"reading the depth of {queue_name}", exc) from exc
         try:
             raw = await channel.get_underlay_channel()
             ok = await raw.queue_declare(queue_name, passive=True)
@@ -322,9 +321,7 @@ class Link:
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         except (*RECOVERABLE, *LOST) as exc:
-            raise ConnectionLostError(
-                f"reading the depth of {queue_name}: {describe(exc)}"
-            ) from exc
+            raise ours(f"reading the depth of {queue_name}", exc) from exc
         finally:
             if not channel.is_closed:
                 with contextlib.suppress(*LOST):

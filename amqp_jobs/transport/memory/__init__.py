@@ -11,6 +11,9 @@ back what it held. Nothing touches the network.
 One broker per name per process (``memory://NAME``); ``MemoryBroker.reset(name,
 virtual_time=True)`` gives a fresh one on a ``VirtualClock``, on which an hour of delay
 cascade drains in milliseconds.
+
+Not emulated: RabbitMQ's ``consumer_timeout`` (a delivery held too long is never taken
+back), and use from several threads (one event loop at a time: tests, or one app loop).
 """
 
 from __future__ import annotations

@@ -682,12 +682,20 @@ class MemoryBroker:
 
     def _dead_letter(self, q: _Queue, entry: _Entry, reason: DeathReason) -> None:
         """Republish to the queue's x-dead-letter-exchange with an x-death record, as
-        rabbit_dead_letter does; without a dead-letter exchange the message is dropped."""
+        rabbit_dead_letter does; without a dead-letter exchange the message is dropped, and
+        one whose exchange is missing or routes nowhere is kept and tried again only with
+        at-least-once dead-lettering (quorum queues), as RabbitMQ 3.10."""
         dlx = q.dlx
         if dlx is None:
             return
         if dlx != "" and dlx not in self._exchanges:
-            self._retain(q, entry, reason, f"its dead-letter exchange {dlx!r} does not exist")
+            why = f"its dead-letter exchange {dlx!r} does not exist"
+            if q.at_least_once:
+                self._retain(q, entry, reason, why)
+            else:  # at-most-once (classic queues): RabbitMQ drops it
+                log.warning(
+                    "dead letter %s from %s dropped: %s", entry.message.message_id, q.name, why
+                )
             return
         key = q.dlrk if q.dlrk is not None else entry.routing_key
         message = _with_death(entry, reason, q.name, self.clock.now_ms())
