@@ -487,7 +487,9 @@ def decode(raw: RawMessage, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
     if len(body) > max_body:
         raise PoisonMessage(DeadReason.TOO_LARGE, f"body of {len(body)} bytes > {max_body}")
     content_type = raw.content_type
-    if not content_type or content_type.split(";")[0].strip().lower() != CONTENT_TYPE:
+    if content_type != CONTENT_TYPE and (
+        not content_type or content_type.split(";")[0].strip().lower() != CONTENT_TYPE
+    ):
         raise PoisonMessage(
             DeadReason.WRONG_CONTENT_TYPE,
             f"content_type must be {CONTENT_TYPE!r}, got {content_type!r}",
@@ -496,7 +498,7 @@ def decode(raw: RawMessage, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
     if not job_name:
         raise PoisonMessage(DeadReason.MISSING_JOB_NAME, "the `type` property must name the job")
     headers = raw.headers
-    if not isinstance(headers, Mapping):
+    if type(headers) is not dict and not isinstance(headers, Mapping):
         raise PoisonMessage(DeadReason.INVALID_HEADERS, "headers are not a table")
     protocol = headers.get(H_PROTOCOL, PROTOCOL_VERSION)
     if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
@@ -542,7 +544,7 @@ def decode(raw: RawMessage, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
         extra_headers={
             k: v
             for k, v in headers.items()
-            if isinstance(k, str) and not _is_broker_header(k) and k not in _OWN_HEADERS
+            if k not in _OWN_HEADERS and type(k) is str and not k.startswith("x-")
         },
     )
 

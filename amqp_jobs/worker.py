@@ -262,6 +262,8 @@ class Worker:
         self._held: dict[asyncio.Task[Any], Delivery] = {}
         #: deliveries whose settlement has begun (never released again after that)
         self._decided: set[Delivery] = set()
+        #: consumer_timeout_margin of the consumer_timeout it was computed for
+        self._margin_for, self._margin = -1.0, 0.0
         self._vouched: OrderedDict[str, None] = OrderedDict()
         self._troubled: OrderedDict[str, int] = OrderedDict()
         self._lost = asyncio.Event()
@@ -774,7 +776,9 @@ class Worker:
         settlement must be done), before the broker's consumer_timeout takes it back.
         The handler stops a margin early; settling may use three quarters of that."""
         ct = self.consumer_timeout
-        margin = consumer_timeout_margin(ct)
+        if ct != self._margin_for:
+            self._margin_for, self._margin = ct, consumer_timeout_margin(ct)
+        margin = self._margin
         return msg.received + ct - (margin / 4 if settling else margin)
 
     def _count(self, decision: Decision) -> None:

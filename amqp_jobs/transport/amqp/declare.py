@@ -100,7 +100,10 @@ async def declare_plan(connection: AbstractConnection, plan: Plan, *, legacy: bo
                 await raw.queue_bind(b.destination, b.source, routing_key=b.key)
 
         await _spread(raws[:1], plan.exchanges, exchange)
-        await _spread(raws, plan.queues, queue)
+        # the first queue alone: if it predates leader placement, it fails before any
+        # other is created with the locator (the legacy fallback declares all without)
+        await _spread(raws[:1], plan.queues[:1], queue)
+        await _spread(raws, plan.queues[1:], queue)
         await _spread(raws[:1], plan.bindings, binding)
     finally:
         await _close_all(channels)
