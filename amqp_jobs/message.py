@@ -544,7 +544,7 @@ def decode(raw: RawMessage, *, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
         extra_headers={
             k: v
             for k, v in headers.items()
-            if k not in _OWN_HEADERS and type(k) is str and not k.startswith("x-")
+            if k not in _OWN_HEADERS and type(k) is str and not _is_broker_header(k)
         },
     )
 

@@ -47,7 +47,7 @@ from amqp_jobs.errors import ContractError, Defer, Discard, Retry
 from amqp_jobs.message import H_ETA
 from amqp_jobs.middleware import Middleware, Next
 from amqp_jobs.outcome import JobContext
-from amqp_jobs.transport import transport_for
+from amqp_jobs.transport import Transport, transport_for
 from amqp_jobs.transport.memory import MemoryBroker, MemoryTransport
 from amqp_jobs.urls import mask_url, resolve
 from amqp_jobs.worker import Worker, WorkerStats
@@ -137,10 +137,10 @@ class Namespace:
     @property
     def broker(self) -> MemoryBroker:
         """The in-memory broker of a ``memory://`` namespace."""
-        transport = transport_for(self.url)
-        if not isinstance(transport, MemoryTransport):
+        broker = memory_broker_of(self.url)
+        if broker is None:
             raise TypeError(f"{self.name} runs on RabbitMQ, not in memory")
-        return transport.broker
+        return broker
 
     def track(self, *items: str | Job[Any]) -> None:
         """Have teardown delete these work queues (names or jobs' queues)."""
@@ -224,7 +224,7 @@ async def run_until_idle(
     capture = _Capture()
     if raise_errors:
         worker.middleware = (*worker.middleware, capture)
-    broker = _broker_of(worker)
+    broker = memory_broker_of(worker.transport)
     task = asyncio.create_task(worker.run())
     try:
         async with asyncio.timeout(timeout):
@@ -285,8 +285,9 @@ class _Capture(Middleware):
             raise
 
 
-def _broker_of(worker: Worker) -> MemoryBroker | None:
-    transport = worker.transport
+def memory_broker_of(where: str | Transport) -> MemoryBroker | None:
+    """The in-memory broker behind a URL or transport, or None for RabbitMQ."""
+    transport = transport_for(where)
     return transport.broker if isinstance(transport, MemoryTransport) else None
 
 
@@ -331,9 +332,10 @@ def enqueued(broker: MemoryBroker | str, job: Job[Any] | str | None = None) -> l
     """The jobs clients enqueued on an in-memory broker, oldest first (of ``job`` only,
     if given): what a test asserts about code that enqueues."""
     if isinstance(broker, str):
-        transport = transport_for(broker)
-        assert isinstance(transport, MemoryTransport), f"{broker} is not a memory:// URL"
-        broker = transport.broker
+        found = memory_broker_of(broker)
+        if found is None:
+            raise TypeError(f"{broker} is not a memory:// URL")
+        broker = found
     name = job.name if isinstance(job, Job) else job
     out = []
     for published in broker.published:

@@ -18,9 +18,8 @@ from aio_pika.abc import AbstractChannel
 
 from amqp_jobs.contract import TopologySettings
 from amqp_jobs.message import Message
-from amqp_jobs.testing import Namespace
-from amqp_jobs.transport import transport_for
-from amqp_jobs.transport.memory import MemoryTransport
+from amqp_jobs.testing import Namespace, memory_broker_of
+from amqp_jobs.transport import Link, transport_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,9 +54,14 @@ async def channel(url: str) -> AsyncIterator[AbstractChannel]:
         await connection.close()
 
 
+def _link(url: str) -> Link:
+    """A link that declares nothing, for the helpers below (RabbitMQ or memory://)."""
+    return transport_for(url).link("test", TopologySettings(), name="test helper", declare=False)
+
+
 async def queue_count(url: str, name: str) -> int:
     """Messages ready in a queue (RabbitMQ or memory://)."""
-    link = transport_for(url).link("test", TopologySettings(), name="test helper", declare=False)
+    link = _link(url)
     try:
         depth = await link.depth(name)
     finally:
@@ -81,8 +85,7 @@ class Admin:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        transport = transport_for(url)
-        self.memory = transport.broker if isinstance(transport, MemoryTransport) else None
+        self.memory = memory_broker_of(url)
 
     async def declare_exchange(self, name: str, kind: str = "direct") -> None:
         if self.memory is not None:
@@ -127,7 +130,7 @@ class Admin:
 async def put(url: str, queue_name: str, message: Message, *, exchange: str = "") -> None:
     """Publish straight into one queue (or to ``exchange`` with key ``queue_name``),
     confirmed (RabbitMQ or memory://)."""
-    link = transport_for(url).link("test", TopologySettings(), name="test helper", declare=False)
+    link = _link(url)
 
     async def send() -> None:
         if exchange:
@@ -145,7 +148,7 @@ async def drain(url: str, name: str, expected: int, timeout: float = 15.0) -> li
     """Take ``expected`` messages off a queue (RabbitMQ or memory://), waiting for them to
     arrive; fails if more are there."""
     got: list[Message] = []
-    link = transport_for(url).link("test", TopologySettings(), name="test helper", declare=False)
+    link = _link(url)
     try:
 
         async def take() -> bool:

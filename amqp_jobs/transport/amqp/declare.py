@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import aiormq
@@ -73,12 +73,7 @@ async def declare_plan(connection: AbstractConnection, plan: Plan, *, legacy: bo
     ``legacy``: queues were first declared without a leader locator, and keep it so.
     A refusal (PRECONDITION_FAILED) is raised as aiormq reports it.
     """
-    width = max(1, min(PARALLEL_CHANNELS, len(plan.queues)))
-    channels: list[AbstractChannel] = []
-    try:
-        for _ in range(width):
-            channels.append(await open_channel(connection, publisher_confirms=False))
-        raws = [await ch.get_underlay_channel() for ch in channels]
+    async with _channels(connection, len(plan.queues)) as raws:
 
         async def exchange(raw: aiormq.abc.AbstractChannel, ex: Exchange) -> None:
             await raw.exchange_declare(
@@ -105,8 +100,6 @@ async def declare_plan(connection: AbstractConnection, plan: Plan, *, legacy: bo
         await _spread(raws[:1], plan.queues[:1], queue)
         await _spread(raws, plan.queues[1:], queue)
         await _spread(raws[:1], plan.bindings, binding)
-    finally:
-        await _close_all(channels)
 
 
 async def _spread(
@@ -136,13 +129,23 @@ async def _spread(
 CLOSE_TIMEOUT = 5.0
 
 
-async def _close_all(channels: list[AbstractChannel]) -> None:
-    """Close channels opened for one plan, each bounded; errors do not matter here."""
-    for ch in channels:
-        if not ch.is_closed:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await ch.close()
+@contextlib.asynccontextmanager
+async def _channels(
+    connection: AbstractConnection, queues: int
+) -> AsyncIterator[list[aiormq.abc.AbstractChannel]]:
+    """Up to PARALLEL_CHANNELS channels (one per queue) for one plan, closed at the end,
+    each close bounded; errors in closing do not matter here."""
+    channels: list[AbstractChannel] = []
+    try:
+        for _ in range(max(1, min(PARALLEL_CHANNELS, queues))):
+            channels.append(await open_channel(connection, publisher_confirms=False))
+        yield [await ch.get_underlay_channel() for ch in channels]
+    finally:
+        for ch in channels:
+            if not ch.is_closed:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await ch.close()
 
 
 class Declarer:
@@ -161,9 +164,6 @@ class Declarer:
         self._lock = asyncio.Lock()
         #: queues declared before leader placement existed keep their arguments
         self._legacy_placement = False
-
-    async def close(self) -> None:
-        """Nothing to close: each plan is declared on channels of its own."""
 
     async def _once(self, key: str, plan: Plan) -> None:
         if key in self.declared:
@@ -221,12 +221,7 @@ async def delete_namespace(
 ) -> None:
     """Delete every queue and exchange of a namespace's plan. Missing ones are fine."""
     plan = namespace_plan(ns, queues, settings or TopologySettings())
-    width = max(1, min(PARALLEL_CHANNELS, len(plan.queues)))
-    channels: list[AbstractChannel] = []
-    try:
-        for _ in range(width):
-            channels.append(await open_channel(connection, publisher_confirms=False))
-        raws = [await ch.get_underlay_channel() for ch in channels]
+    async with _channels(connection, len(plan.queues)) as raws:
 
         async def delete_queue(raw: aiormq.abc.AbstractChannel, q: Queue) -> None:
             await raw.queue_delete(q.name)
@@ -236,5 +231,3 @@ async def delete_namespace(
 
         await _spread(raws, plan.queues, delete_queue)
         await _spread(raws[:1], plan.exchanges, delete_exchange)
-    finally:
-        await _close_all(channels)
