@@ -59,9 +59,8 @@ class JobApp:
         middleware: Sequence[Middleware] = (),
     ) -> None:
         ns = Namespace.of(namespace, settings)
+        #: the namespace and its settings (replace it whole to move the app)
         self.ns = ns
-        self.namespace = ns.name
-        self.settings = ns.settings
         self.hooks = list(hooks)
         self.middleware = list(stack(middleware))  # checked now, not at worker start
         self.registry = Registry()
@@ -80,6 +79,14 @@ class JobApp:
     def add_handler(self, job: Job[ArgsT], func: TypedHandler[ArgsT]) -> None:
         """Register ``func`` for ``job`` without a decorator."""
         self.registry.add(job, func)
+
+    @property
+    def namespace(self) -> str:
+        return self.ns.name
+
+    @property
+    def settings(self) -> TopologySettings:
+        return self.ns.settings
 
     @property
     def jobs(self) -> list[Job[Any]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from amqp_jobs import JobClient, JobContext, JobHooks, Outcome, OutcomeKind
+from amqp_jobs import JobClient, JobContext, JobHooks, Namespace, Outcome, OutcomeKind
 from amqp_jobs.topology import dead_queue
 from amqp_jobs.transport import transport_for
 from amqp_jobs.transport.amqp.connection import connect
@@ -95,7 +95,7 @@ async def run(url: str) -> None:
     from .shop.worker import app
 
     namespace = f"demo-{uuid.uuid4().hex[:6]}"
-    app.namespace = namespace
+    app.ns = Namespace(namespace, app.settings)
     rows: dict[str, Row] = {}
     done = asyncio.Event()
     t0 = time.time()
