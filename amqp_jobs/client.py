@@ -217,7 +217,8 @@ class JobClient:
         if self.middleware:
             await self._send_through_middleware(job, envelope)
         else:
-            await self.send(envelope, job.queue)
+            link = self._link  # as send() does, one coroutine less per job in flight
+            await link.retrying(link.send, envelope, job.queue, give_up_after=self.retry_for)
         return envelope.job_id
 
     async def _send_through_middleware(self, job: Job[Any], envelope: Envelope) -> None:
@@ -282,9 +283,4 @@ class JobClient:
 
     async def send(self, envelope: Envelope, queue: str) -> None:
         """Publish a prepared envelope, confirmed, retrying transient failures."""
-        link = self._link
-
-        async def op() -> None:
-            await link.send(envelope, queue, via_jobs_exchange=True)
-
-        await link.retrying(op, give_up_after=self.retry_for)
+        await self._link.retrying(self._link.send, envelope, queue, give_up_after=self.retry_for)

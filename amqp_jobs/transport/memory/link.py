@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from amqp_jobs.contract import TopologySettings, check_namespace
 from amqp_jobs.errors import (
@@ -137,7 +136,7 @@ class MemoryLink:
 
     # -- sending ---------------------------------------------------------------------
 
-    async def send(self, envelope: Envelope, queue: str, *, via_jobs_exchange: bool) -> None:
+    async def send(self, envelope: Envelope, queue: str, *, via_jobs_exchange: bool = True) -> None:
         """Publish one job message to where its ETA says (as the AMQP Link.send): due now
         and ``via_jobs_exchange``, the jobs exchange keyed by job name; else the delay
         cascade towards ``queue``'s due queue."""
@@ -162,10 +161,7 @@ class MemoryLink:
         out: list[BaseException | None] = []
         for envelope in envelopes:
             try:
-                await self.retrying(
-                    functools.partial(self.send, envelope, queue, via_jobs_exchange=True),
-                    give_up_after=give_up_after,
-                )
+                await self.retrying(self.send, envelope, queue, give_up_after=give_up_after)
                 out.append(None)
             except Exception as exc:
                 out.append(exc)
@@ -211,7 +207,9 @@ class MemoryLink:
             )
         return self.broker.get(queue_name)
 
-    async def retrying(self, op: Callable[[], Awaitable[None]], *, give_up_after: float) -> None:
+    async def retrying(
+        self, op: Callable[..., Awaitable[None]], *args: Any, give_up_after: float
+    ) -> None:
         """Run a publishing operation, connecting first if needed. The memory broker is
         never unavailable, so only what the AMQP link also retries is tried again: once,
         a connection dropped under it and (declaring) a stale declaration cache; with
@@ -223,7 +221,7 @@ class MemoryLink:
         while True:
             await self.open()
             try:
-                await op()
+                await op(*args)
                 return
             except PublishRefusedError as exc:
                 if loop.time() + pause >= until:
