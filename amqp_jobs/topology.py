@@ -265,19 +265,42 @@ def queue_plan(ns: str, queue: str, job_names: Iterable[str], s: TopologySetting
     )
 
 
-def cascade_plan(ns: str, s: TopologySettings) -> Plan:
-    """The delay levels, highest last: level L's exchange sends keys with bit L set to its
-    TTL queue, the rest on to the level below (exchange to exchange)."""
-    exchanges, queues, bindings = [], [], []
+def cascade_exchanges_plan(ns: str, s: TopologySettings) -> Plan:
+    """The delay levels' exchanges, highest last, each passing keys without its bit on to
+    the level below (exchange to exchange). Cheap: no queue."""
+    exchanges, bindings = [], []
     below = deliver_exchange(ns)
     for level in range(s.delay_levels):
         ex = delay_exchange(ns, level)
         exchanges.append(Exchange(ex, "topic"))
-        queues.append(Queue(delay_queue(ns, level), delay_queue_arguments(ns, level, s)))
-        bindings.append(Binding(ex, delay_queue(ns, level), level_binding(level, "1", s)))
         bindings.append(Binding(ex, below, level_binding(level, "0", s), to_exchange=True))
         below = ex
-    return Plan(tuple(exchanges), tuple(queues), tuple(bindings))
+    return Plan(exchanges=tuple(exchanges), bindings=tuple(bindings))
+
+
+def level_plan(ns: str, level: int, s: TopologySettings) -> Plan:
+    """Delay level ``level``'s TTL queue, which its exchange sends keys with bit ``level``
+    set to (a quorum queue: tens of milliseconds to start)."""
+    ex, q = delay_exchange(ns, level), delay_queue(ns, level)
+    return Plan(
+        queues=(Queue(q, delay_queue_arguments(ns, level, s)),),
+        bindings=(Binding(ex, q, level_binding(level, "1", s)),),
+    )
+
+
+def cascade_plan(ns: str, s: TopologySettings) -> Plan:
+    """The whole delay cascade: its exchanges, then every level's queue."""
+    plan = cascade_exchanges_plan(ns, s)
+    for level in range(s.delay_levels):
+        plan += level_plan(ns, level, s)
+    return plan
+
+
+def route_levels(delay_ms: int, s: TopologySettings) -> tuple[int, ...]:
+    """The levels whose queues a job delayed ``delay_ms`` (as delayed_route sends it)
+    waits in: the set bits of its units. Only these must exist when it is published."""
+    units = delay_units(delay_ms, s)
+    return tuple(level for level in range(units.bit_length()) if units >> level & 1)
 
 
 def namespace_plan(

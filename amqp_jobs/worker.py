@@ -819,10 +819,8 @@ class Worker:
         for name in names:
             total += await self.link.depth(name) or 0
         for level in range(self.settings.delay_levels):
-            depth = await self.link.depth(delay_queue(self.namespace, level))
-            if depth is None:
-                break  # no cascade declared yet: nothing delayed
-            total += depth
+            # a level is declared once a job first needs it: a missing one holds nothing
+            total += await self.link.depth(delay_queue(self.namespace, level)) or 0
         return total
 
 

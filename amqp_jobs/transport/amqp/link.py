@@ -39,6 +39,7 @@ from amqp_jobs.topology import (
     delayed_route,
     jobs_exchange,
     quarantine_queue,
+    route_levels,
 )
 from amqp_jobs.transport.amqp.channels import LOST, is_alive, open_channel, ours
 from amqp_jobs.transport.amqp.connection import (
@@ -193,30 +194,28 @@ class Link:
         job). Otherwise: the delay cascade, which ends in ``queue``'s due queue (retries,
         re-delays, delayed jobs).
         """
-        clock = self.clock
-        due_now = envelope.eta_ms is None or envelope.eta_ms <= clock.now_ms()
-        if self.declare:
-            await self._declare(queue, envelope.job_name, cascade=not due_now)
-        # The route is computed after every await above: time spent declaring must
-        # not be added to the delay.
+        clock, s = self.clock, self.settings
         delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - clock.now_ms()
+        if self.declare:
+            # What this publish needs: its work queue and, if it is to wait, the levels
+            # of its delay. Declaring takes time, which changes the delay and so perhaps
+            # the levels: until they hold. The route is computed after the last await.
+            fresh = delay_ms <= 0 and via_jobs_exchange
+            levels = () if fresh else route_levels(delay_ms, s)
+            ready = (queue, envelope.job_name) in self._ready
+            while not (ready and self.declarer.has_levels(levels)):
+                async with bounded():
+                    await self.declarer.publishing(queue, (envelope.job_name,), levels)
+                self._ready.add((queue, envelope.job_name))
+                ready = True
+                delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - clock.now_ms()
+                fresh = delay_ms <= 0 and via_jobs_exchange
+                levels = () if fresh else route_levels(delay_ms, s)
         if delay_ms <= 0 and via_jobs_exchange:
             exchange, key = jobs_exchange(self.namespace), envelope.job_name
         else:
-            exchange, key = delayed_route(self.namespace, queue, delay_ms, self.settings)
+            exchange, key = delayed_route(self.namespace, queue, delay_ms, s)
         await self.publisher.publish(exchange, key, envelope.body, envelope_properties(envelope))
-
-    async def _declare(self, queue: str, job_name: str, *, cascade: bool) -> None:
-        """Declare what a publish needs, skipping the declarer once it is known done."""
-        ready = self._ready
-        if (queue, job_name) not in ready:
-            async with bounded():
-                await self.declarer.queue(queue, {job_name})
-            ready.add((queue, job_name))
-        if cascade and "cascade" not in ready:
-            async with bounded():
-                await self.declarer.cascade()
-            ready.add("cascade")
 
     async def declare_queue(self, queue: str, job_names: Iterable[str]) -> None:
         try:
