@@ -37,6 +37,7 @@ class WorkerOptions(TypedDict, total=False):
     connect_timeout: float
     consumer_timeout: float
     name: str
+    log_success: bool
 
 
 class JobApp:

@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -26,6 +27,36 @@ from amqp_jobs.registry import HandlerSpec
 log = logging.getLogger("amqp_jobs.worker")
 
 
+class HandlerThreads:
+    """The plain handlers running in a worker's threads right now.
+
+    A thread cannot be stopped: one still running when its worker has stopped (past its
+    job's timeout, or cut off by the grace period) is the only thing that may keep the
+    process from exiting, and the command line asks this, not the thread list (idle pool
+    threads are not handlers).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, tuple[str, str]] = {}
+
+    def call(self, call: Any, args: Any, ctx: JobContext) -> Any:
+        """Run a plain handler in this (pool) thread, known as running meanwhile."""
+        key = threading.get_ident()
+        with self._lock:
+            self._running[key] = (ctx.job.name, ctx.job_id)
+        try:
+            return _call_sync(call, args, ctx)
+        finally:
+            with self._lock:
+                del self._running[key]
+
+    def running(self) -> list[tuple[str, str]]:
+        """(job name, job id) of each plain handler still running."""
+        with self._lock:
+            return list(self._running.values())
+
+
 async def run_attempt(
     spec: HandlerSpec,
     args: Any,
@@ -36,12 +67,14 @@ async def run_attempt(
     release_slot: Callable[[], None],
     settle_by: float,
     consumer_timeout: float,
+    threads: HandlerThreads | None = None,
 ) -> tuple[BaseException | None, Any]:
     """Run the attempt; return its exception (None on success) and its result.
 
     ``settle_by`` (loop time) is when the attempt must end for the delivery to be settled
     before the broker's ``consumer_timeout``; ``release_slot`` is called once when the
-    handler has really ended.
+    handler has really ended. A plain handler runs through ``threads`` when given (so
+    the worker knows which are still running).
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any]
@@ -60,7 +93,8 @@ async def run_attempt(
             woken.set_result(True)
 
     def in_thread() -> asyncio.Future[Any]:
-        call = functools.partial(contextvars.copy_context().run, _call_sync, spec.call, args, ctx)
+        run = _call_sync if threads is None else threads.call
+        call = functools.partial(contextvars.copy_context().run, run, spec.call, args, ctx)
         return loop.run_in_executor(executor, call)
 
     if not middleware:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import functools
 import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-from amqp_jobs import commands
-from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when, scrub
+from amqp_jobs import __version__, commands
+from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when, plural, scrub
 from amqp_jobs.contract import Namespace
 from amqp_jobs.errors import AmqpJobsError, ContractError
 from amqp_jobs.urls import DEFAULT_URL, BrokerURLs, resolve
@@ -64,13 +65,36 @@ def _connect_timeout(default: float, note: str = "") -> argparse.ArgumentParser:
     )
 
 
+def _show_help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """A command group given no action (``amqp-jobs dead``): its help, which lists them."""
+    print(parser.format_help(), end="")
+    return 0
+
+
+def _group(sub: Any, name: str, **kwargs: Any) -> tuple[argparse.ArgumentParser, Any]:
+    """A command with actions (``dead list``, ...); without one it prints its help."""
+    group = sub.add_parser(
+        name, epilog=f"Run `amqp-jobs {name} ACTION --help` for an action's options.", **kwargs
+    )
+    actions = group.add_subparsers(dest=f"{name}_command", title="actions", metavar="ACTION")
+    group.set_defaults(handler=functools.partial(_show_help, group))
+    return group, actions
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amqp-jobs",
         description="Background jobs on RabbitMQ: run workers and operate queues.",
+        epilog="Run `amqp-jobs COMMAND --help` for a command's options.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"amqp-jobs {__version__}",
+        help="print the version and exit",
+    )
+    # no command: main() prints this help (to stdout, exit 0, as pip does)
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     url = _option("--url", default=None, action="append", metavar="URL", help=URL_HELP)
     namespace = _option(
         "--namespace",
@@ -129,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING or ERROR (default INFO, or $AMQP_JOBS_LOG_LEVEL)",
     )
+    worker.add_argument(
+        "--no-success-log",
+        dest="log_success",
+        action="store_false",
+        help="no INFO line per succeeded job ('job NAME ID succeeded in 12 ms, attempt 1'),"
+        " for high throughput; retries, dead letters and deferrals are still logged",
+    )
+    worker.set_defaults(handler=run_worker_command)
     _add_operations(sub, url=url, namespace=namespace)
     return parser
 
@@ -176,13 +208,12 @@ def _add_operations(
     )
     status.set_defaults(handler=commands.cmd_status)
 
-    dead = sub.add_parser(
+    _, dsub = _group(
+        sub,
         "dead",
         help="inspect, replay and purge dead jobs",
         description="Dead-letter queues: list, show, replay and purge dead jobs.",
     )
-    dsub = dead.add_subparsers(dest="dead_command", metavar="ACTION")
-    dsub.required = True
 
     dl = dsub.add_parser(
         "list",
@@ -203,9 +234,15 @@ def _add_operations(
         "show",
         parents=[*online, queues],
         help="everything about one dead job",
-        description="Everything about one dead job: error, traceback, args and headers.",
+        description=(
+            "Everything about one dead job: error, traceback, args and headers. JOB_ID may be"
+            " the start of the id (the 8 characters the demo prints) if only one dead job's"
+            " id starts so; an ambiguous start lists the candidates (exit 1)."
+        ),
     )
-    ds.add_argument("job_id", metavar="JOB_ID", help="the job id (message_id) of the dead job")
+    ds.add_argument(
+        "job_id", metavar="JOB_ID", help="the job id (message_id) of the dead job, or its start"
+    )
     ds.set_defaults(handler=commands.cmd_dead_show)
 
     dr = dsub.add_parser(
@@ -270,13 +307,14 @@ def _add_operations(
     enq.add_argument("--schemas", default=None, metavar="DIR", help="validate with these schemas")
     enq.set_defaults(handler=commands.cmd_enqueue)
 
-    topo = sub.add_parser(
+    _, tsub = _group(
+        sub,
         "topology",
-        help="show or declare the exchanges and queues",
-        description="What the library declares for a namespace, and declaring it up front.",
+        help="show, declare or delete the exchanges and queues",
+        description=(
+            "What the library declares for a namespace, declaring it up front, and deleting it."
+        ),
     )
-    tsub = topo.add_subparsers(dest="topology_command", metavar="ACTION")
-    tsub.required = True
     bind = _option(
         "--job", action="append", dest="jobs", metavar="NAME",
         help="a job name to bind to the one --queue (repeatable)",
@@ -293,14 +331,26 @@ def _add_operations(
             description=text[0].upper() + text[1:] + ".",
         )
         t.set_defaults(handler=handler)
+    td = tsub.add_parser(
+        "delete",
+        parents=[*online, queues],
+        help="delete every exchange and queue of the namespace",
+        description=(
+            "Delete every exchange and queue of the namespace for the app's queues and the"
+            " --queue ones: work, due, quarantine and dead-letter queues, the delay cascade,"
+            " and the jobs in them. Says what it would delete (queues, and the jobs they hold)"
+            " and asks first, unless --yes; without a terminal to ask on, refuses (exit 2)."
+        ),
+    )
+    td.add_argument("--yes", "-y", action="store_true", help="do not ask")
+    td.set_defaults(handler=commands.cmd_topology_delete)
 
-    sch = sub.add_parser(
+    _, ssub = _group(
+        sub,
         "schemas",
         help="export or check the JSON Schemas of the jobs",
         description="One JSON Schema per job, plus envelope.json (protocol 1 headers).",
     )
-    ssub = sch.add_subparsers(dest="schemas_command", metavar="ACTION")
-    ssub.required = True
     se = ssub.add_parser(
         "export",
         parents=offline,
@@ -339,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return int(exc.code or 0)
+    if args.command is None:
+        print(parser.format_help(), end="")
+        return 0
     try:
         if args.command == "worker":
             return run_worker_command(args)
@@ -396,10 +449,11 @@ def run_worker_command(args: argparse.Namespace) -> int:
         consumer_timeout=args.consumer_timeout,
         connect_timeout=args.connect_timeout,
         name=f"amqp-jobs worker {os.getpid()}",
+        log_success=args.log_success,
     )
     log.info("starting worker for %s on %s", args.app, urls)
     asyncio.run(_serve(worker))
-    _exit_if_threads_linger()
+    _exit_if_handlers_linger(worker)
     return 0
 
 
@@ -424,15 +478,27 @@ async def _serve(worker: Worker) -> None:
     await worker.run()
 
 
-def _exit_if_threads_linger() -> None:
-    """A sync handler past its timeout cannot be killed; do not wait on it at exit."""
-    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if others:
-        log.warning("%d handler threads still running; exiting without them", len(others))
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+def _exit_if_handlers_linger(worker: Worker) -> None:
+    """A plain handler still running once the worker stopped (past its job's timeout, or
+    cut off by the grace period) cannot be stopped, and Python would wait for its thread
+    at exit: run the atexit hooks (exporters flush), then exit without it. Otherwise
+    return: the pool's idle threads end by themselves, and the exit is a normal one."""
+    running = worker.handlers_running()
+    if not running:
+        return
+    jobs = ", ".join(f"{name} {job_id}" for name, job_id in running[:5])
+    log.warning(
+        "%s still running (%s%s); exiting without waiting for %s",
+        plural(len(running), "handler thread"),
+        jobs,
+        ", …" if len(running) > 5 else "",
+        "it" if len(running) == 1 else "them",
+    )
+    atexit._run_exitfuncs()  # what a normal exit runs (logging.shutdown among them)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,8 +23,8 @@ from amqp_jobs import durations, ops, schemas
 from amqp_jobs.app import JobApp
 from amqp_jobs.client import JobClient, resolve_eta
 from amqp_jobs.contract import Job, check_namespace, check_queue_name
-from amqp_jobs.errors import ConnectionLostError, ContractError, NotFoundError
-from amqp_jobs.message import Envelope
+from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, ContractError, NotFoundError
+from amqp_jobs.message import H_ERROR_TRACEBACK, Envelope
 from amqp_jobs.topology import (
     TopologySettings,
     dead_queue,
@@ -163,6 +163,20 @@ def scrub(text: str, urls: BrokerURLs | None) -> str:
     return text
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 dead job``, ``2 dead jobs``: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def confirm(question: str, refusal: str) -> bool:
+    """Ask ``question`` on the terminal (True for yes). Without a terminal to ask on,
+    refuse with ``refusal`` and how to confirm (--yes), exit status 2."""
+    if not sys.stdin.isatty():
+        raise UsageError(f"{refusal}; confirm with --yes (no terminal to ask on)")
+    answer = input(f"{question} [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
@@ -235,7 +249,9 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
     text = table(
         ("job id", "job", "attempts", "failed at (UTC)", "error", "message", "reason"), rows
     )
-    emit(ctx, [d.summary() for d in found], f"{text}\n\n{len(found)} dead jobs in {queue}")
+    emit(
+        ctx, [d.summary() for d in found], f"{text}\n\n{plural(len(found), 'dead job')} in {queue}"
+    )
     return 0
 
 
@@ -251,14 +267,31 @@ def cmd_dead_show(args: argparse.Namespace) -> int:
     queues = ctx.queues(args.queues)
     if not queues:
         raise UsageError("which queues to search? pass --queue Q or --app module:app")
-    dead = ctx.run(lambda b: ops.find_dead(b, queues, args.job_id))
-    if dead is None:
+    found = ctx.run(lambda b: ops.find_dead(b, queues, args.job_id))
+    if not found:
         searched = ", ".join(dead_queue(ctx.namespace, q) for q in queues)
-        raise NotFoundError(f"no dead job {args.job_id!r} in {searched}")
-    info = dead.details()
+        raise NotFoundError(
+            f"no dead job {args.job_id!r} (nor one whose id starts with it) in {searched}"
+        )
+    first: dict[str | None, ops.DeadJob] = {}
+    for dead in found:
+        first.setdefault(dead.job_id, dead)
+    if len(first) > 1:
+        shown = [f"{d.job_id} ({d.job_name}, {d.queue})" for d in list(first.values())[:10]]
+        more = f" and {len(first) - 10} more" if len(first) > 10 else ""
+        raise AmqpJobsError(
+            f"job id prefix {args.job_id!r} is ambiguous: {plural(len(first), 'dead job')}"
+            f" match: {', '.join(shown)}{more}; give more of the id"
+        )
+    info = found[0].details()
     lines = [f"{k:>14}: {v}" for k, v in info.items() if k not in ("traceback", "headers", "args")]
     lines += ["", "args:", f"  {info['args']}", "", "traceback:", info["traceback"] or "  -"]
-    lines += ["", "headers:"] + [f"  {k}: {v}" for k, v in sorted(info["headers"].items())]
+    lines += ["", "headers:"] + [
+        f"  {k}: {'(the traceback above)' if k == H_ERROR_TRACEBACK else v}"
+        for k, v in sorted(info["headers"].items())
+    ]
+    if len(found) > 1:
+        lines += ["", f"({len(found)} dead copies of this job; this is the oldest)"]
     emit(ctx, info, "\n".join(lines))
     return 0
 
@@ -274,7 +307,10 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
     if bar is not None and sys.stderr.isatty():
         print(file=sys.stderr)
     missing = sorted(set(args.ids or []) - set(result.job_ids))
-    text = f"replayed {result.done} dead jobs from {queue} to {work_queue(ctx.namespace, queue)}"
+    text = (
+        f"replayed {plural(result.done, 'dead job')} from {queue}"
+        f" to {work_queue(ctx.namespace, queue)}"
+    )
     if missing:
         text += f"\nnot found in {dead_queue(ctx.namespace, queue)}: {', '.join(missing)}"
     emit(ctx, {"replayed": result.job_ids, "not_found": missing}, text)
@@ -302,17 +338,12 @@ def cmd_dead_purge(args: argparse.Namespace) -> int:
         if not matching:
             emit(ctx, {"removed": 0}, f"no matching dead jobs in {queue}")
             return 0
-        if not sys.stdin.isatty():
-            raise UsageError(
-                f"{len(matching)} dead jobs would be deleted; confirm with --yes"
-                " (no terminal to ask on)"
-            )
-        answer = input(f"Delete {len(matching)} dead jobs from {queue}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
+        jobs = plural(len(matching), "dead job")
+        if not confirm(f"Delete {jobs} from {queue}?", f"{jobs} would be deleted"):
             print("nothing deleted")
             return 1
     removed = ctx.run(lambda b: ops.purge_dead(b, queue, selector))
-    emit(ctx, {"removed": removed}, f"removed {removed} dead jobs from {queue}")
+    emit(ctx, {"removed": removed}, f"removed {plural(removed, 'dead job')} from {queue}")
     return 0
 
 
@@ -443,10 +474,56 @@ def cmd_topology_declare(args: argparse.Namespace) -> int:
     emit(
         ctx,
         {"namespace": ctx.namespace, "queues": sorted(plan)},
-        f"declared namespace {ctx.namespace}: queues {', '.join(sorted(plan))} and the"
-        f" delay cascade ({ctx.settings.delay_levels} levels)",
+        f"declared namespace {ctx.namespace}: {_queue_names(plan)} and the"
+        f" delay cascade ({plural(ctx.settings.delay_levels, 'level')})",
     )
     return 0
+
+
+def cmd_topology_delete(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    queues = ctx.queues(args.queues)
+    if not queues:
+        raise UsageError("which queues? pass --app module:app or --queue Q")
+    where = f"namespace {ctx.namespace} (work {_queue_names(queues)})"
+    if not args.yes:
+        contents = ctx.run(lambda b: ops.namespace_contents(b, queues))
+        what = _contents(contents, deleting=False)
+        if not confirm(f"Delete {where}: {what}?", f"would delete {where}: {what}"):
+            print("nothing deleted")
+            return 1
+    deleted = ctx.run(lambda b: ops.delete_namespace(b, queues))
+    emit(ctx, deleted.to_json(), f"deleted {where}: {_contents(deleted, deleting=True)}")
+    return 0
+
+
+def _queue_names(queues: Iterable[str]) -> str:
+    """``queue mail`` or ``queues billing, crm``."""
+    names = sorted(queues)
+    return f"{'queue' if len(names) == 1 else 'queues'} {', '.join(names)}"
+
+
+def _contents(contents: ops.NamespaceContents, *, deleting: bool) -> str:
+    """What deleting a namespace removes (``deleting``: removed), in words."""
+    exchanges = plural(len(contents.exchanges), "exchange")
+    if not contents.queues:
+        text = f"none of its queues existed; its {exchanges}, if any were left"
+    else:
+        jobs = plural(contents.jobs, "job")
+        if not contents.jobs:
+            held = " (empty)"
+        elif deleting:
+            held = f" ({jobs} discarded)"
+        else:
+            held = f" holding {jobs}, which would be discarded"
+        text = f"{plural(len(contents.queues), 'queue')}{held}, and its {exchanges}"
+    consumers = plural(contents.consumers, "consumer")
+    if contents.consumers and deleting:
+        were = "was" if contents.consumers == 1 else "were"
+        text += f"; {consumers} {were} attached: their workers declare the queues again"
+    elif contents.consumers:
+        text += f"; {consumers} attached: stop the workers first, or they declare the queues again"
+    return text
 
 
 # -- schemas and asyncapi -------------------------------------------------------------

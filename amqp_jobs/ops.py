@@ -1,4 +1,5 @@
-"""Operating a namespace: queue status, and listing, replaying and purging dead jobs.
+"""Operating a namespace: queue status; listing, replaying and purging dead jobs;
+deleting a namespace.
 
 Dead-letter queues are read with basic.get and left unacked; closing the channel hands
 every message not deliberately removed back to the broker in its original order. So a
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from amqp_jobs.errors import AmqpJobsError
+from amqp_jobs.errors import AmqpJobsError, describe
 from amqp_jobs.errors import NotFoundError as NotFoundError
 from amqp_jobs.message import (
     H_ATTEMPT,
@@ -36,6 +37,7 @@ from amqp_jobs.topology import (
     dead_queue,
     delay_queue,
     due_queue,
+    namespace_plan,
     quarantine_queue,
     unroutable,
     work_queue,
@@ -192,11 +194,71 @@ async def status(
     delayed = 0
     for level in range(broker.settings.delay_levels):
         level_counts = await counts(delay_queue(namespace, level))
-        if level_counts is None:
-            break  # the cascade is declared whole or not at all
-        delayed += level_counts[0]
+        # a level is declared once a job first needs it: a missing one holds nothing
+        delayed += level_counts[0] if level_counts else 0
     parked = await counts(unroutable(namespace))
     return Status(namespace, rows, delayed, parked[0] if parked else 0)
+
+
+# -- deleting a namespace ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NamespaceContents:
+    """What deleting a namespace (for some work queues) removes, as far as AMQP tells:
+    the queues of its plan that exist, with their ready messages (jobs waiting, delayed
+    or dead; jobs a running worker holds unacked are not counted), the consumers attached
+    to them, and the exchanges of its plan (deleting one that is missing is a no-op)."""
+
+    namespace: str
+    queues: dict[str, int]
+    consumers: int
+    exchanges: list[str]
+
+    @property
+    def jobs(self) -> int:
+        return sum(self.queues.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "queues": self.queues,
+            "jobs": self.jobs,
+            "consumers": self.consumers,
+            "exchanges": self.exchanges,
+        }
+
+
+async def namespace_contents(broker: Broker, queues: Iterable[str]) -> NamespaceContents:
+    """Which queues of the namespace's plan for these work queues exist, and what is in them."""
+    plan = namespace_plan(broker.namespace, queues, broker.settings)
+    found: dict[str, int] = {}
+    consumers = 0
+    for queue in plan.queues:
+        counts = await broker.link.counts(queue.name)
+        if counts is not None:
+            found[queue.name] = counts[0]
+            consumers += counts[1]
+    return NamespaceContents(
+        broker.namespace, found, consumers, [exchange.name for exchange in plan.exchanges]
+    )
+
+
+async def delete_namespace(broker: Broker, queues: Iterable[str]) -> NamespaceContents:
+    """Delete every queue and exchange of the namespace's plan for these work queues
+    (through the transport, which every namespace's teardown uses); returns what there
+    was just before."""
+    queues = sorted(set(queues))
+    contents = await namespace_contents(broker, queues)
+    try:
+        await broker.transport.delete_namespace(broker.namespace, queues, broker.settings)
+    except AmqpJobsError:
+        raise
+    except Exception as exc:  # the transport's own (a refusal: no configure permission)
+        raise AmqpJobsError(
+            f"deleting namespace {broker.namespace!r} failed: {describe(exc)}"
+        ) from None
+    return contents
 
 
 # -- dead jobs -------------------------------------------------------------------
@@ -394,13 +456,22 @@ async def list_dead(
     return found if limit is None else found[:limit]
 
 
-async def find_dead(broker: Broker, queues: Iterable[str], job_id: str) -> DeadJob | None:
-    """The dead job with this id in any of the queues, or None."""
+async def find_dead(broker: Broker, queues: Iterable[str], job_id: str) -> list[DeadJob]:
+    """The dead jobs, in any of the queues, whose id is ``job_id`` or starts with it (the
+    short ids the demo prints): those with exactly this id if there are any, else every
+    one the prefix matches, oldest first. Several with the same id are copies of one job
+    (at least once); several ids mean the prefix is ambiguous."""
+    if not job_id:
+        return []
+
+    def matches(dead: DeadJob) -> bool:
+        return dead.job_id is not None and dead.job_id.startswith(job_id)
+
+    found: list[DeadJob] = []
     for queue in sorted(set(queues)):
-        matches = await list_dead(broker, queue, selector=select(ids=[job_id]))
-        if matches:
-            return matches[0]
-    return None
+        found += await list_dead(broker, queue, selector=matches)
+    exact = [dead for dead in found if dead.job_id == job_id]
+    return exact or found
 
 
 @dataclass

@@ -12,13 +12,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import pytest
 
 from amqp_jobs import ops
 from amqp_jobs.cli import main
 from amqp_jobs.message import Message, now_ms
-from amqp_jobs.testing import Namespace
-from amqp_jobs.topology import TopologySettings, dead_queue, quarantine_queue, work_queue
+from amqp_jobs.testing import Namespace, memory_broker_of
+from amqp_jobs.topology import (
+    TopologySettings,
+    dead_queue,
+    namespace_plan,
+    quarantine_queue,
+    work_queue,
+)
 from amqp_jobs.transport import transport_for
 from tests.support import (
     MANAGEMENT,
@@ -31,6 +38,8 @@ from tests.support import (
 from tests.support import declare as declare_queue
 
 APP = "examples.shop.worker:app"
+#: the work queues of APP
+QUEUES = {"billing", "crm", "emails", "fulfilment"}
 
 
 def cli(
@@ -165,6 +174,8 @@ def test_dead_list_filters_and_leaves_the_queue_as_it_was(
     assert listed[0]["error_type"] == "ValueError"
     code, out, _ = cli(capsys, namespace, "dead", "list", "billing")
     assert "id-5" in out and "6 dead jobs in billing" in out
+    code, out, _ = cli(capsys, namespace, "dead", "list", "billing", "--limit", "1")
+    assert "1 dead job in billing" in out
     # nothing lost, duplicated or reordered
     msgs = run(drain(namespace.url, dead_queue(namespace.name, "billing"), 6))
     assert [m.message_id for m in msgs] == [j for j, _ in jobs]
@@ -180,10 +191,41 @@ def test_dead_show(namespace: Namespace, capsys: pytest.CaptureFixture[str]) -> 
     assert json.loads(info["args"]) == {"user_id": 7, "amount_cents": 5}
     code, out, _ = cli(capsys, namespace, "dead", "show", "b", "--queue", "billing")
     assert "traceback:" in out and "billing.sync_invoice broke" in out
+    assert out.count("Traceback (most recent call last)") == 1, "the traceback, once"
+    assert "job-error-traceback: (the traceback above)" in out
     code, _, err = cli(capsys, namespace, "dead", "show", "zzz", "--queue", "billing")
     assert code == 1
     assert "no dead job 'zzz'" in err
     assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 2
+
+
+def test_dead_show_takes_the_start_of_an_id(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo prints 8 characters of each id; the worker log prints whole ids."""
+    ids = ["594ed247292048bd8920bceee1b096b2", "594ed2479f0c4c7f9d6c1d7be2cbb7a1", "dec67507"]
+    run(park(namespace, "billing", [(i, "billing.sync_invoice") for i in ids]))
+    run(park(namespace, "crm", [("dec67507d9ca4cdfb80bc386158fde3c", "crm.create_record")]))
+    show = ("dead", "show")
+    queues = ("--queue", "billing", "--queue", "crm")
+    code, out, err = cli(capsys, namespace, *show, "594ed247292", *queues, "--json")
+    assert code == 0, err
+    assert json.loads(out)["job_id"] == ids[0]
+    # ambiguous: an error naming every candidate (and their queues), nothing shown
+    code, out, err = cli(capsys, namespace, *show, "594ed247", *queues)
+    assert code == 1 and out == ""
+    assert "ambiguous" in err and "2 dead jobs" in err and len(err.strip().splitlines()) == 1
+    assert f"{ids[0]} (billing.sync_invoice, billing)" in err and ids[1] in err
+    # an id that is also the start of another id is that job, not ambiguous
+    code, out, _ = cli(capsys, namespace, *show, "dec67507", *queues, "--json")
+    assert code == 0 and json.loads(out)["job_id"] == "dec67507"
+    code, out, err = cli(capsys, namespace, *show, "dec67507d", *queues, "--json")
+    assert code == 0 and json.loads(out)["queue"] == "crm"
+    code, _, err = cli(capsys, namespace, *show, "ffff", *queues)
+    assert code == 1 and "no dead job 'ffff'" in err
+    # nothing was taken off the dead queues
+    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 3
+    assert run(queue_count(namespace.url, dead_queue(namespace.name, "crm"))) == 1
 
 
 def test_dead_replay_by_id_and_all(
@@ -267,7 +309,7 @@ def test_dead_purge(namespace: Namespace, capsys: pytest.CaptureFixture[str]) ->
         "billing.sync_invoice",
         "--yes",
     )
-    assert code == 0 and "removed 1 dead jobs" in out
+    assert code == 0 and "removed 1 dead job from billing" in out
     code, out, _ = cli(
         capsys, namespace, "dead", "purge", "billing", "--older-than", "1h", "--yes", "--json"
     )
@@ -393,6 +435,95 @@ def test_topology_show_and_declare(
             assert await queue_count(namespace.url, q["name"]) == 0
 
     run(check())
+
+
+async def exists(url: str, kind: str, name: str) -> bool:
+    """Whether a queue or exchange exists (RabbitMQ: a passive declare; or memory://)."""
+    memory = memory_broker_of(url)
+    if memory is not None:
+        return memory.has_queue(name) if kind == "queue" else memory.has_exchange(name)
+    connection = await aio_pika.connect(url)
+    try:
+        ch = await connection.channel()
+        try:
+            if kind == "queue":
+                await ch.declare_queue(name, passive=True)
+            else:
+                await ch.declare_exchange(name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+    finally:
+        await connection.close()
+
+
+async def present(ns: Namespace, queues: set[str]) -> tuple[set[str], set[str]]:
+    """The namespace's queues and exchanges (for these work queues) that exist."""
+    plan = namespace_plan(ns.name, queues, ns.settings)
+    found_queues = {q.name for q in plan.queues if await exists(ns.url, "queue", q.name)}
+    found_exchanges = {e.name for e in plan.exchanges if await exists(ns.url, "exchange", e.name)}
+    return found_queues, found_exchanges
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_topology_delete_removes_one_namespace(
+    namespace: Namespace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = Namespace(namespace.url, f"{namespace.name}-other")
+    other.track("mail")
+    try:
+        code, _, err = cli(capsys, other, "topology", "declare", "-q", "mail", "--job", "mail.send")
+        assert code == 0, err
+        theirs = run(present(other, {"mail"}))
+        namespace.track("mail", "crm")
+        code, _, err = cli(
+            capsys, namespace, "topology", "declare", "--app", APP, "--queue", "mail"
+        )
+        assert code == 0, err
+        run(park(namespace, "mail", [("d1", "mail.send")]))
+        everything = run(present(namespace, {"mail", *QUEUES}))
+        plan = namespace_plan(namespace.name, {"mail", *QUEUES}, namespace.settings)
+        assert len(everything[1]) == len(plan.exchanges) == 33
+        assert {work_queue(namespace.name, q) for q in QUEUES} <= everything[0]
+        queues = len(everything[0])
+
+        # no terminal to ask on, no --yes: refused, with what it would delete
+        code, out, err = cli(capsys, namespace, "topology", "delete", "--app", APP, "-q", "mail")
+        assert code == 2 and "--yes" in err and "1 job, which would be discarded" in err
+        assert run(present(namespace, {"mail", *QUEUES})) == everything
+        # asked on a terminal: the question says jobs would be discarded; no is no
+        questions: list[str] = []
+        monkeypatch.setattr("sys.stdin", Terminal())
+        monkeypatch.setattr("builtins.input", lambda q: questions.append(q) or "n")
+        code, out, _ = cli(capsys, namespace, "topology", "delete", "--app", APP, "-q", "mail")
+        assert code == 1 and "nothing deleted" in out
+        [question] = questions
+        assert question.startswith(f"Delete namespace {namespace.name} (work queues billing,")
+        assert (
+            f"{queues} queues holding 1 job, which would be discarded, and its 33 exchanges"
+            in question
+        )
+        assert run(present(namespace, {"mail", *QUEUES})) == everything
+
+        code, out, err = cli(
+            capsys, namespace, "topology", "delete", "--app", APP, "-q", "mail", "--yes"
+        )
+        assert code == 0, err
+        assert f"deleted namespace {namespace.name}" in out
+        assert f"{queues} queues (1 job discarded), and its 33 exchanges" in out
+        assert run(present(namespace, {"mail", *QUEUES})) == (set(), set())
+        # the other namespace is untouched
+        assert run(present(other, {"mail"})) == theirs
+        assert len(theirs[0]) > 4 and len(theirs[1]) == 33
+        # again: nothing left, and it says so
+        code, out, _ = cli(capsys, namespace, "topology", "delete", "-q", "mail", "-y", "--json")
+        assert code == 0 and json.loads(out)["queues"] == {}
+    finally:
+        run(other.delete())
 
 
 @pytest.mark.rabbitmq_only  # RabbitMQ's management API

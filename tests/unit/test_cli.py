@@ -270,3 +270,131 @@ def test_errors_are_scrubbed_of_passwords_but_keep_user_names() -> None:
     text = "cannot reach amqp://guest:guest@h:5672/:\n refused (hunter2, guest)"
     assert scrub(text, urls) == "cannot reach amqp://guest:***@h:5672/: refused (***, ***)"
     assert scrub("amqp://u:p4ss@x/ down", None) == "amqp://u:***@x/ down"
+
+
+# -- what a newcomer types first -------------------------------------------------------
+
+
+def test_version() -> None:
+    from amqp_jobs import __version__
+
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"amqp-jobs {__version__}"
+
+
+def test_no_command_prints_the_commands_and_how_to_learn_more() -> None:
+    """As pip does: the help on stdout, exit 0 (git prints its list too, with exit 1)."""
+    result = run()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    out = result.stdout
+    assert out.startswith("usage: amqp-jobs")
+    for command in ("worker", "status", "dead", "enqueue", "topology", "schemas", "asyncapi"):
+        assert f"\n    {command} " in out, command
+    assert "amqp-jobs COMMAND --help" in out
+
+
+@pytest.mark.parametrize(
+    ("group", "actions"),
+    [
+        ("dead", ["list", "show", "replay", "purge"]),
+        ("topology", ["show", "declare", "delete"]),
+        ("schemas", ["export", "check"]),
+    ],
+)
+def test_a_group_without_action_lists_its_actions(
+    group: str, actions: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([group]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith(f"usage: amqp-jobs {group}")
+    for action in actions:
+        assert f"\n    {action} " in out, action
+    assert f"amqp-jobs {group} ACTION --help" in out
+
+
+def test_plurals() -> None:
+    from amqp_jobs.commands import plural
+
+    assert plural(0, "dead job") == "0 dead jobs"
+    assert plural(1, "dead job") == "1 dead job"
+    assert plural(2, "queue") == "2 queues"
+    assert plural(1, "copy", "copies") == "1 copy"
+    assert plural(3, "copy", "copies") == "3 copies"
+
+
+def test_no_plural_is_spelt_by_hand_in_cli_output() -> None:
+    """Counts go through plural(): no ``{n} jobs`` that reads "1 jobs"."""
+    import re
+
+    for module in ("cli", "commands", "ops"):
+        source = (ROOT / "amqp_jobs" / f"{module}.py").read_text()
+        by_hand = re.findall(
+            r"(?:\}|%d) (?:dead |handler )?(?:jobs|queues|exchanges|consumers|threads)\b", source
+        )
+        assert not by_hand, (module, by_hand)
+
+
+def test_a_job_duration_reads_as_a_person_would_write_it() -> None:
+    from amqp_jobs.settle import took
+
+    assert took(0.0004) == "0.4 ms"
+    assert took(0.012) == "12 ms"
+    assert took(3.21) == "3210 ms"
+    assert took(12.34) == "12.3 s"
+
+
+# -- every option offered is one its command reads ---------------------------------------
+
+
+def _leaves(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _leaves(child, (*path, name))
+
+
+LEAVES = list(_leaves(build_parser()))
+
+
+def test_every_command_has_a_handler() -> None:
+    names = {" ".join(path) for path, _ in LEAVES}
+    assert {"worker", "status", "dead show", "topology delete", "schemas check"} <= names
+    for path, parser in LEAVES:
+        assert callable(parser.get_default("handler")), path
+
+
+@pytest.mark.parametrize(("path", "parser"), LEAVES, ids=[" ".join(p) for p, _ in LEAVES])
+def test_every_option_a_command_offers_is_read_by_its_handler(
+    path: tuple[str, ...], parser: argparse.ArgumentParser
+) -> None:
+    """A structural check: each option's dest appears in the command's handler as
+    ``args.DEST`` (or by name, as Context reads the shared ones), and each ``args.X`` the
+    handler reads is an option of that command."""
+    import inspect
+    import re
+
+    from amqp_jobs import commands
+
+    handler = parser.get_default("handler")
+    own = inspect.getsource(handler)
+    source = own
+    if "Context(args)" in own:
+        source += inspect.getsource(commands.Context.__init__)
+    dests = {
+        a.dest
+        for a in parser._actions
+        if not isinstance(a, argparse._HelpAction | argparse._VersionAction)
+    }
+    for dest in dests:
+        assert re.search(rf"\bargs\.{dest}\b|[\"']{dest}[\"']", source), (
+            f"`amqp-jobs {' '.join(path)}` offers {dest!r}, which its handler never reads"
+        )
+    read = set(re.findall(r"\bargs\.(\w+)", own))
+    assert read <= dests, f"`amqp-jobs {' '.join(path)}` reads {read - dests}, not offered"
