@@ -19,10 +19,12 @@ from amqp_jobs.errors import (
     TopologyMismatchError,
     UnroutableError,
 )
+from amqp_jobs.function_jobs import JobFunction
 from amqp_jobs.message import DeadReason
 from amqp_jobs.middleware import Middleware, Publishing
 from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
 from amqp_jobs.registry import JobHooks
+from amqp_jobs.sync_client import SyncJobClient
 from amqp_jobs.topology import TopologySettings
 from amqp_jobs.worker import Worker, WorkerStats
 
@@ -42,6 +44,7 @@ __all__ = [
     "JobApp",
     "JobClient",
     "JobContext",
+    "JobFunction",
     "JobHooks",
     "JobTimeoutError",
     "Middleware",
@@ -54,6 +57,7 @@ __all__ = [
     "Publishing",
     "Retry",
     "RetryPolicy",
+    "SyncJobClient",
     "TopologyMismatchError",
     "TopologySettings",
     "UnroutableError",

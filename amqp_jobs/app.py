@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypedDict, Unpack
+from datetime import timedelta
+from typing import Any, TypedDict, Unpack, overload
 
-from amqp_jobs.contract import ArgsT, Job, Namespace, TopologySettings
+from amqp_jobs.contract import DEFAULT_TIMEOUT, ArgsT, Job, Namespace, RetryPolicy, TopologySettings
+from amqp_jobs.function_jobs import JobFunction, P, R
 from amqp_jobs.middleware import Middleware, stack
 from amqp_jobs.outcome import JobContext
 from amqp_jobs.registry import Handler, JobHooks, Registry
@@ -76,6 +78,48 @@ class JobApp:
             return func
 
         return register
+
+    @overload
+    def job(self, func: Callable[P, R]) -> JobFunction[P, R]: ...
+
+    @overload
+    def job(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = DEFAULT_TIMEOUT,
+    ) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+
+    def job(
+        self,
+        func: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = DEFAULT_TIMEOUT,
+    ) -> Any:
+        """Define a job by one typed function and register it as the job's handler::
+
+            @app.job(queue="emails", retry=RetryPolicy(max_attempts=5))
+            async def send_welcome(user_id: int, email: str, ctx: JobContext) -> None: ...
+
+            await client.enqueue(send_welcome, {"user_id": 1, "email": "a@example.com"})
+
+        The args model comes from the parameters (each annotated; one annotated
+        ``JobContext`` gets the context); unknown args are refused. The name defaults to
+        ``module.function`` (``name=`` wins; keep it once jobs are in flight). Returns a
+        ``JobFunction``: a ``Job`` to enqueue, still callable as the plain function.
+        """
+
+        def define(f: Callable[..., Any]) -> JobFunction[..., Any]:
+            job = JobFunction(f, name=name, queue=queue, retry=retry, timeout=timeout)
+            self.registry.add(job, job.handler())
+            return job
+
+        return define if func is None else define(func)
 
     def add_handler(self, job: Job[ArgsT], func: TypedHandler[ArgsT]) -> None:
         """Register ``func`` for ``job`` without a decorator."""

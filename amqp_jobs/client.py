@@ -109,6 +109,7 @@ class JobClient:
     With ``declare=True`` (the default) the client declares each job's queue and binding
     before its first publish, so jobs published before any worker starts wait in the
     queue. Transient broker failures are retried for ``retry_for`` seconds, then raised.
+    Connecting gives up after ``connect_timeout`` seconds (default ``retry_for``).
     """
 
     def __init__(
@@ -121,10 +122,13 @@ class JobClient:
         ssl_context: ssl.SSLContext | None = None,
         retry_for: float = 30.0,
         confirm_timeout: float = 30.0,
+        connect_timeout: float | None = None,
         name: str = "amqp-jobs client",
         middleware: Sequence[Middleware] = (),
     ) -> None:
         retry_for = seconds(retry_for, "retry_for")
+        if connect_timeout is not None:
+            connect_timeout = seconds(connect_timeout, "connect_timeout")
         if seconds(confirm_timeout, "confirm_timeout") == 0:
             raise ContractError("confirm_timeout must be > 0 seconds, got 0")
         ns = Namespace.of(namespace, settings)
@@ -141,7 +145,7 @@ class JobClient:
             self.settings,
             name=name,
             declare=declare,
-            connect_timeout=retry_for,
+            connect_timeout=retry_for if connect_timeout is None else connect_timeout,
             confirm_timeout=confirm_timeout,
         )
 
@@ -259,6 +263,18 @@ class JobClient:
         confirmed, raises BatchPublishError saying which.
         """
         envelopes = [self.prepare(job, args, delay=delay, run_at=run_at) for args in batch]
+        return await self.send_many(job, envelopes)
+
+    async def send_prepared(self, job: Job[Any], envelope: Envelope) -> None:
+        """Publish an envelope from ``prepare`` as ``enqueue`` does (middleware included)."""
+        if self.middleware:
+            await self._send_through_middleware(job, envelope)
+        else:
+            link = self._link
+            await link.retrying(link.send, envelope, job.queue, give_up_after=self.retry_for)
+
+    async def send_many(self, job: Job[Any], envelopes: Sequence[Envelope]) -> list[str]:
+        """Publish envelopes from ``prepare`` as ``enqueue_many`` does; their ids."""
         ids = [e.job_id for e in envelopes]
         failed: dict[int, BaseException] = {}
         for start in range(0, len(envelopes), BATCH_WINDOW):

@@ -43,6 +43,8 @@ from bench.common import (
     rss_mb,
 )
 from bench.delay_precision import measure as measure_delays
+from bench.first_delay import bench_first_delay
+from bench.first_delay import report_line as first_delay_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -373,6 +375,60 @@ async def bench_inmemory(n: int, runs: int) -> dict[str, Any]:
     }
 
 
+# -- workload 7: the sync client from threads ----------------------------------------
+
+SYNC_THREADS = 16
+
+
+def enqueue_sync(ns: str, n: int) -> float:
+    """SYNC_THREADS threads, each enqueueing n / SYNC_THREADS jobs one at a time (as
+    request handlers do), through one shared SyncJobClient; the seconds it took."""
+    import threading
+
+    from amqp_jobs import SyncJobClient
+
+    job = bench_job()
+    per = n // SYNC_THREADS
+    with SyncJobClient(URL, namespace=ns) as client:
+        client.enqueue(job, args(-1))  # connect and declare outside the timing
+        start = threading.Barrier(SYNC_THREADS + 1)
+
+        def work(first: int) -> None:
+            start.wait()
+            for i in range(first, first + per):
+                client.enqueue(job, args(i))
+
+        threads = [threading.Thread(target=work, args=(t * per,)) for t in range(SYNC_THREADS)]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        began = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - began
+
+
+async def bench_sync(n: int, runs: int) -> list[Comparison]:
+    """The sync client from 16 threads against the async client's gathered enqueues
+    (the "raw" column of this row)."""
+    ns = namespace("sync")
+    total = n // SYNC_THREADS * SYNC_THREADS
+    cmp = Comparison("enqueue, 16 threads, SyncJobClient", "jobs/s", target=0.7)
+    try:
+        async with JobClient(URL, namespace=ns) as client:
+            await client.enqueue(bench_job(), args(0))
+        for run in range(runs):
+            for kind in ["async", "sync"] if run % 2 == 0 else ["sync", "async"]:
+                await purge(ns)
+                if kind == "sync":
+                    cmp.ours.append(total / await asyncio.to_thread(enqueue_sync, ns, total))
+                else:
+                    cmp.raw.append(total / await enqueue_ours(ns, total, many=False))
+    finally:
+        await cleanup(ns, {"bench"})
+    return [cmp]
+
+
 # -- report -------------------------------------------------------------------------
 
 
@@ -389,6 +445,8 @@ def report(comparisons: list[Comparison], extra: dict[str, Any]) -> str:
         )
     lines = ["amqp-jobs vs raw aio-pika (median of alternating runs, min-max)", ""]
     lines += rows
+    if any(c.name.startswith("enqueue, 16 threads") for c in comparisons):
+        lines.append("(16 threads, SyncJobClient: its 'raw' is the async JobClient's gather)")
     if "retry" in extra:
         r = extra["retry"]
         lines.append(
@@ -410,6 +468,8 @@ def report(comparisons: list[Comparison], extra: dict[str, Any]) -> str:
             f" pipeline {p['median']:,.0f} jobs/s ({p['min']:,.0f}-{p['max']:,.0f}; target"
             f" ≥ 20,000), enqueue_many {e['median']:,.0f} jobs/s ({e['min']:,.0f}-{e['max']:,.0f})"
         )
+    if "first_delay" in extra:
+        lines.append(first_delay_line(extra["first_delay"]))
     if "memory" in extra:
         m = extra["memory"]
         lines.append(
@@ -437,6 +497,10 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
         extra["memory"] = await bench_memory(options.memory_jobs)
     if "inmemory" not in skip:
         extra["inmemory"] = await bench_inmemory(options.jobs, options.runs)
+    if "firstdelay" not in skip:
+        extra["first_delay"] = await bench_first_delay(max(options.runs, 5))
+    if "sync" not in skip:
+        comparisons += await bench_sync(options.jobs, options.runs)
     print(report(comparisons, extra))
     return {
         "broker_cpu_measured": beam is not None,
@@ -455,7 +519,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay-jobs", type=int, default=300)
     parser.add_argument("--memory-jobs", type=int, default=100_000)
     parser.add_argument(
-        "--skip", default="", help="comma-separated: enqueue,drain,retry,delay,memory,inmemory"
+        "--skip",
+        default="",
+        help="comma-separated: enqueue,drain,retry,delay,memory,inmemory,sync,firstdelay",
     )
     parser.add_argument("--output", default=str(RESULTS / "latest.json"))
     options = parser.parse_args(argv)

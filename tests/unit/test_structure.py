@@ -15,6 +15,7 @@ LAYERS = [
     "contract",
     "message",
     "outcome",
+    "function_jobs",
     "topology",
     "transport.base",
     "transport.amqp.channels",
@@ -34,6 +35,7 @@ LAYERS = [
     "attempt",
     "worker",
     "client",
+    "sync_client",
     "app",
     "ops",
     "schemas",
@@ -50,10 +52,10 @@ def test_public_api_is_pinned() -> None:
         [
             "AmqpJobsError", "ArgsValidationError", "BatchPublishError",
             "BrokerUnavailableError", "ConnectionLostError", "ContractError", "DeadReason",
-            "Defer", "Discard", "Job", "JobApp", "JobClient", "JobContext", "JobHooks",
+            "Defer", "Discard", "Job", "JobApp", "JobClient", "JobContext", "JobFunction", "JobHooks",
             "JobTimeoutError", "Middleware", "Namespace", "Outcome", "OutcomeKind",
             "PublishError", "PublishRefusedError", "PublishTimeoutError", "Publishing",
-            "Retry", "RetryPolicy", "TopologyMismatchError", "TopologySettings",
+            "Retry", "RetryPolicy", "SyncJobClient", "TopologyMismatchError", "TopologySettings",
             "UnroutableError", "Worker", "WorkerStats", "__version__",
         ]
     )  # fmt: skip
@@ -123,6 +125,7 @@ def test_client_libraries_stay_behind_the_transport_seam() -> None:
 def test_the_core_never_imports_the_amqp_transport() -> None:
     """The worker, settle and the clients see brokers only through transport.base."""
     modules = _modules()
-    for module in ("settle", "registry", "middleware", "attempt", "worker", "client", "app"):
+    for module in ("settle", "registry", "middleware", "attempt", "worker", "client",
+                   "sync_client", "app"):  # fmt: skip
         for imported in _imports(modules[module]):
             assert not imported.startswith("amqp_jobs.transport.amqp"), (module, imported)

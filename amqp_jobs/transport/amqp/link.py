@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from amqp_jobs.clock import WALL
 from amqp_jobs.contract import TopologySettings
 from amqp_jobs.errors import (
     BrokerUnavailableError,
+    ContractError,
     PublishError,
     PublishRefusedError,
     PublishTimeoutError,
@@ -55,6 +57,10 @@ from amqp_jobs.transport.amqp.declare import Declarer
 from amqp_jobs.urls import BrokerURLs, resolve
 
 log = logging.getLogger("amqp_jobs.link")
+
+#: Connections of loops a link moved away from that are not closed (a forked child's
+#: copies of its parent's, a stopped loop's): never collected, so never closed from here.
+_LEFT_BEHIND: list[tuple[AbstractConnection, Publisher | None]] = []
 
 #: Channel-level failures that a fresh channel or connection may cure.
 RECOVERABLE = (*TRANSIENT, aiormq.exceptions.ChannelClosed)
@@ -118,6 +124,9 @@ class Link:
         self._declarer: Declarer | None = None
         self._publisher: Publisher | None = None
         self._lock = asyncio.Lock()
+        #: the event loop (and process) the connection, publisher and lock belong to
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = os.getpid()
         #: (queue, job name) pairs, and "cascade", known declared on this connection
         self._ready: set[tuple[str, str] | str] = set()
         #: every work queue an earlier declarer of this link declared
@@ -131,7 +140,9 @@ class Link:
 
     @property
     def is_open(self) -> bool:
-        return is_alive(self._connection)
+        """Connected, in the running event loop (a connection of another loop is dead
+        to this one: it cannot be used, nor closed, from here)."""
+        return is_alive(self._connection) and self._loop is asyncio._get_running_loop()
 
     @property
     def connection(self) -> AbstractConnection:
@@ -153,6 +164,8 @@ class Link:
         """Connect (again) if not connected; retries as ``connect`` does."""
         if self.is_open:
             return
+        if self._loop is not asyncio.get_running_loop():
+            self._move_to_running_loop()
         async with self._lock:
             if self.is_open:
                 return
@@ -170,7 +183,43 @@ class Link:
             self._publisher = Publisher(connection, confirm_timeout=self.confirm_timeout)
             log.debug("%s connected to %s", self.name, self.urls)
 
+    def _move_to_running_loop(self) -> None:
+        """Start afresh in the running loop: a client reused by a second ``asyncio.run()``,
+        or in a forked child.
+
+        The connection, its publisher (with its watchdog task) and the lock belong to the
+        loop they were made in. That loop is closed (``asyncio.run`` cancelled their tasks
+        and the connection with them), stopped, or in the parent process, whose socket
+        this one shares: they are left untouched, and the next open() connects anew.
+        """
+        old = self._loop
+        if old is not None and old.is_running() and self._pid == os.getpid():
+            raise ContractError(
+                f"{self.name}: in use by an event loop running in another thread; a"
+                " JobClient serves one event loop at a time (make one per loop, or publish"
+                " from threads with SyncJobClient)"
+            )
+        if old is not None and not old.is_closed() and self._connection is not None:
+            # Kept, not collected: aio-pika closes a collected connection from the running
+            # loop, which would write on the parent's socket, or on another loop's.
+            _LEFT_BEHIND.append((self._connection, self._publisher))
+        if self._declarer is not None:
+            self._known |= self._declarer.queues
+        self._connection, self._declarer, self._publisher = None, None, None
+        self._ready = set()
+        self._lock = asyncio.Lock()
+        self._loop, self._pid = asyncio.get_running_loop(), os.getpid()
+
     async def close(self) -> None:
+        old = self._loop
+        if old is not None and old is not asyncio.get_running_loop():
+            if old.is_running() and self._pid == os.getpid():
+                # open in a loop running in another thread: closed there
+                done = asyncio.run_coroutine_threadsafe(self.close(), old)
+                await asyncio.wrap_future(done)
+            else:
+                self._move_to_running_loop()  # nothing of this loop's to close
+            return
         if self._publisher is not None:
             await self._publisher.close()  # its confirm watchdog and retiring channels
         if self._declarer is not None:
