@@ -10,12 +10,16 @@ In memory, nothing touches the network, and time can be made to pass::
 
 Installed with the package (entry point ``pytest11``), the pytest plugin provides:
 
-* ``amqp_url``: ``$AMQP_URL`` if set, else a RabbitMQ started with testcontainers for the
-  session. With ``CI=true`` a broker that cannot be reached fails the run; elsewhere the
-  tests that need it are skipped with the reason.
+* ``amqp_url``: ``$AMQP_URL`` if set, else the local broker if one answers, else a
+  RabbitMQ started with testcontainers for the session (the header of pytest's output says
+  which). With ``CI=true`` a broker that cannot be had fails the run; elsewhere the tests
+  that need it are skipped with the reason.
 * ``namespace``: a fresh namespace per test (a unique prefix on every exchange and
   queue), deleted after the test. Build apps and clients through it (``namespace.app()``,
-  ``namespace.client()``) so it knows what to delete.
+  ``namespace.client()``), or run your real app in it (``namespace.worker(app)``), so it
+  knows what to delete.
+* ``async def`` tests run on asyncio without configuring pytest-asyncio (unless marked for
+  anyio or trio).
 * ``run_until_idle(worker)``: run a worker until its queues, the delay cascade and the
   worker itself hold nothing more, then stop it gracefully; on a virtual clock it can
   advance time whenever nothing else can happen (``advance_time=True``).
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -43,13 +48,14 @@ from amqp_jobs.app import JobApp
 from amqp_jobs.client import JobClient
 from amqp_jobs.clock import VirtualClock
 from amqp_jobs.contract import Job, TopologySettings
+from amqp_jobs.contract import Namespace as ContractNamespace
 from amqp_jobs.errors import ContractError, Defer, Discard, Retry
 from amqp_jobs.message import H_ETA
 from amqp_jobs.middleware import Middleware, Next
 from amqp_jobs.outcome import JobContext
 from amqp_jobs.transport import Transport, transport_for
 from amqp_jobs.transport.memory import MemoryBroker, MemoryTransport
-from amqp_jobs.urls import mask_url, resolve
+from amqp_jobs.urls import DEFAULT_URL, mask_url, resolve
 from amqp_jobs.worker import Worker, WorkerStats
 
 #: How often run_until_idle looks at the queue counts.
@@ -78,12 +84,50 @@ def _reachable(url: str, timeout: float = 3.0) -> str | None:
         return f"no broker at {mask_url(url)} ({exc})"
 
 
-@pytest.fixture(scope="session")
-def amqp_url() -> Iterator[str]:
-    """URL of the broker: $AMQP_URL (``memory://`` runs every test in memory), else a
-    RabbitMQ started with testcontainers for the session."""
+def _choose_broker() -> tuple[str | None, str]:
+    """Where the tests' broker is (a URL, or None for testcontainers) and why, in words."""
     url = os.environ.get("AMQP_URL")
     if url:
+        try:
+            urls = resolve(url)
+        except ContractError as exc:
+            return url, f"$AMQP_URL, which is wrong: {exc}"
+        return url, f"$AMQP_URL ({mask_url(urls.first) if urls.memory_name is None else url})"
+    if _reachable(DEFAULT_URL, timeout=1.0) is None:
+        return DEFAULT_URL, f"the local broker at {mask_url(DEFAULT_URL)} ($AMQP_URL is not set)"
+    return None, (
+        f"a RabbitMQ container started with testcontainers (no broker answers at"
+        f" {mask_url(DEFAULT_URL)} and $AMQP_URL is not set)"
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say which broker the ``amqp_url`` fixture will use."""
+    return f"amqp-jobs: tests that need a broker use {_choose_broker()[1]}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(
+    collector: pytest.Module | pytest.Class, name: str, obj: object
+) -> Any:
+    """Run an ``async def`` test on asyncio (pytest-asyncio, which the ``testing`` extra
+    installs) when nothing claims it: no ``asyncio_mode = auto`` needed, and tests marked
+    for anyio or trio are left alone."""
+    if inspect.iscoroutinefunction(obj) and collector.config.pluginmanager.has_plugin("asyncio"):
+        marks = getattr(obj, "pytestmark", [])
+        if not any(m.name in ("asyncio", "anyio", "trio") for m in marks):
+            obj.pytestmark = [*marks, pytest.mark.asyncio]  # type: ignore[attr-defined]
+    return (yield)
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """URL of the broker: $AMQP_URL (``memory://`` runs every test in memory), else the
+    local broker if one answers, else a RabbitMQ started with testcontainers for the
+    session. With ``CI=true`` a broker that cannot be had fails the run; elsewhere the
+    tests that need it are skipped, saying why."""
+    url, _ = _choose_broker()
+    if url is not None:
         try:
             urls = resolve(url)
         except ContractError as exc:
@@ -102,12 +146,18 @@ def amqp_url() -> Iterator[str]:
         try:
             from testcontainers.rabbitmq import RabbitMqContainer
         except ImportError:
-            _unavailable("AMQP_URL is not set and testcontainers is not installed")
+            _unavailable(
+                f"no broker at {mask_url(DEFAULT_URL)}, AMQP_URL is not set and testcontainers"
+                " is not installed (pip install 'amqp-jobs[testing]')"
+            )
     try:
         container = RabbitMqContainer("rabbitmq:3.13-management-alpine")
         container.start()
     except Exception as exc:
-        _unavailable(f"AMQP_URL is not set and no RabbitMQ container could start: {exc}")
+        _unavailable(
+            f"no broker at {mask_url(DEFAULT_URL)}, AMQP_URL is not set, and no RabbitMQ"
+            f" container could start: {exc}"
+        )
     try:
         host = container.get_container_host_ip()
         port = container.get_exposed_port(container.port)
@@ -162,9 +212,16 @@ class Namespace:
         return client
 
     def worker(self, app: JobApp, **kwargs: Any) -> Worker:
-        """A Worker for ``app`` on this namespace's broker."""
+        """A Worker running ``app`` as it is registered (its handlers, hooks, middleware
+        and settings), but in this namespace and on this namespace's broker; what it
+        declares is deleted with the namespace. Options as ``app.worker()``'s."""
         kwargs.setdefault("grace", 5.0)
-        return app.worker(self.url, **kwargs)
+        kwargs.setdefault("hooks", app.hooks)
+        kwargs.setdefault("middleware", app.middleware)
+        if app not in self._apps:
+            self._apps.append(app)
+        ns = ContractNamespace(self.name, app.settings)
+        return Worker(app.registry, namespace=ns, url=self.url, **kwargs)
 
     def all_queues(self) -> set[str]:
         queues = set(self.queues)
@@ -175,11 +232,17 @@ class Namespace:
         return queues
 
     async def delete(self) -> None:
-        """Delete every exchange and queue of the namespace."""
+        """Delete every exchange and queue of the namespace (as laid out by each of the
+        settings its apps and clients used: the delay levels depend on them)."""
         for client in self._clients:
             await client.close()
         transport = transport_for(self.url)
-        await transport.delete_namespace(self.name, self.all_queues(), self.settings)
+        layouts = [self.settings]
+        for settings in [app.settings for app in self._apps] + [c.settings for c in self._clients]:
+            if settings not in layouts:
+                layouts.append(settings)
+        for settings in layouts:
+            await transport.delete_namespace(self.name, self.all_queues(), settings)
 
 
 @pytest.fixture
