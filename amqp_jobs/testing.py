@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -84,8 +85,10 @@ def _reachable(url: str, timeout: float = 3.0) -> str | None:
         return f"no broker at {mask_url(url)} ({exc})"
 
 
+@functools.cache
 def _choose_broker() -> tuple[str | None, str]:
-    """Where the tests' broker is (a URL, or None for testcontainers) and why, in words."""
+    """Where the tests' broker is (a URL, or None for testcontainers) and why, in words.
+    Decided once per run, so the header and the fixture agree."""
     url = os.environ.get("AMQP_URL")
     if url:
         try:
@@ -106,17 +109,29 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"amqp-jobs: tests that need a broker use {_choose_broker()[1]}"
 
 
+#: Marks of the async test runners: a test with one of these is theirs.
+_ASYNC_MARKS = ("asyncio", "anyio", "trio")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_pycollect_makeitem(
     collector: pytest.Module | pytest.Class, name: str, obj: object
 ) -> Any:
     """Run an ``async def`` test on asyncio (pytest-asyncio, which the ``testing`` extra
-    installs) when nothing claims it: no ``asyncio_mode = auto`` needed, and tests marked
-    for anyio or trio are left alone."""
-    if inspect.iscoroutinefunction(obj) and collector.config.pluginmanager.has_plugin("asyncio"):
-        marks = getattr(obj, "pytestmark", [])
-        if not any(m.name in ("asyncio", "anyio", "trio") for m in marks):
-            obj.pytestmark = [*marks, pytest.mark.asyncio]  # type: ignore[attr-defined]
+    installs) when nothing claims it, as ``@pytest.mark.asyncio`` on it would: no
+    ``asyncio_mode = auto`` needed. Only plain test functions are touched; a test marked
+    for asyncio, anyio or trio (on itself, its class or module) is left alone."""
+    if (
+        inspect.isfunction(obj)
+        and inspect.iscoroutinefunction(obj)
+        and collector.istestfunction(obj, name)
+        and collector.config.pluginmanager.has_plugin("asyncio")
+        and (collector.config.getoption("asyncio_mode") or collector.config.getini("asyncio_mode"))
+        != "auto"
+        and not any(m.name in _ASYNC_MARKS for m in getattr(obj, "pytestmark", []))
+        and not any(next(collector.iter_markers(m), None) for m in _ASYNC_MARKS)
+    ):
+        obj.pytestmark = [*getattr(obj, "pytestmark", []), pytest.mark.asyncio]  # type: ignore[attr-defined]
     return (yield)
 
 
