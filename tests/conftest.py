@@ -6,9 +6,22 @@ import os
 
 import pytest
 
+from amqp_jobs.testing import Namespace
+from amqp_jobs.urls import DEFAULT_URL
 from tests.shared_broker import Guard, is_local
 
 GUARD = pytest.StashKey[Guard | None]()
+#: Every namespace this run's tests create (the guard looks for their leftovers).
+CREATED: set[str] = set()
+_init = Namespace.__init__
+
+
+def _recording_init(self: Namespace, *args: object, **kwargs: object) -> None:
+    _init(self, *args, **kwargs)  # type: ignore[arg-type]
+    CREATED.add(self.name)
+
+
+Namespace.__init__ = _recording_init  # type: ignore[method-assign]
 #: The check of the shared broker, which must run after every other test.
 LAST = "test_shared_broker.py::test_the_shared_broker_was_left_alone"
 
@@ -20,7 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Watch the shared broker if the check will run (it takes a few rabbitmqctl calls)."""
-    url = os.environ.get("AMQP_URL", "")
+    url = os.environ.get("AMQP_URL") or DEFAULT_URL  # as the plugin's amqp_url
     guard = None
     wanted = any(item.nodeid.endswith(LAST) for item in session.items)
     if wanted and url.startswith("amqp://") and is_local(url):
@@ -40,3 +53,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def shared_broker_guard(request: pytest.FixtureRequest) -> Guard | None:
     return request.config.stash.get(GUARD, None)
+
+
+@pytest.fixture(scope="session")
+def created_namespaces() -> set[str]:
+    return CREATED

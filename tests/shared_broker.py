@@ -1,17 +1,18 @@
 """The broker at $AMQP_URL is shared: the suite must leave it as it found it.
 
-At the start of a run, ``Guard.start`` notes the node (OS PID, uptime), its vhosts and
-their queues (read-only ``rabbitmqctl``), and plays a bystander application: its own
-connection, left open and idle for the whole run, and its own queue holding messages.
+At the start of a run, ``Guard`` notes the node (OS PID, uptime), its vhosts and their
+lasting queues (durable, not exclusive, not auto-delete: what other applications keep;
+read-only ``rabbitmqctl``), and plays a bystander application: its own connection, left
+open and idle for the whole run, and its own queue holding messages.
 ``tests/test_shared_broker.py``, which runs last, checks that the node was never
-restarted, no vhost or queue that was there is gone, the bystander's connection is still
-open with its messages in place, and no test namespace was left behind.
+restarted, no vhost or lasting queue that was there is gone, the bystander's connection
+is still open with its messages in place, and no namespace this run's tests created was
+left behind (another run on the same broker may have its own in flight).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -22,9 +23,6 @@ from urllib.parse import urlsplit
 
 import pika
 
-#: Names our tests give their namespaces (the plugin's ``t-{test}-{8 hex}``, the
-#: benchmarks' ``bench-{label}-{6 hex}``): none may outlive the run.
-OURS = re.compile(r"^(t-.+-[0-9a-f]{8}|bench-[a-z-]+-[0-9a-f]{6})\.")
 MESSAGES = 3
 
 
@@ -53,7 +51,16 @@ class Snapshot:
     def take(cls) -> Snapshot:
         status = _ctl("status")
         vhosts = {v["name"] for v in _ctl("list_vhosts", "name")}
-        queues = {vh: {q["name"] for q in _ctl("list_queues", "-p", vh, "name")} for vh in vhosts}
+        queues = {
+            vh: {
+                q["name"]
+                for q in _ctl(
+                    "list_queues", "-p", vh, "name", "durable", "auto_delete", "exclusive"
+                )
+                if q["durable"] and not q["auto_delete"] and not q["exclusive"]
+            }
+            for vh in vhosts
+        }
         return cls(
             pid=int(status["pid"]),
             uptime_s=float(status["uptime"]),
@@ -81,8 +88,9 @@ class Guard:
             channel.basic_publish("", self.queue, f"bystander {n}".encode())
         self.channel = channel
 
-    def problems(self) -> list[str]:
-        """What the run did to the broker that it should not have."""
+    def problems(self, namespaces: set[str]) -> list[str]:
+        """What the run did to the broker that it should not have (``namespaces``: those
+        this run's tests created)."""
         found = []
         after = Snapshot.take()
         elapsed = time.monotonic() - self.before.taken_at
@@ -97,7 +105,7 @@ class Guard:
             if gone := names - after.queues.get(vhost, set()):
                 found.append(f"queues deleted in {vhost!r}: {sorted(gone)[:10]}")
         for vhost, names in after.queues.items():
-            left = {n for n in names - self.before.queues.get(vhost, set()) if OURS.match(n)}
+            left = {n for n in names if n.split(".", 1)[0] in namespaces}
             if left:
                 found.append(f"test queues left in {vhost!r}: {sorted(left)[:10]}")
         if not self.connection.is_open:

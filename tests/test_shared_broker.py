@@ -7,7 +7,9 @@ import pytest
 from tests.shared_broker import Guard
 
 
-def test_the_shared_broker_was_left_alone(shared_broker_guard: Guard | None) -> None:
+def test_the_shared_broker_was_left_alone(
+    shared_broker_guard: Guard | None, created_namespaces: set[str]
+) -> None:
     if shared_broker_guard is None:
         pytest.skip("no local broker at $AMQP_URL to watch (rabbitmqctl reads it)")
-    assert shared_broker_guard.problems() == []
+    assert shared_broker_guard.problems(created_namespaces) == []
