@@ -10,7 +10,7 @@ from amqp_jobs import Job, JobContext, TopologySettings
 from amqp_jobs.message import Message, now_ms
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import delay_queue, due_queue, jobs_exchange, work_queue
-from tests.support import eventually, put, queue_count
+from tests.support import _link, eventually, put, queue_count
 
 
 class N(BaseModel):
@@ -147,3 +147,34 @@ async def test_held_jobs_do_not_take_running_slots(namespace: Namespace) -> None
     assert ran[0][0] == 0, "the immediate job ran while the delayed ones were held"
     assert ran[0][1] < 2 <= ran[1][1]
     assert sorted(n for n, _ in ran) == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_publisher_declares_only_its_levels_and_a_worker_all(namespace: Namespace) -> None:
+    """The first delayed job waits for the levels of its delay alone; a worker declares
+    the rest off any job's path, for publishers that spell their own delays."""
+    job, _ = timed_app(namespace)
+    levels = range(namespace.settings.delay_levels)
+
+    async def declared() -> int:
+        link = _link(namespace.url)
+        try:
+            names = [delay_queue(namespace.name, lv) for lv in levels]
+            return sum([await link.depth(name) is not None for name in names])
+        finally:
+            await link.close()
+
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1}, delay=timedelta(hours=1))
+    if not namespace.url.startswith("memory://"):  # in memory, declaring costs nothing
+        assert 0 < await declared() < len(levels)
+    worker = namespace.worker(timed_app.app)  # type: ignore[attr-defined]
+    task = asyncio.create_task(worker.run())
+
+    async def all_declared() -> bool:
+        return await declared() == len(levels)
+
+    try:
+        await eventually(all_declared, timeout=30, what="every delay level declared by the worker")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
