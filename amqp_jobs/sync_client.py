@@ -210,6 +210,10 @@ class _Runner:
                 log.warning("%s did not stop within %.1fs", self.thread.name, timeout)
 
     def _begin_stop(self, timeout: float) -> None:
+        # from now on, calls handed over fail as closed: none may start while the
+        # connection closes (it would open the link again, and leak its socket)
+        self.stopping = True
+        self._fail_pending()
         task = self.loop.create_task(self._shutdown(timeout))
         task.add_done_callback(lambda _: self.loop.stop())
 
