@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import pytest
 from pydantic import BaseModel
@@ -423,6 +425,34 @@ def test_a_job_client_reused_across_asyncio_runs(
     assert depth(namespace.url, work_queue(namespace.name, "emails")) == 60
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [s for s in said if any(n in s for n in NOISE)], said
+
+
+@pytest.mark.rabbitmq_only  # connections, as the broker lists them
+@pytest.mark.skipif(
+    shutil.which("rabbitmqctl") is None, reason="lists connections with rabbitmqctl"
+)
+def test_a_job_client_moved_off_stopped_loops_leaves_no_connection(namespace: Namespace) -> None:
+    """A loop per call, stopped but never closed (``run_until_complete``): the client
+    closes the connection it made on the previous loop before connecting on the next."""
+    if urlsplit(namespace.url).hostname not in ("127.0.0.1", "localhost"):
+        pytest.skip("rabbitmqctl reads the local broker")
+    namespace.track(send)
+    name = f"moved {namespace.name}"
+    client = JobClient(namespace.url, namespace=namespace.name, name=name)
+    loops = [asyncio.new_event_loop() for _ in range(4)]
+    try:
+        for n, loop in enumerate(loops):
+            loop.run_until_complete(client.enqueue(send, {"user_id": n}))
+        listed = subprocess.run(
+            ["rabbitmqctl", "list_connections", "client_properties", "-q"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert listed.count(name) == 1  # the last loop's, not one per loop
+        loops[-1].run_until_complete(client.close())
+    finally:
+        for loop in loops:
+            loop.close()
+    assert depth(namespace.url, work_queue(namespace.name, "emails")) == 4
 
 
 @pytest.mark.rabbitmq_only  # the memory link holds nothing of a loop

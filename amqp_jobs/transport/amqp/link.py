@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import ssl
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -200,9 +201,13 @@ class Link:
                 " from threads with SyncJobClient)"
             )
         if old is not None and not old.is_closed() and self._connection is not None:
-            # Kept, not collected: aio-pika closes a collected connection from the running
-            # loop, which would write on the parent's socket, or on another loop's.
-            _LEFT_BEHIND.append((self._connection, self._publisher))
+            if self._pid == os.getpid():
+                # a stopped loop of this process: close them there, briefly
+                _close_on(old, self._connection, self._publisher)
+            else:
+                # Kept, not collected: aio-pika closes a collected connection from the
+                # running loop, which would write on the parent's socket.
+                _LEFT_BEHIND.append((self._connection, self._publisher))
         if self._declarer is not None:
             self._known |= self._declarer.queues
         self._connection, self._declarer, self._publisher = None, None, None
@@ -218,7 +223,7 @@ class Link:
                 done = asyncio.run_coroutine_threadsafe(self.close(), old)
                 await asyncio.wrap_future(done)
             else:
-                self._move_to_running_loop()  # nothing of this loop's to close
+                self._move_to_running_loop()  # closes what a stopped loop of ours holds
             return
         if self._publisher is not None:
             await self._publisher.close()  # its confirm watchdog and retiring channels
@@ -459,6 +464,33 @@ class Link:
                 raise BrokerUnavailableError(
                     f"publishing to {self.urls} failed for {give_up_after:.0f}s: {describe(exc)}"
                 ) from None
+
+
+#: How long closing a connection left on a stopped event loop may take.
+LEFT_CLOSE_TIMEOUT = 2.0
+
+
+def _close_on(
+    loop: asyncio.AbstractEventLoop, connection: AbstractConnection, publisher: Publisher | None
+) -> None:
+    """Close a connection (and its publisher) on the stopped loop they belong to, run for
+    the purpose in a helper thread (this thread's loop is running), bounded."""
+
+    async def close() -> None:
+        if publisher is not None:
+            await publisher.close()
+        if not connection.is_closed:
+            await connection.close()
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(asyncio.wait_for(close(), LEFT_CLOSE_TIMEOUT))
+        except Exception as exc:
+            log.debug("closing a connection left on a stopped loop: %r", exc)
+
+    helper = threading.Thread(target=run, name="amqp-jobs close", daemon=True)
+    helper.start()
+    helper.join(LEFT_CLOSE_TIMEOUT + 1)
 
 
 def _past(limit: float) -> Callable[[RetryCallState], bool]:
