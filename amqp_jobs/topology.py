@@ -265,17 +265,23 @@ def queue_plan(ns: str, queue: str, job_names: Iterable[str], s: TopologySetting
     )
 
 
+def level_exchange_plan(ns: str, level: int, s: TopologySettings) -> Plan:
+    """Delay level ``level``'s exchange, passing keys without its bit on to the level
+    below (exchange to exchange). Cheap: no queue."""
+    ex = delay_exchange(ns, level)
+    below = delay_exchange(ns, level - 1) if level > 0 else deliver_exchange(ns)
+    return Plan(
+        exchanges=(Exchange(ex, "topic"),),
+        bindings=(Binding(ex, below, level_binding(level, "0", s), to_exchange=True),),
+    )
+
+
 def cascade_exchanges_plan(ns: str, s: TopologySettings) -> Plan:
-    """The delay levels' exchanges, highest last, each passing keys without its bit on to
-    the level below (exchange to exchange). Cheap: no queue."""
-    exchanges, bindings = [], []
-    below = deliver_exchange(ns)
+    """Every delay level's exchange, highest last."""
+    plan = Plan()
     for level in range(s.delay_levels):
-        ex = delay_exchange(ns, level)
-        exchanges.append(Exchange(ex, "topic"))
-        bindings.append(Binding(ex, below, level_binding(level, "0", s), to_exchange=True))
-        below = ex
-    return Plan(exchanges=tuple(exchanges), bindings=tuple(bindings))
+        plan += level_exchange_plan(ns, level, s)
+    return plan
 
 
 def level_plan(ns: str, level: int, s: TopologySettings) -> Plan:
@@ -298,7 +304,9 @@ def cascade_plan(ns: str, s: TopologySettings) -> Plan:
 
 def route_levels(delay_ms: int, s: TopologySettings) -> tuple[int, ...]:
     """The levels whose queues a job delayed ``delay_ms`` (as delayed_route sends it)
-    waits in: the set bits of its units. Only these must exist when it is published."""
+    waits in: the set bits of its units. It enters at the highest and passes only the
+    exchanges below it, so these queues and the exchanges up to the highest are all that
+    must exist when it is published."""
     units = delay_units(delay_ms, s)
     return tuple(level for level in range(units.bit_length()) if units >> level & 1)
 

@@ -22,7 +22,7 @@ from amqp_jobs.topology import (
     Queue,
     TopologySettings,
     base_plan,
-    cascade_exchanges_plan,
+    level_exchange_plan,
     level_plan,
     namespace_plan,
     queue_plan,
@@ -229,6 +229,7 @@ Part = tuple[tuple[str, ...], Plan]
 
 #: The declared-cache keys of the delay levels (TopologySettings allows at most 40).
 _LEVEL_KEYS = tuple(f"level:{n}" for n in range(40))
+_EXCHANGE_KEYS = tuple(f"exchange:{n}" for n in range(40))
 
 
 class Declarer:
@@ -306,11 +307,14 @@ class Declarer:
         return [(keys, queue_plan(self.ns, queue, missing, self.settings))]
 
     def _levels(self, levels: Iterable[int]) -> list[Part]:
+        """The queues of ``levels``, and the exchanges up to the highest of them."""
         declared, s = self.declared, self.settings
+        wanted = sorted(set(levels))
         parts: list[Part] = []
-        if "cascade" not in declared:
-            parts.append((("cascade",), cascade_exchanges_plan(self.ns, s)))
-        for n in sorted(set(levels)):
+        for n in range(wanted[-1] + 1 if wanted else 0):
+            if _EXCHANGE_KEYS[n] not in declared:
+                parts.append(((_EXCHANGE_KEYS[n],), level_exchange_plan(self.ns, n, s)))
+        for n in wanted:
             if _LEVEL_KEYS[n] not in declared:
                 parts.append(((_LEVEL_KEYS[n],), level_plan(self.ns, n, s)))
         return parts
@@ -327,7 +331,8 @@ class Declarer:
         """Whether a job waiting in these delay levels can be published now."""
         declared = self.declared
         return not levels or (
-            "cascade" in declared and all(_LEVEL_KEYS[n] in declared for n in levels)
+            _EXCHANGE_KEYS[max(levels)] in declared  # declared with all below it
+            and all(_LEVEL_KEYS[n] in declared for n in levels)
         )
 
     async def cascade(self, levels: Iterable[int] | None = None) -> None:
