@@ -485,7 +485,12 @@ def cmd_topology_delete(args: argparse.Namespace) -> int:
     queues = ctx.queues(args.queues)
     if not queues:
         raise UsageError("which queues? pass --app module:app or --queue Q")
-    where = f"namespace {ctx.namespace} (work {_queue_names(queues)})"
+    # The namespace's exchanges and delay cascade serve every queue of it, named or not:
+    # say so, since a queue left out would lose its delayed jobs and its routes.
+    where = (
+        f"namespace {ctx.namespace} (work {_queue_names(queues)}, and what every queue of"
+        " the namespace shares: its exchanges and the delay cascade)"
+    )
     if not args.yes:
         contents = ctx.run(lambda b: ops.namespace_contents(b, queues))
         what = _contents(contents, deleting=False)
