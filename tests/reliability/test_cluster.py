@@ -32,6 +32,7 @@ import pytest
 from amqp_jobs import AmqpJobsError
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import work_queue
+from amqp_jobs.transport import transport_for
 from tests.reliability import rel_app
 from tests.reliability.harness import REPORTS, Harness
 from tests.reliability.nodes import Cluster, PrivateNode
@@ -238,7 +239,14 @@ async def test_rolling_restart(cluster: Cluster, harness: Harness) -> None:
 async def test_queue_leaders_spread_over_the_nodes(cluster: Cluster, harness: Harness) -> None:
     """All of a namespace's quorum queues once had their leader on the first client's node."""
     async with harness.namespace.client(settings=rel_app.settings) as client:
-        await client.enqueue(rel_app.work, {"n": 1}, delay=3600)  # declares the cascade too
+        await client.enqueue(rel_app.work, {"n": 1}, delay=3600)  # the levels of its delay
+    link = transport_for(harness.namespace.url).link(
+        harness.namespace.name, rel_app.settings, name="test: every delay level"
+    )
+    try:
+        await link.declare_cascade()  # the rest, as a worker does once consuming
+    finally:
+        await link.close()
     prefix = harness.namespace.name + "."
     out = await in_thread(
         lambda: cluster._ask(None, "list_queues", "name", "leader", "--formatter", "json")
