@@ -276,6 +276,16 @@ def level_exchange_plan(ns: str, level: int, s: TopologySettings) -> Plan:
     )
 
 
+def due_plan(ns: str, queue: str, s: TopologySettings) -> Plan:
+    """Where the cascade ends for ``queue``: its due queue, bound to the deliver exchange.
+    All a delayed job needs of its queue's plan (the worker declares the rest)."""
+    check_queue_name(queue)
+    return Plan(
+        queues=(Queue(due_queue(ns, queue), work_queue_arguments(ns, queue, s)),),
+        bindings=(Binding(deliver_exchange(ns), due_queue(ns, queue), deliver_binding(queue, s)),),
+    )
+
+
 def cascade_exchanges_plan(ns: str, s: TopologySettings) -> Plan:
     """Every delay level's exchange, highest last."""
     plan = Plan()

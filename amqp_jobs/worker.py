@@ -327,13 +327,11 @@ class Worker:
                 stop_wait = asyncio.ensure_future(self._stop.wait())
                 lost_wait: asyncio.Future[Any] = asyncio.ensure_future(lost.wait())
                 watch = asyncio.ensure_future(self._watch_consumers())
-                cascade = asyncio.ensure_future(self._declare_cascade())
                 waits: set[asyncio.Future[Any]] = {stop_wait, lost_wait}
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
                 lost_wait.cancel()
                 watch.cancel()
-                cascade.cancel()
                 if self._stop.is_set():
                     break
                 self._vouch_held()
@@ -451,17 +449,6 @@ class Worker:
         """
         log.warning("%s of %s (was it deleted?); reconnecting", why, consumer.name)
         self._lost.set()
-
-    async def _declare_cascade(self) -> None:
-        """Declare every delay level, off the path of any job. Publishers declare only
-        the levels their delays need; one that spells its own delay (another language,
-        raw AMQP) may need any. On failure, the next connection tries again."""
-        try:
-            await self.link.declare_cascade()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("declaring the delay cascade failed: %s", describe(exc))
 
     async def _watch_consumers(self) -> None:
         """Every few seconds, check that each queue we consume reaches us.

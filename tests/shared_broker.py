@@ -34,6 +34,17 @@ def _ctl(*args: str) -> Any:
     return json.loads(result.stdout)
 
 
+def dead_letter_workers_supervised() -> bool:
+    """Whether the node still has its supervisor of quorum dead-letter workers (read only).
+    RabbitMQ gives it up after two worker crashes in 5 s, and a quorum queue with
+    at-least-once dead-lettering deleted while its worker starts crashes that worker."""
+    result = subprocess.run(
+        ["rabbitmqctl", "eval", "is_pid(whereis(rabbit_fifo_dlx_sup))."],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    return result.stdout.strip().endswith("true")
+
+
 def is_local(url: str) -> bool:
     host = urlsplit(url).hostname or "localhost"
     return host in ("localhost", "127.0.0.1", "::1") and shutil.which("rabbitmqctl") is not None
@@ -98,6 +109,12 @@ class Guard:
             found.append(
                 f"the node restarted: pid {self.before.pid} -> {after.pid}, uptime"
                 f" {self.before.uptime_s:.0f} s -> {after.uptime_s:.0f} s over {elapsed:.0f} s"
+            )
+        if not dead_letter_workers_supervised():
+            found.append(
+                "the node's supervisor of quorum dead-letter workers (rabbit_fifo_dlx_sup) is"
+                " gone: at-least-once quorum queues cannot start until it is restarted"
+                " (rabbitmq-server#16652; quorum queues deleted right after they were made)"
             )
         if gone := self.before.vhosts - after.vhosts:
             found.append(f"vhosts deleted: {sorted(gone)}")

@@ -143,7 +143,7 @@ def test_delay_lands_in_the_delay_cascade(namespace: Namespace, jobs: SyncJobCli
     levels = [depth(namespace.url, delay_queue(namespace.name, level)) for level in range(40)]
     assert sum(d or 0 for d in levels) == 2
     assert not depth(namespace.url, due_queue(namespace.name, "emails"))
-    assert depth(namespace.url, work_queue(namespace.name, "emails")) == 0
+    assert not depth(namespace.url, work_queue(namespace.name, "emails"))  # or not declared
 
 
 def test_sixteen_threads_at_once(namespace: Namespace, jobs: SyncJobClient) -> None:

@@ -22,6 +22,7 @@ from amqp_jobs.topology import (
     Queue,
     TopologySettings,
     base_plan,
+    due_plan,
     level_exchange_plan,
     level_plan,
     namespace_plan,
@@ -303,8 +304,17 @@ class Declarer:
         missing = sorted(n for n in job_names if f"bind:{n}" not in self.declared)
         if not missing and f"queue:{queue}" in self.declared:
             return []
-        keys = (f"queue:{queue}", *(f"bind:{n}" for n in missing))
+        keys = (f"queue:{queue}", f"due:{queue}", *(f"bind:{n}" for n in missing))
         return [(keys, queue_plan(self.ns, queue, missing, self.settings))]
+
+    def has_due(self, queue: str) -> bool:
+        """Whether a job can end its delay in ``queue``'s due queue now."""
+        return f"due:{queue}" in self.declared
+
+    def _due(self, queue: str) -> list[Part]:
+        if self.has_due(queue):
+            return []
+        return [((f"due:{queue}",), due_plan(self.ns, queue, self.settings))]
 
     def _levels(self, levels: Iterable[int]) -> list[Part]:
         """The queues of ``levels``, and the exchanges up to the highest of them."""
@@ -325,7 +335,7 @@ class Declarer:
 
     async def queue(self, queue: str, job_names: Iterable[str]) -> None:
         """A work queue with its due, quarantine and dead queues, bound for these job names."""
-        await self.publishing(queue, job_names, ())
+        await self.publishing(queue, job_names, None)
 
     def has_levels(self, levels: Sequence[int]) -> bool:
         """Whether a job waiting in these delay levels can be published now."""
@@ -341,18 +351,23 @@ class Declarer:
         wanted = range(self.settings.delay_levels) if levels is None else tuple(levels)
         await self._declare(lambda: self._base() + self._levels(wanted))
 
-    async def publishing(self, queue: str, job_names: Iterable[str], levels: Sequence[int]) -> None:
-        """What publishing to ``queue`` needs, as one plan: the namespace's exchanges, the
-        work queue bound for ``job_names``, and, for a delayed job or a retry, the cascade's
-        exchanges and the queues of ``levels`` only (the set bits of its delay): the first
-        delayed job waits for a few quorum queues, not 29, and for one plan, not four."""
+    async def publishing(
+        self, queue: str, job_names: Iterable[str], levels: Sequence[int] | None
+    ) -> None:
+        """What one publish to ``queue`` needs, as one plan, with the namespace's
+        exchanges: for a job due now (``levels`` None), the work queue bound for
+        ``job_names``; for a delayed job or a retry, the due queue the cascade ends in, and
+        the cascade's exchanges up to the highest of ``levels`` and those levels' queues
+        only (the set bits of its delay). The first delayed job waits for a few quorum
+        queues, not 33, and for one plan, not four; a worker declares the rest."""
         check_queue_name(queue)
         self.queues.add(queue)
         names = set(job_names)
 
         def missing() -> list[Part]:
-            parts = self._base() + self._queue(queue, names)
-            return parts + self._levels(levels) if levels else parts
+            if levels is None:
+                return self._base() + self._queue(queue, names)
+            return self._base() + self._due(queue) + self._levels(levels)
 
         await self._declare(missing)
 

@@ -251,20 +251,25 @@ class Link:
         clock, s = self.clock, self.settings
         delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - clock.now_ms()
         if self.declare:
-            # What this publish needs: its work queue and, if it is to wait, the levels
-            # of its delay. Declaring takes time, which changes the delay and so perhaps
-            # the levels: until they hold. The route is computed after the last await.
-            fresh = delay_ms <= 0 and via_jobs_exchange
-            levels = () if fresh else route_levels(delay_ms, s)
-            ready = (queue, envelope.job_name) in self._ready
-            while not (ready and self.declarer.has_levels(levels)):
+            # What this publish needs: a job due now, its work queue; one to wait, its
+            # queue's due queue and the levels of its delay. Declaring takes time, which
+            # changes the delay and so perhaps the levels: until they hold. The route is
+            # computed after the last await.
+            job, declarer = envelope.job_name, self.declarer
+            while True:
+                if delay_ms <= 0 and via_jobs_exchange:
+                    if (queue, job) in self._ready:
+                        break
+                    levels: tuple[int, ...] | None = None
+                else:
+                    levels = route_levels(delay_ms, s)
+                    if declarer.has_due(queue) and declarer.has_levels(levels):
+                        break
                 async with bounded():
-                    await self.declarer.publishing(queue, (envelope.job_name,), levels)
-                self._ready.add((queue, envelope.job_name))
-                ready = True
+                    await declarer.publishing(queue, (job,), levels)
+                if levels is None:
+                    self._ready.add((queue, job))
                 delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - clock.now_ms()
-                fresh = delay_ms <= 0 and via_jobs_exchange
-                levels = () if fresh else route_levels(delay_ms, s)
         if delay_ms <= 0 and via_jobs_exchange:
             exchange, key = jobs_exchange(self.namespace), envelope.job_name
         else:
