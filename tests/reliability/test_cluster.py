@@ -244,7 +244,8 @@ async def test_queue_leaders_spread_over_the_nodes(cluster: Cluster, harness: Ha
         harness.namespace.name, rel_app.settings, name="test: every delay level"
     )
     try:
-        await link.declare_cascade()  # the rest, as a worker does once consuming
+        await link.declare_cascade()  # the rest, as `amqp-jobs topology declare` does
+        await link.declare_queue(rel_app.work.queue, {rel_app.work.name})  # as a worker
     finally:
         await link.close()
     prefix = harness.namespace.name + "."
