@@ -75,8 +75,9 @@ EXCHANGE_CHANNELS = 4
 
 async def declare_plan(connection: AbstractConnection, plan: Plan, *, legacy: bool = False) -> None:
     """Declare ``plan`` (idempotent) over channels of its own: the exchanges, then the
-    exchange-to-exchange bindings, pipelined on one channel, while the queues spread over
-    up to PARALLEL_CHANNELS others; then the queues' bindings, pipelined.
+    exchange-to-exchange bindings, pipelined over up to EXCHANGE_CHANNELS channels, while
+    the queues spread over up to PARALLEL_CHANNELS others; then the queues' bindings,
+    pipelined over all of them.
 
     ``legacy``: the queues were first declared without a leader locator, and keep it so.
     A refusal (PRECONDITION_FAILED) is raised as aiormq reports it.
@@ -96,11 +97,11 @@ async def declare_plan(connection: AbstractConnection, plan: Plan, *, legacy: bo
                 **_nowait(wait),
             )
 
-        async def queue(raw: aiormq.abc.AbstractChannel, q: Queue) -> None:
+        async def queue(raw: aiormq.abc.AbstractChannel, q: Queue, wait: bool) -> None:
             args = q.arguments
             if legacy:
                 args = {k: v for k, v in args.items() if k not in LEADER_LOCATOR}
-            await raw.queue_declare(q.name, durable=True, arguments=args)
+            await raw.queue_declare(q.name, durable=True, arguments=args, **_nowait(wait))
 
         async def binding(raw: aiormq.abc.AbstractChannel, b: Binding, wait: bool) -> None:
             if b.to_exchange:
@@ -112,14 +113,14 @@ async def declare_plan(connection: AbstractConnection, plan: Plan, *, legacy: bo
 
         async def exchanges() -> None:
             mine = raws[:exchanging]
-            await _spread_pipelined(mine, plan.exchanges, exchange)
-            await _spread_pipelined(mine, chained, binding)
+            await _spread(mine, plan.exchanges, exchange, pipelined=True)
+            await _spread(mine, chained, binding, pipelined=True)
 
         async def queues() -> None:
             await _spread(raws[exchanging:] or raws, plan.queues, queue)
 
         await _first_failure(await asyncio.gather(exchanges(), queues(), return_exceptions=True))
-        await _spread_pipelined(raws, bound, binding)
+        await _spread(raws, bound, binding, pipelined=True)
 
 
 async def _first_failure(results: Sequence[object]) -> None:
@@ -136,60 +137,44 @@ def _nowait(wait: bool) -> dict[str, Any]:
     return {"nowait": not wait}
 
 
-async def _spread_pipelined(
-    raws: list[aiormq.abc.AbstractChannel],
-    items: Sequence[T],
-    declare: Callable[[aiormq.abc.AbstractChannel, T, bool], Awaitable[None]],
-) -> None:
-    """``items`` dealt round-robin over the channels, each channel's share pipelined."""
-    if items:
-        await _first_failure(
-            await asyncio.gather(
-                *(_pipeline(raw, items[i :: len(raws)], declare) for i, raw in enumerate(raws)),
-                return_exceptions=True,
-            )
-        )
-
-
-async def _pipeline(
-    raw: aiormq.abc.AbstractChannel,
-    items: Sequence[T],
-    declare: Callable[[aiormq.abc.AbstractChannel, T, bool], Awaitable[None]],
-) -> None:
-    """``declare`` every item on one channel without waiting for each answer (AMQP's
-    no-wait), then the last one waiting: RabbitMQ handles a channel's commands in order,
-    so its answer means every one before it was done, and a refusal closes the channel,
-    which that last wait then raises. Exchanges and bindings are cheap for the broker;
-    the round trips were most of their cost."""
-    try:
-        for i, item in enumerate(items):
-            await declare(raw, item, i == len(items) - 1)
-    except aiormq.exceptions.ChannelInvalidStateError:
-        # the channel closed under the pipeline: raise why the broker closed it
-        closing = raw.closing
-        if closing.done() and not closing.cancelled() and closing.exception() is not None:
-            raise closing.exception() from None  # type: ignore[misc]
-        raise
+#: What declares (or deletes) one item on a channel; ``wait``: for the broker's answer.
+Step = Callable[[aiormq.abc.AbstractChannel, T, bool], Awaitable[None]]
 
 
 async def _spread(
     raws: list[aiormq.abc.AbstractChannel],
     items: Sequence[T],
-    declare: Callable[[aiormq.abc.AbstractChannel, T], Awaitable[None]],
+    step: Step[T],
+    *,
+    pipelined: bool = False,
 ) -> None:
-    """``declare`` every item, the items dealt round-robin over the channels, each
-    channel's share in order; the first failure is raised once all have ended."""
+    """``step`` every item, the items dealt round-robin over the channels, each channel's
+    share in order; the first failure is raised once all have ended.
+
+    ``pipelined``: each share without waiting for each answer (AMQP's no-wait), then the
+    last one waiting. RabbitMQ handles a channel's commands in order, so that answer means
+    every one before it was done, and a refusal closes the channel, which the wait then
+    raises. For exchanges and bindings, which are cheap for the broker: the round trips
+    were most of their cost."""
 
     async def share(raw: aiormq.abc.AbstractChannel, mine: Sequence[T]) -> None:
-        for item in mine:
-            await declare(raw, item)
+        try:
+            for i, item in enumerate(mine):
+                await step(raw, item, not pipelined or i == len(mine) - 1)
+        except aiormq.exceptions.ChannelInvalidStateError:
+            # the channel closed under the pipeline: raise why the broker closed it
+            closing = raw.closing
+            if closing.done() and not closing.cancelled() and closing.exception() is not None:
+                raise closing.exception() from None  # type: ignore[misc]
+            raise
 
-    await _first_failure(
-        await asyncio.gather(
-            *(share(raw, items[i :: len(raws)]) for i, raw in enumerate(raws)),
-            return_exceptions=True,
+    if items:
+        await _first_failure(
+            await asyncio.gather(
+                *(share(raw, items[i :: len(raws)]) for i, raw in enumerate(raws)),
+                return_exceptions=True,
+            )
         )
-    )
 
 
 #: How long closing a declaring channel may take (the connection may be dying).
@@ -382,11 +367,13 @@ async def delete_namespace(
     plan = namespace_plan(ns, queues, settings or TopologySettings())
     async with _channels(connection, min(PARALLEL_CHANNELS, len(plan.queues))) as raws:
 
-        async def delete_queue(raw: aiormq.abc.AbstractChannel, q: Queue) -> None:
-            await raw.queue_delete(q.name)
+        async def delete_queue(raw: aiormq.abc.AbstractChannel, q: Queue, wait: bool) -> None:
+            await raw.queue_delete(q.name, **_nowait(wait))
 
-        async def delete_exchange(raw: aiormq.abc.AbstractChannel, ex: Exchange) -> None:
-            await raw.exchange_delete(ex.name)
+        async def delete_exchange(
+            raw: aiormq.abc.AbstractChannel, ex: Exchange, wait: bool
+        ) -> None:
+            await raw.exchange_delete(ex.name, **_nowait(wait))
 
         await _spread(raws, plan.queues, delete_queue)
         await _spread(raws[:1], plan.exchanges, delete_exchange)
