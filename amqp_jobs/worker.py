@@ -70,7 +70,7 @@ from amqp_jobs.message import (
     decode,
     moved_message,
 )
-from amqp_jobs.middleware import Middleware, stack, tell_settled
+from amqp_jobs.middleware import Middleware, stack, tell_settled, wrapping_attempts
 from amqp_jobs.outcome import (
     Bury,
     Decision,
@@ -235,6 +235,8 @@ class Worker:
         self.hooks = tuple(hooks)
         #: middleware, then the hooks as middleware (innermost)
         self.middleware = stack(middleware, hooks)
+        #: those of them that wrap attempts
+        self._wrapping = wrapping_attempts(self.middleware)
         self.max_body = max_body
         self.connect_timeout = connect_timeout
         self.log_success = bool(log_success)
@@ -703,7 +705,7 @@ class Worker:
             spec,
             args,
             ctx,
-            middleware=self.middleware,
+            middleware=self._wrapping,
             executor=self._executor,
             release_slot=self._sem.release,
             settle_by=self._deadline(msg),
