@@ -40,6 +40,7 @@ class WorkerOptions(TypedDict, total=False):
     consumer_timeout: float
     name: str
     log_success: bool
+    events: bool
 
 
 class JobApp:

@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="no INFO line per succeeded job ('job NAME ID succeeded in 12 ms, attempt 1'),"
         " for high throughput; retries, dead letters and deferrals are still logged",
     )
+    worker.add_argument(
+        "--events",
+        action="store_true",
+        help="publish a lifecycle event per transition of each job to the {ns}.events"
+        " exchange and stream (see the README's 'Lifecycle events')",
+    )
     worker.set_defaults(handler=run_worker_command)
     _add_operations(sub, url=url, namespace=namespace)
     return parser
@@ -450,6 +456,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         name=f"amqp-jobs worker {os.getpid()}",
         log_success=args.log_success,
+        events=args.events,
     )
     log.info("starting worker for %s on %s", args.app, urls)
     asyncio.run(_serve(worker))

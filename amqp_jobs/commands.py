@@ -467,6 +467,7 @@ def cmd_topology_declare(args: argparse.Namespace) -> int:
             for queue, jobs in sorted(plan.items()):
                 await link.declare_queue(queue, jobs)
             await link.declare_cascade()
+            await link.declare_events()
         finally:
             await link.close()
 

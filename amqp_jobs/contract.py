@@ -15,12 +15,13 @@ from datetime import timedelta
 from typing import Any, Generic, Literal, TypeVar
 
 import pydantic
+import pydantic_core
 from pydantic_core import PydanticSerializationError
 from tenacity import RetryCallState, Retrying
 from tenacity.wait import wait_base, wait_exponential_jitter, wait_fixed
 
 from amqp_jobs.durations import seconds as seconds
-from amqp_jobs.errors import ArgsValidationError, ContractError, JobTimeoutError
+from amqp_jobs.errors import ArgsValidationError, ContractError, JobTimeoutError, ResultError
 
 ArgsT = TypeVar("ArgsT", bound=pydantic.BaseModel)
 
@@ -29,8 +30,14 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
 #: Queue names become one word of a topic routing key, so they may not contain dots.
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_MAX_AGE = re.compile(r"^[1-9][0-9]{0,8}[YMDhms]$")
 
 DEFAULT_TIMEOUT = 300.0
+#: A handler's result may take this many bytes as JSON: it travels in one event and is
+#: kept in the stream and the job log.
+MAX_RESULT_BYTES = 64 * 1024
+#: A job key (the value of the contract's key field, as text) is at most this long.
+MAX_KEY_LENGTH = 256
 DEFAULT_MAX_ATTEMPTS = 10
 #: ETAs further ahead than this are rejected as absurd (about 100 years): by the worker's
 #: decode (message.py re-exports it) and, so that both agree, by publishers and backoffs.
@@ -128,7 +135,7 @@ class Job(Generic[ArgsT]):
     Publishers and workers import the same contract; only the worker registers a handler.
     """
 
-    __slots__ = ("args_model", "name", "queue", "retry", "timeout")
+    __slots__ = ("args_model", "key", "name", "queue", "result_model", "retry", "timeout")
 
     def __init__(
         self,
@@ -138,7 +145,14 @@ class Job(Generic[ArgsT]):
         queue: str = "default",
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = DEFAULT_TIMEOUT,
+        key: str | None = None,
+        result_model: type[pydantic.BaseModel] | None = None,
     ) -> None:
+        """``key``: an args field that names what the job is about (``"user_id"``); its
+        value travels in the ``job-key`` header, the job log indexes it, and per-key
+        locks and unique jobs are keyed on it. ``result_model``: what the handler returns;
+        its return value is validated against it (a mismatch fails the attempt) and
+        recorded, and ``JobClient.result`` returns it as this model."""
         if not isinstance(name, str) or not _JOB_NAME.match(name):
             raise ContractError(
                 f"invalid job name {name!r}: use 1-200 characters of letters, digits and"
@@ -158,6 +172,20 @@ class Job(Generic[ArgsT]):
         self.timeout = None if timeout is None else seconds(timeout, f"job {name!r} timeout")
         if self.timeout == 0:
             raise ContractError(f"job {name!r}: timeout must be > 0 (or None for no timeout)")
+        if key is not None and (not isinstance(key, str) or key not in args_model.model_fields):
+            raise ContractError(
+                f"job {name!r}: key must name a field of {args_model.__name__}"
+                f" ({', '.join(args_model.model_fields) or 'it has none'}), got {key!r}"
+            )
+        self.key = key
+        if result_model is not None and not (
+            isinstance(result_model, type) and issubclass(result_model, pydantic.BaseModel)
+        ):
+            raise ContractError(
+                f"job {name!r}: result_model must be a pydantic BaseModel subclass,"
+                f" got {result_model!r}"
+            )
+        self.result_model = result_model
 
     def __repr__(self) -> str:
         return f"Job({self.name!r}, {self.args_model.__name__}, queue={self.queue!r})"
@@ -200,6 +228,64 @@ class Job(Generic[ArgsT]):
             if loc is not None:
                 raise ArgsValidationError(self.name, [_not_finite(tuple(reversed(loc)))])
         return body.encode()
+
+    def key_of(self, args: pydantic.BaseModel) -> str | None:
+        """The job's key in validated ``args``, as text (None without a key field, or
+        when the field is None)."""
+        if self.key is None:
+            return None
+        value = getattr(args, self.key, None)
+        if value is None:
+            return None
+        text = value if isinstance(value, str) else str(getattr(value, "value", value))
+        if not text or len(text) > MAX_KEY_LENGTH:
+            raise ArgsValidationError(
+                self.name,
+                [{"loc": (self.key,), "msg": f"a job key must be 1-{MAX_KEY_LENGTH} characters"}],
+            )
+        return text
+
+    def result_data(self, value: Any) -> Any:
+        """The handler's return value as JSON data, for the job log and a waiting caller.
+
+        With a ``result_model`` the value must pass it (a model instance or a mapping);
+        without one, anything pydantic can write as JSON is kept as such and anything else
+        is recorded as None. Raises ResultError for a value the model refuses, one JSON
+        cannot carry, or one larger than ``MAX_RESULT_BYTES`` as JSON.
+        """
+        if self.result_model is None:
+            if value is None:
+                return None
+            try:
+                data = pydantic_core.to_jsonable_python(value)
+            except (PydanticSerializationError, ValueError, TypeError):
+                return None
+        else:
+            try:
+                model = (
+                    value
+                    if isinstance(value, self.result_model)
+                    else self.result_model.model_validate(value)
+                )
+                data = model.model_dump(mode="json")
+            except pydantic.ValidationError as exc:
+                fields = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or '<result>'}: {e['msg']}"
+                    for e in exc.errors(include_url=False, include_input=False)
+                )
+                raise ResultError(
+                    f"job {self.name!r} returned a result its {self.result_model.__name__}"
+                    f" refuses: {fields}"
+                ) from None
+            except PydanticSerializationError as exc:
+                raise ResultError(f"job {self.name!r}: its result cannot be JSON: {exc}") from None
+        size = len(pydantic_core.to_json(data))
+        if size > MAX_RESULT_BYTES:
+            raise ResultError(
+                f"job {self.name!r} returned {size} bytes of JSON; a result may take at most"
+                f" {MAX_RESULT_BYTES} (keep large data elsewhere and return a reference)"
+            )
+        return data
 
     def decode_args(self, body: bytes) -> ArgsT:
         """Parse a wire body into the model, or raise ArgsValidationError."""
@@ -302,6 +388,11 @@ class TopologySettings:
     delivery_limit: int = 10
     delay_unit_ms: int = 100
     delay_levels: int = 29
+    #: The events stream keeps events this long (RabbitMQ's x-max-age: a number and one
+    #: of Y, M, D, h, m, s) and at most this many bytes, whichever comes first; it drops
+    #: whole segments of at most a tenth of that.
+    events_max_age: str = "7D"
+    events_max_bytes: int = 1_000_000_000
 
     def __post_init__(self) -> None:
         if self.queue_type not in ("quorum", "classic"):
@@ -314,6 +405,15 @@ class TopologySettings:
             raise ContractError(f"delay_unit_ms must be 1..60000, got {self.delay_unit_ms}")
         if not 1 <= self.delay_levels <= 40:
             raise ContractError(f"delay_levels must be 1..40, got {self.delay_levels}")
+        if not isinstance(self.events_max_age, str) or not _MAX_AGE.match(self.events_max_age):
+            raise ContractError(
+                f"events_max_age must be a number and one of Y, M, D, h, m, s (RabbitMQ's"
+                f" x-max-age, e.g. '7D'), got {self.events_max_age!r}"
+            )
+        if not 1_000_000 <= self.events_max_bytes <= 10**13:
+            raise ContractError(
+                f"events_max_bytes must be 1e6..1e13, got {self.events_max_bytes!r}"
+            )
         top = self.delay_unit_ms << (self.delay_levels - 1)
         if top > MAX_TTL_MS:
             raise ContractError(

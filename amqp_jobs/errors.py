@@ -15,8 +15,14 @@ boundary, so callers catch ours and never need to import theirs::
     │   ├── PublishTimeoutError  no confirm arrived in time
     │   └── BatchPublishError    jobs of an enqueue_many batch were not confirmed
     ├── JobTimeoutError          a handler ran longer than its job's timeout
+    ├── ResultError              a handler's return value fails its job's result model
+    ├── JobFailedError           an awaited job ended dead or discarded
+    ├── UnknownJobError          an awaited or looked-up job id is known to nobody
+    ├── StoreError               the job log's store cannot be reached or is not ours
     ├── NotFoundError            a queue or dead job an operator named does not exist
     └── SchemaError              a job schema file is missing or not one of ours
+
+    TimeoutError (the builtin)   an awaited job did not end within the timeout
 
     Retry, Discard, Defer        raised by handlers; not errors of the library
 """
@@ -102,6 +108,44 @@ class BatchPublishError(PublishError):
 
 class JobTimeoutError(AmqpJobsError, TimeoutError):
     """A handler exceeded its job's timeout; retried like any failure."""
+
+
+class ResultError(AmqpJobsError, ValueError):
+    """A handler returned what its job's result model refuses, or what JSON cannot
+    carry, or more than an event holds; the attempt counts as failed."""
+
+
+class JobFailedError(AmqpJobsError):
+    """The job an awaiting caller waited for is dead: it failed for good, or was
+    discarded. Carries what the job log holds of its last error."""
+
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        state: str,
+        error_type: str | None,
+        error_message: str | None,
+        traceback: str | None,
+        dead_reason: str | None,
+    ) -> None:
+        self.job_id = job_id
+        self.state = state
+        self.error_type = error_type
+        self.error_message = error_message
+        self.traceback = traceback
+        self.dead_reason = dead_reason
+        what = f"{error_type}: {error_message}" if error_message else (error_type or "no error")
+        super().__init__(f"job {job_id} is {state} ({dead_reason or 'no reason'}): {what}")
+
+
+class UnknownJobError(AmqpJobsError, LookupError):
+    """No job of this id was ever enqueued, as far as the job log (and this client)
+    knows: never mistaken for a job still pending."""
+
+
+class StoreError(AmqpJobsError):
+    """The job log's store cannot be reached, refused a statement, or is not a job log."""
 
 
 class NotFoundError(AmqpJobsError):

@@ -36,6 +36,15 @@ H_ERROR_TRACEBACK = "job-error-traceback"
 H_FAILED_AT = "job-failed-at"
 H_DEAD_REASON = "job-dead-reason"
 H_TRACEPARENT = "traceparent"
+#: The job's key (a contract's ``key`` field, as text): what the job log indexes, and
+#: what per-key locks and unique jobs are keyed on.
+H_KEY = "job-key"
+#: Times an operator replayed the job from the dead-letter queue; times middleware or a
+#: handler deferred the current attempt. With the attempt they order the job's events.
+H_REPLAYS = "job-replays"
+H_DEFERRALS = "job-deferrals"
+#: The queue a waiting client reads outcomes from (a header: it survives retries).
+H_REPLY_TO = "job-reply-to"
 
 #: Headers of the previous failure; replaced on every republish.
 ERROR_HEADERS = (H_ERROR_TYPE, H_ERROR_MESSAGE, H_ERROR_TRACEBACK, H_FAILED_AT, H_DEAD_REASON)
@@ -244,9 +253,15 @@ class Envelope:
             self.body, CONTENT_TYPE, self.job_id, self.job_name, self.enqueued_at, self.headers()
         )
 
-    def deferred(self, eta_ms: int) -> Envelope:
-        """The same attempt again at ``eta_ms`` (a re-delay, or a deferral by middleware)."""
-        return replace(self, eta_ms=eta_ms)
+    def deferred(self, eta_ms: int, *, counted: bool = False) -> Envelope:
+        """The same attempt again at ``eta_ms``: a re-delay (arrived early), or, when
+        ``counted``, a deferral by middleware or the handler (counted in H_DEFERRALS, so
+        that the job's events keep their order; never towards its attempts)."""
+        if not counted:
+            return replace(self, eta_ms=eta_ms)
+        headers = dict(self.extra_headers)
+        headers[H_DEFERRALS] = header_count(headers.get(H_DEFERRALS)) + 1
+        return replace(self, eta_ms=eta_ms, extra_headers=headers)
 
     def next_attempt(self, error: ErrorInfo, eta_ms: int) -> Envelope:
         """The copy that retries this job: same id, attempt + 1, last error recorded."""
@@ -449,12 +464,22 @@ def moved_message(raw: RawMessage, queue: str) -> Message:
 
 
 def replay_message(raw: RawMessage, queue: str) -> Message:
-    """The copy that replays a dead job: same id and args, attempt 1, errors dropped."""
+    """The copy that replays a dead job: same id and args, attempt 1, errors dropped,
+    one more replay counted (its events then come after the dead one's)."""
     headers = {k: v for k, v in _own_headers(raw).items() if k not in ERROR_HEADERS}
     headers.pop(H_ETA, None)
+    headers.pop(H_DEFERRALS, None)
     headers[H_ATTEMPT] = 1
+    headers[H_REPLAYS] = header_count(headers.get(H_REPLAYS)) + 1
     headers.setdefault(H_QUEUE, queue)
     return _copy(raw, headers)
+
+
+def header_count(value: Any) -> int:
+    """A counting header's value, 0 when absent or not a non-negative int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
 
 
 def _own_headers(raw: RawMessage) -> dict[str, Any]:

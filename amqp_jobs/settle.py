@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from amqp_jobs.clock import Clock
 from amqp_jobs.errors import ConnectionLostError, describe
+from amqp_jobs.events import JobEvent
 from amqp_jobs.message import Envelope, Message, dead_message, moved_message
 from amqp_jobs.outcome import Bury, Decision, DeferBy, RetryIn, Succeed
 from amqp_jobs.transport.base import Delivery, Link
@@ -137,18 +138,25 @@ def action_for(
                 env.attempt,
                 f": {reason}" if reason else "",
             )
-            return Republish(env.deferred(clock.ms_after(delay)))
+            return Republish(env.deferred(clock.ms_after(delay), counted=True))
     raise AssertionError(decision)  # pragma: no cover
 
 
 async def settle(
-    delivery: Delivery, action: Action, link: Link, queue: str, *, hold_until: float
+    delivery: Delivery,
+    action: Action,
+    link: Link,
+    queue: str,
+    *,
+    hold_until: float,
+    event: JobEvent | None = None,
 ) -> bool:
-    """Carry out ``action`` for ``delivery`` consumed from ``queue``'s queues.
+    """Carry out ``action`` for ``delivery`` consumed from ``queue``'s queues; ``event``,
+    the lifecycle event that records it, is confirmed before the ack, like a copy.
 
     Returns True when the delivery was acked, False when it stays with the broker (to be
     delivered again): its channel is gone, or the action was Release, or the replacement
-    copy could not be confirmed by ``hold_until`` (loop time).
+    copy (or the event) could not be confirmed by ``hold_until`` (loop time).
     """
     if delivery.channel.is_closed:
         log.info(
@@ -160,10 +168,10 @@ async def settle(
         case Release():
             await release(delivery, link, queue)
             return False
-        case Ack():
+        case Ack() if event is None:
             pass
         case _:
-            if not await _store(delivery, action, link, queue, hold_until):
+            if not await _store(delivery, action, link, queue, hold_until, event):
                 return False
     try:
         await delivery.ack()
@@ -178,12 +186,21 @@ async def settle(
 
 
 async def _store(
-    delivery: Delivery, action: Republish | Park | Quarantine, link: Link, queue: str, until: float
+    delivery: Delivery,
+    action: Ack | Republish | Park | Quarantine,
+    link: Link,
+    queue: str,
+    until: float,
+    event: JobEvent | None,
 ) -> bool:
-    """Store the copy that replaces ``delivery``, trying again with backoff until
-    ``until``; False (and the delivery released) if it could not."""
+    """Store the copy that replaces ``delivery`` and the event that records it, each
+    once, together, trying again with backoff until ``until``; False (and the delivery
+    released) if they could not be."""
+    copied = isinstance(action, Ack)
+    recorded = event is None
 
-    async def store() -> None:
+    async def copy() -> None:
+        nonlocal copied
         match action:
             case Republish(envelope):
                 await link.send(envelope, queue, via_jobs_exchange=False)
@@ -191,8 +208,36 @@ async def _store(
                 await link.send_dead(message, queue)
             case Quarantine(message):
                 await link.send_quarantine(message, queue)
+        copied = True
 
-    what = {Park: "dead letter", Quarantine: "quarantined copy"}.get(type(action), "next copy")
+    async def record() -> None:
+        nonlocal recorded
+        assert event is not None
+        await link.send_event(event.routing_key, event.to_message())
+        recorded = True
+
+    async def store() -> None:
+        # Both in flight at once, and neither sent again once confirmed: a copy stored
+        # twice would run the job twice.
+        if copied:
+            await record()
+        elif recorded:
+            await copy()
+        else:
+            failures = [
+                r
+                for r in await asyncio.gather(copy(), record(), return_exceptions=True)
+                if isinstance(r, BaseException)
+            ]
+            if failures:
+                raise failures[0]
+
+    what = {
+        Park: "dead letter",
+        Quarantine: "quarantined copy",
+        Ack: "event",
+        Republish: "next copy",
+    }[type(action)]
     loop = asyncio.get_running_loop()
     pause = HOLD_PAUSE
     while True:

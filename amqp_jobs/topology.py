@@ -11,6 +11,8 @@ Per namespace ``ns``::
     {ns}.delay.{L}         delay level L: topic exchange + quorum queue, TTL unit*2^L
     {ns}.delay.deliver     topic exchange after level 0; routes on the final word
     {ns}.unroutable        fanout exchange + queue: alternate exchange of deliver
+    {ns}.events            topic exchange of lifecycle events (key: event.queue.job),
+                           bound with "#" to the stream {ns}.events, which keeps them
 
 A delay is spelt in the routing key as ``levels`` binary words, most significant first,
 then the destination queue name as one final word: ``0.0.…1.0.1.emails``. Level L's
@@ -85,6 +87,14 @@ def deliver_exchange(ns: str) -> str:
 
 def unroutable(ns: str) -> str:
     return f"{ns}.unroutable"
+
+
+def events_exchange(ns: str) -> str:
+    return f"{ns}.events"
+
+
+def events_stream(ns: str) -> str:
+    return f"{ns}.events"
 
 
 # -- delay arithmetic ----------------------------------------------------------------
@@ -186,6 +196,17 @@ def delay_queue_arguments(ns: str, level: int, s: TopologySettings) -> dict[str,
     }
 
 
+def events_stream_arguments(s: TopologySettings) -> dict[str, Any]:
+    """The events stream: retention by age and size, in segments of a tenth of the size
+    (RabbitMQ drops whole segments), at most RabbitMQ's default of 500 MB."""
+    return LEADER_LOCATOR | {
+        "x-queue-type": "stream",
+        "x-max-age": s.events_max_age,
+        "x-max-length-bytes": s.events_max_bytes,
+        "x-stream-max-segment-size-bytes": min(500_000_000, s.events_max_bytes // 10),
+    }
+
+
 # -- the plan: what a namespace consists of, as data ---------------------------------
 
 ExchangeType = Literal["direct", "topic", "fanout"]
@@ -243,6 +264,15 @@ def base_plan(ns: str, s: TopologySettings) -> Plan:
         ),
         queues=(Queue(unroutable(ns), parking_queue_arguments(s)),),
         bindings=(Binding(unroutable(ns), unroutable(ns), ""),),
+    )
+
+
+def events_plan(ns: str, s: TopologySettings) -> Plan:
+    """The events exchange and the stream that keeps every event it routes."""
+    return Plan(
+        exchanges=(Exchange(events_exchange(ns), "topic"),),
+        queues=(Queue(events_stream(ns), events_stream_arguments(s)),),
+        bindings=(Binding(events_exchange(ns), events_stream(ns), "#"),),
     )
 
 
@@ -325,7 +355,7 @@ def namespace_plan(
     ns: str, queues: Iterable[str], s: TopologySettings, jobs: dict[str, set[str]] | None = None
 ) -> Plan:
     """The whole namespace for these work queues (``jobs``: job names bound per queue)."""
-    plan = base_plan(ns, s) + cascade_plan(ns, s)
+    plan = base_plan(ns, s) + events_plan(ns, s) + cascade_plan(ns, s)
     for q in sorted(set(queues)):
         plan += queue_plan(ns, q, (jobs or {}).get(q, ()), s)
     return plan

@@ -44,6 +44,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from amqp_jobs import lifecycle
 from amqp_jobs.attempt import HandlerThreads, run_attempt
 from amqp_jobs.contract import (
     Job,
@@ -57,8 +58,10 @@ from amqp_jobs.errors import (
     BrokerUnavailableError,
     ConnectionLostError,
     ContractError,
+    ResultError,
     describe,
 )
+from amqp_jobs.events import EventKind, JobEvent, header_key
 from amqp_jobs.message import (
     DEFAULT_MAX_BODY,
     DeadReason,
@@ -201,10 +204,17 @@ class Worker:
         consumer_timeout: float = BROKER_CONSUMER_TIMEOUT,
         name: str = "amqp-jobs worker",
         log_success: bool = True,
+        events: bool = False,
     ) -> None:
         """``log_success``: log one INFO line per job that succeeded (``job NAME ID
         succeeded in 12 ms, attempt 1``); False spares a high-throughput worker that
-        line. Retries, dead letters and deferrals are logged either way."""
+        line. Retries, dead letters and deferrals are logged either way.
+
+        ``events``: publish a lifecycle event at each transition of each job to the
+        namespace's events exchange and stream (amqp_jobs.events), each attempt's last
+        confirmed before its delivery is acked; what the job log records and waiting
+        callers hear. Off by default until its cost is measured against a drain without
+        it (issue 12)."""
         if len(registry) == 0:
             raise ContractError("the app has no handlers: register some with @app.handler(job)")
         self.registry = registry
@@ -235,11 +245,12 @@ class Worker:
         self.hooks = tuple(hooks)
         #: middleware, then the hooks as middleware (innermost)
         self.middleware = stack(middleware, hooks)
-        #: those of them that wrap attempts
+        #: those of them that wrap attempts (computed again when run() starts)
         self._wrapping = wrapping_attempts(self.middleware)
         self.max_body = max_body
         self.connect_timeout = connect_timeout
         self.log_success = bool(log_success)
+        self.events = bool(events)
         # the namespace in the connection name lets operators (and the management UI) tell
         # which application a connection belongs to
         self.name = f"{name} [{self.namespace}]"
@@ -256,6 +267,8 @@ class Worker:
             confirm_timeout=None,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: started events being published
+        self._recording: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._sem: asyncio.Semaphore | None = None
@@ -307,6 +320,9 @@ class Worker:
         The first connection gives up after ``connect_timeout`` seconds with
         BrokerUnavailableError; after that the worker keeps trying, logging each failure.
         """
+        # what wraps attempts, from the middleware as they are now (a test harness may
+        # have added one since the worker was made)
+        self._wrapping = wrapping_attempts(self.middleware)
         self._sem = asyncio.Semaphore(self.concurrency)
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqp-jobs")
         session: Session | None = None
@@ -619,7 +635,10 @@ class Worker:
             queue,
             msg.headers.get("x-delivery-count"),
         )
-        if await self._settle(msg, Quarantine(moved_message(msg, queue)), queue):
+        event = None
+        if self.events:
+            event = lifecycle.not_run(EventKind.QUARANTINED, msg, queue, self.clock.now_ms())
+        if await self._settle(msg, Quarantine(moved_message(msg, queue)), queue, event):
             self.stats.quarantined += 1
             await self._not_run(OutcomeKind.QUARANTINED, msg, queue)
 
@@ -700,6 +719,11 @@ class Worker:
         )
         loop = asyncio.get_running_loop()
         began = loop.time()
+        key, started_ms = None, 0
+        if self.events:
+            started_ms = self.clock.now_ms()
+            key = header_key(env.extra_headers) or spec.job.key_of(args)
+            self._record(lifecycle.job_event(EventKind.STARTED, env, queue, started_ms, key))
         assert self._sem is not None
         failure, result = await run_attempt(
             spec,
@@ -713,6 +737,12 @@ class Worker:
             threads=self._threads,
         )
         duration = loop.time() - began
+        data = None
+        if failure is None and (self.events or spec.job.result_model is not None):
+            try:
+                data = spec.job.result_data(result)
+            except ResultError as exc:
+                failure = exc
         decision = decide(spec.job.retry, env.attempt, failure, result)
         action = action_for(
             decision,
@@ -723,7 +753,19 @@ class Worker:
             duration=duration,
             log_success=self.log_success,
         )
-        settled = await self._settle(msg, action, queue)
+        event = None
+        if self.events:
+            event = lifecycle.ended(
+                decision,
+                env,
+                queue,
+                self.clock.now_ms(),
+                key,
+                started_ms=started_ms,
+                duration=duration,
+                result=data,
+            )
+        settled = await self._settle(msg, action, queue, event)
         if settled:
             self._count(decision)
         else:
@@ -764,10 +806,34 @@ class Worker:
 
     async def _park(self, msg: Delivery, reason: DeadReason, error: ErrorInfo, queue: str) -> None:
         """Park a message that can never run (poison), with its reason."""
-        if await self._settle(msg, Park(dead_message(msg, reason, error, queue)), queue):
+        event = None
+        if self.events:
+            event = lifecycle.not_run(
+                EventKind.DEAD, msg, queue, self.clock.now_ms(), error=error, dead_reason=reason
+            )
+        if await self._settle(msg, Park(dead_message(msg, reason, error, queue)), queue, event):
             self.stats.dead += 1
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
             await self._not_run(OutcomeKind.DEAD, msg, queue, error=error, dead_reason=reason)
+
+    def _record(self, event: JobEvent) -> None:
+        """Publish an event that no settlement waits for (``started``), in the
+        background; a failure is logged (the attempt's end is recorded either way)."""
+        task = asyncio.ensure_future(
+            self.link.retrying(
+                self.link.send_event,
+                event.routing_key,
+                event.to_message(),
+                give_up_after=self.connect_timeout,
+            )
+        )
+        self._recording.add(task)
+        task.add_done_callback(self._recorded)
+
+    def _recorded(self, task: asyncio.Task[None]) -> None:
+        self._recording.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("could not publish a started event: %s", describe(exc))
 
     async def _hold_until(self, eta_ms: int) -> bool:
         """Wait for the ETA in memory; False if the worker is stopping first."""
@@ -826,12 +892,19 @@ class Worker:
             reason = str(decision.reason)
             stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
 
-    async def _settle(self, msg: Delivery, action: Action, queue: str) -> bool:
+    async def _settle(
+        self, msg: Delivery, action: Action, queue: str, event: JobEvent | None = None
+    ) -> bool:
         """Settle ``msg`` once: its fate (acked, replaced or given back) is then decided,
         and a later failure on its task must not give it back a second time."""
         self._decided.add(msg)
         settled = await settle(
-            msg, action, self.link, queue, hold_until=self._deadline(msg, settling=True)
+            msg,
+            action,
+            self.link,
+            queue,
+            hold_until=self._deadline(msg, settling=True),
+            event=event,
         )
         if not settled and msg.channel.is_closed:
             self._vouch(msg)  # the broker took it back from this living process

@@ -13,7 +13,7 @@ a message the broker did not take, ``TopologyMismatchError`` for a declaration r
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -29,8 +29,16 @@ class Channel(Protocol):
     @property
     def is_closed(self) -> bool: ...
 
-    async def consume(self, queue: str, on_delivery: Callable[[Delivery], Awaitable[None]]) -> str:
-        """Start consuming ``queue``; returns the consumer tag."""
+    async def consume(
+        self,
+        queue: str,
+        on_delivery: Callable[[Delivery], Awaitable[None]],
+        *,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Start consuming ``queue``; returns the consumer tag. ``arguments``: the
+        consumer's (``x-stream-offset`` reads a stream from an offset, a time, ``first``
+        or ``next``; each delivery's ``x-stream-offset`` header says where it was)."""
 
     async def cancel(self, tag: str) -> None:
         """Stop a consumer; what it holds stays held until settled or the channel closes."""
@@ -111,6 +119,10 @@ class Link(Protocol):
     async def declare_cascade(self) -> None:
         """The delay levels (declared lazily by ``send`` otherwise)."""
 
+    async def declare_events(self) -> None:
+        """The events exchange and its stream (declared lazily by ``send_event``
+        otherwise)."""
+
     async def send(self, envelope: Envelope, queue: str, *, via_jobs_exchange: bool = True) -> None:
         """A job message to the jobs exchange (due now, ``via_jobs_exchange``) or into
         the delay cascade towards ``queue``'s due queue."""
@@ -125,6 +137,10 @@ class Link(Protocol):
     async def send_dead(self, message: Message, queue: str) -> None: ...
 
     async def send_quarantine(self, message: Message, queue: str) -> None: ...
+
+    async def send_event(self, routing_key: str, message: Message) -> None:
+        """A lifecycle event to the namespace's events exchange (declared with its stream
+        the first time), confirmed."""
 
     async def send_to_queue(self, queue_name: str, message: Message) -> None:
         """Straight into one queue (the default exchange), confirmed."""

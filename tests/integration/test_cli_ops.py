@@ -487,7 +487,7 @@ def test_topology_delete_removes_one_namespace(
         run(park(namespace, "mail", [("d1", "mail.send")]))
         everything = run(present(namespace, {"mail", *QUEUES}))
         plan = namespace_plan(namespace.name, {"mail", *QUEUES}, namespace.settings)
-        assert len(everything[1]) == len(plan.exchanges) == 33
+        assert len(everything[1]) == len(plan.exchanges) == 34
         assert {work_queue(namespace.name, q) for q in QUEUES} <= everything[0]
         queues = len(everything[0])
 
@@ -504,7 +504,7 @@ def test_topology_delete_removes_one_namespace(
         [question] = questions
         assert question.startswith(f"Delete namespace {namespace.name} (work queues billing,")
         assert (
-            f"{queues} queues holding 1 job, which would be discarded, and its 33 exchanges"
+            f"{queues} queues holding 1 job, which would be discarded, and its 34 exchanges"
             in question
         )
         assert run(present(namespace, {"mail", *QUEUES})) == everything
@@ -514,11 +514,11 @@ def test_topology_delete_removes_one_namespace(
         )
         assert code == 0, err
         assert f"deleted namespace {namespace.name}" in out
-        assert f"{queues} queues (1 job discarded), and its 33 exchanges" in out
+        assert f"{queues} queues (1 job discarded), and its 34 exchanges" in out
         assert run(present(namespace, {"mail", *QUEUES})) == (set(), set())
         # the other namespace is untouched
         assert run(present(other, {"mail"})) == theirs
-        assert len(theirs[0]) > 4 and len(theirs[1]) == 33
+        assert len(theirs[0]) > 4 and len(theirs[1]) == 34
         # again: nothing left, and it says so
         code, out, _ = cli(capsys, namespace, "topology", "delete", "-q", "mail", "-y", "--json")
         assert code == 0 and json.loads(out)["queues"] == {}

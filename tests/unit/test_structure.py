@@ -15,6 +15,8 @@ LAYERS = [
     "contract",
     "message",
     "outcome",
+    "events",
+    "lifecycle",
     "function_jobs",
     "topology",
     "transport.base",

@@ -23,6 +23,7 @@ from amqp_jobs.topology import (
     TopologySettings,
     base_plan,
     due_plan,
+    events_plan,
     level_exchange_plan,
     level_plan,
     namespace_plan,
@@ -317,6 +318,16 @@ class Declarer:
     async def base(self) -> None:
         """Exchanges every publisher needs, and the unroutable parking queue."""
         await self._declare(self._base)
+
+    async def events(self) -> None:
+        """The events exchange and the stream that keeps what it routes."""
+        await self._declare(
+            lambda: (
+                []
+                if "events" in self.declared
+                else [(("events",), events_plan(self.ns, self.settings))]
+            )
+        )
 
     async def queue(self, queue: str, job_names: Iterable[str]) -> None:
         """A work queue with its due, quarantine and dead queues, bound for these job names."""

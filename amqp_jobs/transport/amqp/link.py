@@ -40,6 +40,7 @@ from amqp_jobs.message import CONTENT_TYPE, Envelope, Message
 from amqp_jobs.topology import (
     dead_exchange,
     delayed_route,
+    events_exchange,
     jobs_exchange,
     quarantine_queue,
     route_levels,
@@ -308,6 +309,14 @@ class Link:
         except RECOVERABLE as exc:
             raise ours("declaring the delay cascade", exc) from exc
 
+    async def declare_events(self) -> None:
+        try:
+            async with bounded():
+                await self.open()
+                await self.declarer.events()
+        except RECOVERABLE as exc:
+            raise ours("declaring the events exchange and stream", exc) from exc
+
     async def send_dead(self, message: Message, queue: str) -> None:
         """Park a message in ``queue``'s dead-letter queue, confirmed."""
         if self.declare:
@@ -323,6 +332,15 @@ class Link:
             async with bounded():
                 await self.declarer.queue(queue, frozenset())
         await self.send_to_queue(quarantine_queue(self.namespace, queue), message)
+
+    async def send_event(self, routing_key: str, message: Message) -> None:
+        """A lifecycle event to the events exchange (and so its stream), confirmed."""
+        if self.declare and "events" not in self.declarer.declared:
+            async with bounded():
+                await self.declarer.events()
+        await self.publisher.publish(
+            events_exchange(self.namespace), routing_key, message.body, message_properties(message)
+        )
 
     async def send_to_queue(self, queue_name: str, message: Message) -> None:
         await self.publish("", queue_name, message)

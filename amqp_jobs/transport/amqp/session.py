@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiormq
@@ -43,7 +43,11 @@ class AmqpChannel:
         return self._raw.is_closed
 
     async def consume(
-        self, queue: str, on_delivery: Callable[[DeliveryProtocol], Awaitable[None]]
+        self,
+        queue: str,
+        on_delivery: Callable[[DeliveryProtocol], Awaitable[None]],
+        *,
+        arguments: Mapping[str, Any] | None = None,
     ) -> str:
         loop = asyncio.get_running_loop()
 
@@ -51,7 +55,9 @@ class AmqpChannel:
             await on_delivery(Delivery(message, queue, loop.time(), self))
 
         try:
-            ok = await self._raw.basic_consume(queue, on_message, no_ack=False)
+            ok = await self._raw.basic_consume(
+                queue, on_message, no_ack=False, arguments=dict(arguments) if arguments else None
+            )
         except (*TRANSIENT, *LOST) as exc:
             raise ours(f"consuming {queue}", exc) from exc
         assert ok.consumer_tag is not None

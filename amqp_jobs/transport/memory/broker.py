@@ -268,7 +268,16 @@ class _Exchange:
 class _Entry:
     """A message in one queue, with that queue's view of it."""
 
-    __slots__ = ("count", "delivered", "exchange", "expiry", "message", "routing_key", "seq")
+    __slots__ = (
+        "arrived",
+        "count",
+        "delivered",
+        "exchange",
+        "expiry",
+        "message",
+        "routing_key",
+        "seq",
+    )
 
     def __init__(
         self, message: Message, exchange: str, routing_key: str, seq: int, expiry: int | None
@@ -277,8 +286,11 @@ class _Entry:
         #: where it was last published (or dead-lettered) to: x-death's exchange and keys
         self.exchange = exchange
         self.routing_key = routing_key
-        #: the queue's order of arrival (classic queues requeue to the original position)
+        #: the queue's order of arrival (classic queues requeue to the original position);
+        #: in a stream, the message's offset
         self.seq = seq
+        #: epoch ms it entered the queue (a stream's retention by age, timestamp offsets)
+        self.arrived = 0
         #: epoch ms at which it expires (x-message-ttl after it entered this queue)
         self.expiry = expiry
         #: quorum queues: returns so far (x-delivery-count)
@@ -307,6 +319,7 @@ class _Queue:
     __slots__ = (
         "arguments",
         "at_least_once",
+        "bytes",
         "consumers",
         "deleted",
         "dlrk",
@@ -314,8 +327,11 @@ class _Queue:
         "expiry_timer",
         "held",
         "limit",
+        "max_age_ms",
+        "max_bytes",
         "max_length",
         "name",
+        "next_offset",
         "overflow",
         "pending",
         "pending_timer",
@@ -323,6 +339,7 @@ class _Queue:
         "ready",
         "returns",
         "rr",
+        "stream",
         "ttl",
     )
 
@@ -330,6 +347,14 @@ class _Queue:
         self.name = name
         self.arguments = arguments
         self.quorum = arguments.get("x-queue-type", "classic") == "quorum"
+        #: a stream keeps every message (in ``ready``, oldest first) until its retention
+        #: drops it; each consumer reads from its own offset, and nothing is taken
+        self.stream = arguments.get("x-queue-type") == "stream"
+        self.next_offset = 0
+        self.bytes = 0
+        self.max_bytes: int | None = arguments.get("x-max-length-bytes") if self.stream else None
+        age = arguments.get("x-max-age") if self.stream else None
+        self.max_age_ms: int | None = _age_ms(age) if isinstance(age, str) else None
         self.ttl: int | None = arguments.get("x-message-ttl")
         self.dlx: str | None = arguments.get("x-dead-letter-exchange")
         self.dlrk: str | None = arguments.get("x-dead-letter-routing-key")
@@ -379,7 +404,7 @@ class _Queue:
 
 
 class _Consumer:
-    __slots__ = ("channel", "held", "on_delivery", "prefetch", "queue", "tag")
+    __slots__ = ("channel", "held", "on_delivery", "position", "prefetch", "queue", "tag")
 
     def __init__(
         self, tag: str, channel: MemoryChannel, queue: _Queue, on_delivery: OnDelivery
@@ -391,6 +416,8 @@ class _Consumer:
         #: basic.qos with global=false: the limit applies to each consumer on its own
         self.prefetch = channel.prefetch
         self.held = 0
+        #: on a stream: the offset of the next message to deliver
+        self.position = 0
 
     def has_room(self) -> bool:
         return self.prefetch == 0 or self.held < self.prefetch
@@ -619,11 +646,49 @@ class MemoryBroker:
         return list(out.values())
 
     def _enqueue(self, q: _Queue, message: Message, exchange: str, routing_key: str) -> None:
+        if q.stream:
+            self._append(q, message, exchange, routing_key)
+            return
         expiry = None if q.ttl is None else self.clock.now_ms() + q.ttl
         q.ready.append(_Entry(message, exchange, routing_key, next(self._seq), expiry))
         if q.ttl is not None:
             self._schedule_expiry(q)
         self._kick(q)
+
+    def _append(self, q: _Queue, message: Message, exchange: str, routing_key: str) -> None:
+        """A stream keeps the message at the next offset, then drops the oldest beyond
+        its retention (RabbitMQ drops whole segments; here, single messages)."""
+        entry = _Entry(message, exchange, routing_key, q.next_offset, None)
+        entry.arrived = now = self.clock.now_ms()
+        q.next_offset += 1
+        q.ready.append(entry)
+        q.bytes += len(message.body)
+        while len(q.ready) > 1 and (
+            (q.max_bytes is not None and q.bytes > q.max_bytes)
+            or (q.max_age_ms is not None and q.ready[0].arrived < now - q.max_age_ms)
+        ):
+            q.bytes -= len(q.ready.popleft().message.body)
+        self._kick(q)
+
+    def stream_start(self, q: _Queue, spec: Any) -> int:
+        """The offset an ``x-stream-offset`` consumer argument names: first, last (the
+        last message), next (the default), an offset, or a time (the first message that
+        arrived then or later)."""
+        first = q.ready[0].seq if q.ready else q.next_offset
+        if spec is None or spec == "next":
+            return q.next_offset
+        if spec == "first":
+            return first
+        if spec == "last":
+            return q.ready[-1].seq if q.ready else q.next_offset
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return max(first, min(spec, q.next_offset))
+        if isinstance(spec, datetime):
+            at = int(spec.timestamp() * 1000)
+            return next((e.seq for e in q.ready if e.arrived >= at), q.next_offset)
+        raise ContractError(
+            f"x-stream-offset {spec!r}: use first, last, next, an int or a datetime"
+        )
 
     # -- expiry and dead-lettering ---------------------------------------------------
 
@@ -750,8 +815,8 @@ class MemoryBroker:
         dead-lettered (delivery_limit), else it joins the returns, served first.
         Classic: back to its original position, marked redelivered.
         """
-        if q.deleted:
-            return
+        if q.deleted or q.stream:
+            return  # a stream never gave it away
         if q.quorum:
             entry.count += 1
             if q.limit is not None and entry.count > q.limit:
@@ -807,6 +872,9 @@ class MemoryBroker:
             if c.channel._session._loop.is_closed():
                 # its event loop is gone: the client is gone, as a dead TCP connection
                 c.channel._session._abandon()
+        if q.stream:
+            self._deliver_stream(q)
+            return
         while True:
             self._expire(q)
             if q.head() is None:
@@ -816,6 +884,16 @@ class MemoryBroker:
                 break
             consumer.channel._deliver(consumer, q.take())
         self._schedule_expiry(q)
+
+    def _deliver_stream(self, q: _Queue) -> None:
+        """Every consumer reads on from its own offset, as far as its prefetch allows."""
+        for consumer in list(q.consumers):
+            first = q.ready[0].seq if q.ready else q.next_offset
+            consumer.position = max(consumer.position, first)
+            while consumer.position < q.next_offset and consumer.has_room():
+                entry = q.ready[consumer.position - first]
+                consumer.position += 1
+                consumer.channel._deliver(consumer, entry)
 
     def _next_consumer(self, q: _Queue) -> _Consumer | None:
         """Round-robin among the consumers with room under their prefetch."""
@@ -925,10 +1003,14 @@ def _check_queue_arguments(name: str, args: dict[str, Any]) -> None:
         return _refused(f"PRECONDITION_FAILED - invalid arg '{arg}' for queue '{name}': {why}")
 
     kind = args.get("x-queue-type", "classic")
-    if kind not in ("classic", "quorum"):
-        if kind == "stream":
-            raise ContractError(f"queue {name!r}: the memory broker has no stream queues")
+    if kind not in ("classic", "quorum", "stream"):
         raise invalid("x-queue-type", f"unsupported queue type {kind!r}")
+    age = args.get("x-max-age")
+    if age is not None and (not isinstance(age, str) or _age_ms(age) is None):
+        raise invalid("x-max-age", f"invalid max age {age!r}")
+    size = args.get("x-max-length-bytes")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise invalid("x-max-length-bytes", f"expected a non-negative integer, got {size!r}")
     for arg in ("x-message-ttl", "x-delivery-limit"):
         value = args.get(arg)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -953,6 +1035,24 @@ def _check_queue_arguments(name: str, args: dict[str, Any]) -> None:
         "reject-publish-dlx",
     ):
         raise invalid("x-overflow", "invalid_overflow")
+
+
+_AGE_UNITS_MS = {
+    "Y": 365 * 86_400_000,
+    "M": 30 * 86_400_000,
+    "D": 86_400_000,
+    "h": 3_600_000,
+    "m": 60_000,
+    "s": 1000,
+}
+
+
+def _age_ms(age: str) -> int | None:
+    """RabbitMQ's x-max-age (``7D``, ``12h``) in ms, or None if it is not one."""
+    number, unit = age[:-1], age[-1:]
+    if not number.isdigit() or unit not in _AGE_UNITS_MS:
+        return None
+    return int(number) * _AGE_UNITS_MS[unit]
 
 
 def _as_delivered(q: _Queue, entry: _Entry) -> Message:

@@ -22,6 +22,8 @@ from amqp_jobs.topology import (
     cascade_plan,
     dead_exchange,
     delayed_route,
+    events_exchange,
+    events_plan,
     jobs_exchange,
     quarantine_queue,
     queue_plan,
@@ -180,6 +182,19 @@ class MemoryLink:
         if self.declare:
             self._declare_queue(queue, ())
         await self.send_to_queue(quarantine_queue(self.namespace, queue), message)
+
+    async def declare_events(self) -> None:
+        await self.open()
+        if "events" not in self._ready:
+            self.broker.declare(events_plan(self.namespace, self.settings))
+            self._ready.add("events")
+
+    async def send_event(self, routing_key: str, message: Message) -> None:
+        """A lifecycle event to the events exchange (and so its stream)."""
+        self._connected("publishing")
+        if self.declare:
+            await self.declare_events()
+        self.broker.publish(events_exchange(self.namespace), routing_key, message)
 
     async def send_to_queue(self, queue_name: str, message: Message) -> None:
         await self.publish("", queue_name, message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -79,6 +80,8 @@ class MemoryDelivery:
         self.headers: dict[str, Any] = _copy_headers(message.headers)
         if queue.quorum and entry.count > 0:
             self.headers["x-delivery-count"] = entry.count
+        if queue.stream:
+            self.headers["x-stream-offset"] = entry.seq
         self.queue_name: str = queue.name
         self.received: float = received
         self.redelivered: bool = entry.count > 0 if queue.quorum else entry.delivered
@@ -129,8 +132,12 @@ class MemoryChannel:
     def is_closed(self) -> bool:
         return self._closed
 
-    async def consume(self, queue: str, on_delivery: OnDelivery) -> str:
-        """Start consuming ``queue``; a missing queue closes the channel (NOT_FOUND)."""
+    async def consume(
+        self, queue: str, on_delivery: OnDelivery, *, arguments: Mapping[str, Any] | None = None
+    ) -> str:
+        """Start consuming ``queue``; a missing queue closes the channel (NOT_FOUND). A
+        stream is read from ``x-stream-offset`` in ``arguments`` (default: next), and
+        needs a prefetch, as RabbitMQ's do."""
         if self._closed:
             raise ConnectionLostError(f"consuming {queue}: the channel is closed")
         q = self._broker._queues.get(queue)
@@ -138,8 +145,16 @@ class MemoryChannel:
             reason = f"NOT_FOUND - no queue '{queue}' in vhost '/'"
             self._close(reason, report=True)
             raise ConnectionLostError(f"consuming {queue}: channel closed: {reason}")
+        if q.stream and self.prefetch == 0:
+            reason = "PRECONDITION_FAILED - consumer prefetch count is not set for stream queue"
+            self._close(reason, report=True)
+            raise ConnectionLostError(f"consuming {queue}: channel closed: {reason}")
         tag = f"amq.ctag-{self._session.name}-{next(self._broker._ctags)}"
         consumer = _Consumer(tag, self, q, on_delivery)
+        if q.stream:
+            consumer.position = self._broker.stream_start(
+                q, (arguments or {}).get("x-stream-offset")
+            )
         self._consumers[tag] = consumer
         q.consumers.append(consumer)
         self._broker._kick(q)
@@ -162,6 +177,10 @@ class MemoryChannel:
         q = self._broker._queues.get(queue)
         if q is None:
             reason = f"NOT_FOUND - no queue '{queue}' in vhost '/'"
+            self._close(reason, report=True)
+            raise ConnectionLostError(f"getting from {queue}: channel closed: {reason}")
+        if q.stream:
+            reason = "NOT_IMPLEMENTED - basic.get not supported by stream queues"
             self._close(reason, report=True)
             raise ConnectionLostError(f"getting from {queue}: channel closed: {reason}")
         self._broker._expire(q)
@@ -214,7 +233,9 @@ class MemoryChannel:
             return
         q.held -= 1
         broker = self._broker
-        if how == "requeue":
+        if q.stream:
+            pass  # a stream keeps every message: settling only makes room under prefetch
+        elif how == "requeue":
             broker._return(q, delivery._entry)
         elif how == "reject":
             broker._dead_letter(q, delivery._entry, "rejected")
