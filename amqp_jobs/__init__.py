@@ -11,15 +11,21 @@ from amqp_jobs.errors import (
     ContractError,
     Defer,
     Discard,
+    JobFailedError,
     JobTimeoutError,
     PublishError,
     PublishRefusedError,
     PublishTimeoutError,
+    ResultError,
     Retry,
+    StoreError,
     TopologyMismatchError,
+    UnknownJobError,
     UnroutableError,
 )
 from amqp_jobs.function_jobs import JobFunction
+from amqp_jobs.joblog import JobLog
+from amqp_jobs.joblog.recorder import Recorder
 from amqp_jobs.message import DeadReason
 from amqp_jobs.middleware import Middleware, Publishing
 from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
@@ -44,8 +50,10 @@ __all__ = [
     "JobApp",
     "JobClient",
     "JobContext",
+    "JobFailedError",
     "JobFunction",
     "JobHooks",
+    "JobLog",
     "JobTimeoutError",
     "Middleware",
     "Namespace",
@@ -55,11 +63,15 @@ __all__ = [
     "PublishRefusedError",
     "PublishTimeoutError",
     "Publishing",
+    "Recorder",
+    "ResultError",
     "Retry",
     "RetryPolicy",
+    "StoreError",
     "SyncJobClient",
     "TopologyMismatchError",
     "TopologySettings",
+    "UnknownJobError",
     "UnroutableError",
     "Worker",
     "WorkerStats",

@@ -8,8 +8,9 @@ from datetime import timedelta
 from typing import Any, TypedDict, Unpack, overload
 
 from amqp_jobs.contract import DEFAULT_TIMEOUT, ArgsT, Job, Namespace, RetryPolicy, TopologySettings
+from amqp_jobs.errors import ContractError
 from amqp_jobs.function_jobs import JobFunction, P, R
-from amqp_jobs.middleware import Middleware, stack
+from amqp_jobs.middleware import FinalOutcomes, Middleware, OutcomeHook, stack
 from amqp_jobs.outcome import JobContext
 from amqp_jobs.registry import Handler, JobHooks, Registry
 from amqp_jobs.transport import Transport
@@ -61,21 +62,47 @@ class JobApp:
         settings: TopologySettings | None = None,
         hooks: Sequence[JobHooks] = (),
         middleware: Sequence[Middleware] = (),
+        on_success: OutcomeHook | None = None,
+        on_dead: OutcomeHook | None = None,
     ) -> None:
+        """``on_success`` / ``on_dead``: called with ``(outcome, ctx)`` once any job of
+        the app succeeded, or was parked (retries exhausted, discarded, or poison: ``ctx``
+        is None then), after the broker confirmed it; a job's own hooks run first."""
         ns = Namespace.of(namespace, settings)
         #: the namespace and its settings (replace it whole to move the app)
         self.ns = ns
         self.hooks = list(hooks)
         self.middleware = list(stack(middleware))  # checked now, not at worker start
         self.registry = Registry()
+        self._on_success: dict[str | None, list[OutcomeHook]] = {}
+        self._on_dead: dict[str | None, list[OutcomeHook]] = {}
+        self._add_final(None, on_success, on_dead)
 
-    def handler(self, job: Job[ArgsT]) -> Callable[[TypedHandler[ArgsT]], TypedHandler[ArgsT]]:
+    def _add_final(
+        self, job: str | None, on_success: OutcomeHook | None, on_dead: OutcomeHook | None
+    ) -> None:
+        for hooks, hook, what in ((self._on_success, on_success, "on_success"),
+                                  (self._on_dead, on_dead, "on_dead")):  # fmt: skip
+            if hook is None:
+                continue
+            if not callable(hook):
+                raise ContractError(f"{what} must be callable, got {hook!r}")
+            hooks.setdefault(job, []).append(hook)
+
+    def handler(
+        self,
+        job: Job[ArgsT],
+        *,
+        on_success: OutcomeHook | None = None,
+        on_dead: OutcomeHook | None = None,
+    ) -> Callable[[TypedHandler[ArgsT]], TypedHandler[ArgsT]]:
         """Register the decorated function (``async def`` or plain ``def``) for ``job``;
         it takes ``(args)`` or ``(args, ctx)``, args being the job's model (checked by
-        a type checker)."""
+        a type checker). ``on_success`` / ``on_dead``: as JobApp's, for this job."""
 
         def register(func: TypedHandler[ArgsT]) -> TypedHandler[ArgsT]:
             self.registry.add(job, func)
+            self._add_final(job.name, on_success, on_dead)
             return func
 
         return register
@@ -91,6 +118,8 @@ class JobApp:
         queue: str = "default",
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = DEFAULT_TIMEOUT,
+        on_success: OutcomeHook | None = None,
+        on_dead: OutcomeHook | None = None,
     ) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
 
     def job(
@@ -101,6 +130,8 @@ class JobApp:
         queue: str = "default",
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = DEFAULT_TIMEOUT,
+        on_success: OutcomeHook | None = None,
+        on_dead: OutcomeHook | None = None,
     ) -> Any:
         """Define a job by one typed function and register it as the job's handler::
 
@@ -118,6 +149,7 @@ class JobApp:
         def define(f: Callable[..., Any]) -> JobFunction[..., Any]:
             job = JobFunction(f, name=name, queue=queue, retry=retry, timeout=timeout)
             self.registry.add(job, job.handler())
+            self._add_final(job.name, on_success, on_dead)
             return job
 
         return define if func is None else define(func)
@@ -125,6 +157,14 @@ class JobApp:
     def add_handler(self, job: Job[ArgsT], func: TypedHandler[ArgsT]) -> None:
         """Register ``func`` for ``job`` without a decorator."""
         self.registry.add(job, func)
+
+    @property
+    def worker_middleware(self) -> list[Middleware]:
+        """What a worker of this app runs: its middleware, then the on_success /
+        on_dead hooks (if any: a middleware more is a cost per job)."""
+        if not (self._on_success or self._on_dead):
+            return list(self.middleware)
+        return [*self.middleware, FinalOutcomes(self._on_success, self._on_dead)]
 
     @property
     def namespace(self) -> str:
@@ -149,7 +189,7 @@ class JobApp:
     ) -> Worker:
         """A Worker for this app's namespace; options as Worker's."""
         options.setdefault("hooks", self.hooks)
-        options.setdefault("middleware", self.middleware)
+        options.setdefault("middleware", self.worker_middleware)
         return Worker(self.registry, namespace=self.ns, url=url, **options)
 
 

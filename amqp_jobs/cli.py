@@ -12,7 +12,6 @@ import atexit
 import functools
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from amqp_jobs import __version__, commands
 from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when, plural, scrub
 from amqp_jobs.contract import Namespace
 from amqp_jobs.errors import AmqpJobsError, ContractError
+from amqp_jobs.serving import serve
 from amqp_jobs.urls import DEFAULT_URL, BrokerURLs, resolve
 from amqp_jobs.worker import BROKER_CONSUMER_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_GRACE, Worker
 
@@ -65,6 +65,17 @@ def _connect_timeout(default: float, note: str = "") -> argparse.ArgumentParser:
     )
 
 
+def _log_level() -> argparse.ArgumentParser:
+    """``--log-level``, for the commands that run until stopped (worker, recorder)."""
+    return _option(
+        "--log-level",
+        default=os.environ.get("AMQP_JOBS_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR (default INFO, or $AMQP_JOBS_LOG_LEVEL)",
+    )
+
+
 def _show_help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """A command group given no action (``amqp-jobs dead``): its help, which lists them."""
     print(parser.format_help(), end="")
@@ -106,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser(
         "worker",
-        parents=[url, namespace, _connect_timeout(30.0, "; once connected, it reconnects forever")],
+        parents=[
+            url,
+            namespace,
+            _connect_timeout(30.0, "; once connected, it reconnects forever"),
+            _log_level(),
+        ],
         help="run a worker for an app's queues",
         description=(
             "Consume the app's work queues and run their handlers. SIGTERM or SIGINT stops"
@@ -129,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEFAULT_CONCURRENCY,
         metavar="N",
-        help=f"jobs run at once, and the prefetch count (default {DEFAULT_CONCURRENCY})",
+        help=f"jobs run at once, and the prefetch count (twice N with --events; default"
+        f" {DEFAULT_CONCURRENCY})",
     )
     worker.add_argument(
         "--grace",
@@ -147,13 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
         f" (default {BROKER_CONSUMER_TIMEOUT:.0f}, RabbitMQ's default)",
     )
     worker.add_argument(
-        "--log-level",
-        default=os.environ.get("AMQP_JOBS_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        metavar="LEVEL",
-        help="DEBUG, INFO, WARNING or ERROR (default INFO, or $AMQP_JOBS_LOG_LEVEL)",
-    )
-    worker.add_argument(
         "--no-success-log",
         dest="log_success",
         action="store_false",
@@ -166,14 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish a lifecycle event per transition of each job to the {ns}.events"
         " exchange and stream (see the README's 'Lifecycle events')",
     )
+    worker.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="also run a job-log recorder in this process, into this store (implies"
+        " --events); see `amqp-jobs recorder`",
+    )
     worker.set_defaults(handler=run_worker_command)
-    _add_operations(sub, url=url, namespace=namespace)
-    return parser
-
-
-def _add_operations(
-    sub: Any, *, url: argparse.ArgumentParser, namespace: argparse.ArgumentParser
-) -> None:
     app = _option(
         "--app",
         default=None,
@@ -181,6 +191,75 @@ def _add_operations(
         help="a JobApp, as module:attribute: supplies the namespace, jobs, queues and settings",
     )
     json_out = _option("--json", action="store_true", help="print JSON instead of text")
+    _add_operations(sub, url=url, namespace=namespace, app=app, json_out=json_out)
+    _add_job_log(sub, url=url, namespace=namespace, app=app, json_out=json_out)
+    return parser
+
+
+def _add_job_log(sub: Any, **common: argparse.ArgumentParser) -> None:
+    from amqp_jobs import log_commands as lc
+
+    url, namespace, app, json_out = (common[k] for k in ("url", "namespace", "app", "json_out"))
+    store = _option("--store", default=None, metavar="URL", help=lc.STORE_HELP)
+    rec = sub.add_parser(
+        "recorder",
+        parents=[url, namespace, app, store, _connect_timeout(30.0), _log_level()],
+        help="keep the job log: record the namespace's lifecycle events into a store",
+        description=(
+            "Consume the namespace's events stream into the store: one row per job, with its"
+            " attempts. Run as many as you like: one leads per namespace (it holds the"
+            " exclusive queue {ns}.recorder), the others take over within a second of its"
+            " connection closing. Workers must run with --events (or --store)."
+        ),
+    )
+    rec.add_argument(
+        "--keep",
+        action="append",
+        type=lc.parse_keep,
+        metavar="STATE=DURATION",
+        help="how long rows of an ended job are kept, per state (repeatable; default"
+        " succeeded=7d, discarded=7d, dead=forever)",
+    )
+    rec.set_defaults(handler=lc.cmd_recorder)
+
+    _, jsub = _group(
+        sub,
+        "jobs",
+        help="what happened to jobs: the job log",
+        description="Query the job log a recorder keeps (amqp-jobs recorder).",
+    )
+    jl = jsub.add_parser(
+        "list",
+        parents=[namespace, app, store, json_out],
+        help="jobs, most recently updated first",
+        description="Jobs matching every filter given, most recently updated first.",
+    )
+    jl.add_argument("--state", choices=lc.STATES, default=None, help="only jobs in this state")
+    jl.add_argument("--job", default=None, metavar="NAME", help="only jobs of this name")
+    jl.add_argument("--key", default=None, metavar="KEY", help="only jobs of this job key")
+    jl.add_argument(
+        "--since",
+        type=parse_duration,
+        default=None,
+        metavar="DURATION",
+        help="only jobs updated within this long (e.g. 1h, 7d)",
+    )
+    jl.add_argument(
+        "--limit", type=_positive_int, default=100, metavar="N", help="at most N (default 100)"
+    )
+    jl.set_defaults(handler=lc.cmd_jobs_list)
+    js = jsub.add_parser(
+        "show",
+        parents=[namespace, app, store, json_out],
+        help="one job: state, attempts, error, traceback, result",
+        description="One job from the job log; an id it has no record of is 'unknown' (exit 1).",
+    )
+    js.add_argument("job_id", metavar="JOB_ID", help="the job's id")
+    js.set_defaults(handler=lc.cmd_jobs_show)
+
+
+def _add_operations(sub: Any, **common: argparse.ArgumentParser) -> None:
+    url, namespace, app, json_out = (common[k] for k in ("url", "namespace", "app", "json_out"))
     queues = _option(
         "--queue",
         "-q",
@@ -399,8 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(parser.format_help(), end="")
         return 0
     try:
-        if args.command == "worker":
-            return run_worker_command(args)
+        if args.command in ("worker", "recorder"):
+            return int(args.handler(args))
         # Operations commands speak for themselves: library retries and the AMQP client's
         # own log lines would bury the one-line answer (AMQP_JOBS_LOG_LEVEL shows them).
         logging.basicConfig(
@@ -448,7 +527,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
         namespace=namespace,
         url=urls,
         hooks=app.hooks,
-        middleware=app.middleware,
+        middleware=app.worker_middleware,
         queues=args.queues,
         concurrency=args.concurrency,
         grace=args.grace,
@@ -456,33 +535,34 @@ def run_worker_command(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         name=f"amqp-jobs worker {os.getpid()}",
         log_success=args.log_success,
-        events=args.events,
+        events=args.events or args.store is not None,
     )
     log.info("starting worker for %s on %s", args.app, urls)
-    asyncio.run(_serve(worker))
+    if args.store is None:
+        asyncio.run(serve(worker.run(), worker.stop))
+    else:
+        from amqp_jobs.joblog.recorder import Recorder
+        from amqp_jobs.log_commands import store_url
+
+        recorder = Recorder(
+            store_url(args.store),
+            namespace=namespace,
+            url=urls,
+            connect_timeout=args.connect_timeout,
+        )
+        asyncio.run(serve(_together(worker, recorder), worker.stop))
     _exit_if_handlers_linger(worker)
     return 0
 
 
-async def _serve(worker: Worker) -> None:
-    """Run the worker; first SIGTERM/SIGINT stops it gracefully, the second exits now."""
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("%s received: stopping gracefully", signal.Signals(signum).name)
-            worker.stop()
-        else:
-            log.warning("second signal: exiting at once; unfinished jobs return to the queue")
-            logging.shutdown()
-            os._exit(1)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    await worker.run()
+async def _together(worker: Worker, recorder: Any) -> None:
+    """A worker and a recorder in one process: the recorder stops when the worker has."""
+    recording = asyncio.ensure_future(recorder.run())
+    try:
+        await worker.run()
+    finally:
+        recorder.stop()
+        await recording
 
 
 def _exit_if_handlers_linger(worker: Worker) -> None:

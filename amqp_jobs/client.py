@@ -7,6 +7,7 @@ validated against the job's model before anything leaves the process.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,17 +19,24 @@ from typing import Any, Self
 from amqp_jobs.clock import WALL, Clock
 from amqp_jobs.contract import ArgsT, Job, Namespace, TopologySettings
 from amqp_jobs.durations import seconds
+from amqp_jobs.errors import AmqpJobsError, ContractError, PublishError
 from amqp_jobs.errors import BatchPublishError as BatchPublishError
-from amqp_jobs.errors import ContractError, PublishError
+from amqp_jobs.events import EventKind, header_key
+from amqp_jobs.lifecycle import job_event
 from amqp_jobs.message import (
+    H_KEY,
+    H_REPLY_TO,
     MAX_ETA_AHEAD_MS,
     NO_ID_PREFIX,
     Envelope,
     check_headers,
 )
 from amqp_jobs.middleware import Middleware, Publishing, publish_through, stack
+from amqp_jobs.results import Replies
 from amqp_jobs.transport import Transport, transport_for
 from amqp_jobs.urls import BrokerURLs
+
+log = logging.getLogger("amqp_jobs.client")
 
 #: Publishes in flight at once in enqueue_many (confirms are pipelined within it).
 BATCH_WINDOW = 2000
@@ -125,7 +133,16 @@ class JobClient:
         connect_timeout: float | None = None,
         name: str = "amqp-jobs client",
         middleware: Sequence[Middleware] = (),
+        store: str | None = None,
+        events: bool = False,
     ) -> None:
+        """``store``: the job log (a URL, as the recorder's) that ``result()`` asks about
+        jobs this client did not enqueue with ``reply=True``.
+
+        ``events``: after each job is confirmed, publish its ``enqueued`` (or, delayed,
+        ``scheduled``) lifecycle event, so the job log knows a job from the moment it
+        is queued (and ``result()`` never calls a queued job unknown). A job is never
+        failed for its event: one that cannot be published is logged."""
         retry_for = seconds(retry_for, "retry_for")
         if connect_timeout is not None:
             connect_timeout = seconds(connect_timeout, "connect_timeout")
@@ -139,6 +156,7 @@ class JobClient:
         self.urls = self.transport.urls
         self.retry_for = retry_for
         self.middleware = stack(middleware)
+        self.events = bool(events)
         self._clock = self.transport.clock
         self._link = self.transport.link(
             self.namespace,
@@ -147,6 +165,13 @@ class JobClient:
             declare=declare,
             connect_timeout=retry_for if connect_timeout is None else connect_timeout,
             confirm_timeout=confirm_timeout,
+        )
+        self._replies = Replies(
+            self.transport,
+            self.namespace,
+            store=store,
+            name=name,
+            connect_timeout=retry_for if connect_timeout is None else connect_timeout,
         )
 
     async def __aenter__(self) -> Self:
@@ -166,6 +191,7 @@ class JobClient:
         await self._link.open()
 
     async def close(self) -> None:
+        await self._replies.close()
         await self._link.close()
 
     @property
@@ -191,6 +217,12 @@ class JobClient:
             _check_job_id(job_id)
         if headers:
             check_headers(headers)
+        if job.key is not None:
+            model = job.validate(args)
+            key = job.key_of(model)
+            if key is not None:
+                headers = {**(headers or {}), H_KEY: key}
+            args = model
         return Envelope.new(
             job.name,
             job.encode_args(args),
@@ -209,8 +241,12 @@ class JobClient:
         run_at: datetime | None = None,
         job_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
+        reply: bool = False,
     ) -> str:
         """Publish one job, confirmed; returns its job id.
+
+        ``reply``: the worker that ends the job sends its outcome to this client, for
+        ``result()`` to hear (pushed, not polled).
 
         Raises ArgsValidationError (naming the field) before publishing, and a
         PublishError or BrokerUnavailableError if the broker did not take it.
@@ -218,12 +254,82 @@ class JobClient:
         envelope = self.prepare(
             job, args, delay=delay, run_at=run_at, job_id=job_id, headers=headers
         )
+        if reply:
+            envelope = await self._awaited(envelope)
         if self.middleware:
             await self._send_through_middleware(job, envelope)
         else:
             link = self._link  # as send() does, one coroutine less per job in flight
             await link.retrying(link.send, envelope, job.queue, give_up_after=self.retry_for)
+        if self.events:
+            await self._record(envelope)
         return envelope.job_id
+
+    async def _record(self, envelope: Envelope) -> None:
+        """The ``enqueued``/``scheduled`` event of a job the broker confirmed."""
+        kind = EventKind.ENQUEUED if envelope.eta_ms is None else EventKind.SCHEDULED
+        queue = envelope.queue or ""
+        event = job_event(
+            kind, envelope, queue, self._clock.now_ms(), header_key(envelope.extra_headers)
+        )
+        link = self._link
+        try:
+            await link.retrying(
+                link.send_event,
+                event.routing_key,
+                event.to_message(),
+                give_up_after=self.retry_for,
+            )
+        except AmqpJobsError as exc:
+            log.warning("job %s is enqueued, but not its %s event: %s", envelope.job_id, kind, exc)
+
+    async def _awaited(self, envelope: Envelope) -> Envelope:
+        """``envelope`` naming this client's reply queue, which is consumed from now."""
+        await self._replies.start()
+        self._replies.expect(envelope.job_id)
+        headers = {**envelope.extra_headers, H_REPLY_TO: self._replies.queue}
+        return replace(envelope, extra_headers=headers)
+
+    async def result(
+        self, job_id: str, *, timeout: float | timedelta, job: Job[Any] | None = None
+    ) -> Any:
+        """Wait for a job's outcome: its handler's result (as ``job``'s result model if
+        given), or JobFailedError (error type, message, traceback) if it died or was
+        discarded; UnknownJobError for an id nobody knows; TimeoutError once ``timeout``
+        seconds pass, never later.
+
+        Jobs this client enqueued with ``reply=True`` are pushed to it; others are looked
+        up in the job log (``JobClient(store=...)``).
+        """
+        if not isinstance(job_id, str) or not job_id:
+            raise ContractError(f"job_id must be a non-empty string, got {job_id!r}")
+        bound = seconds(timeout, "timeout")
+        if job_id in self._replies._ours:
+            await self._replies.start()
+        final = await self._replies.wait(job_id, bound)
+        return final.value(job)
+
+    async def enqueue_and_wait(
+        self,
+        job: Job[ArgsT],
+        args: ArgsT | Mapping[str, Any],
+        *,
+        timeout: float | timedelta,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Enqueue a job and wait for its result, as ``result()`` (the timeout counts
+        from the call, publishing included)."""
+        bound = seconds(timeout, "timeout")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound
+        async with asyncio.timeout(bound):
+            sent = await self.enqueue(
+                job, args, delay=delay, run_at=run_at, job_id=job_id, headers=headers, reply=True
+            )
+        return await self.result(sent, timeout=max(0.0, deadline - loop.time()), job=job)
 
     async def _send_through_middleware(self, job: Job[Any], envelope: Envelope) -> None:
         """Publish inside every middleware's ``publish``; headers they add are checked
@@ -272,6 +378,8 @@ class JobClient:
         else:
             link = self._link
             await link.retrying(link.send, envelope, job.queue, give_up_after=self.retry_for)
+        if self.events:
+            await self._record(envelope)
 
     async def send_many(self, job: Job[Any], envelopes: Sequence[Envelope]) -> list[str]:
         """Publish envelopes from ``prepare`` as ``enqueue_many`` does; their ids."""
@@ -293,6 +401,9 @@ class JobClient:
                     if not isinstance(result, Exception):
                         raise result
                     failed[start + offset] = result
+            if self.events:
+                sent = [e for i, e in enumerate(window, start) if i not in failed]
+                await asyncio.gather(*(self._record(e) for e in sent))
         if failed:
             raise BatchPublishError(ids, failed)
         return ids

@@ -16,14 +16,15 @@ then parked); one from ``settled`` is logged and ignored.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from amqp_jobs.contract import Job
 from amqp_jobs.errors import ContractError
-from amqp_jobs.outcome import JobContext, Outcome
+from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
 from amqp_jobs.registry import JobHooks
 
 log = logging.getLogger("amqp_jobs.middleware")
@@ -87,6 +88,44 @@ class HooksMiddleware(Middleware):
             await self.hooks.settled(ctx, outcome)
 
 
+#: ``on_success`` / ``on_dead``: told a job's final outcome (``ctx`` is None for a
+#: message that never reached its handler); plain or ``async def``.
+OutcomeHook = Callable[[Outcome, JobContext | None], Awaitable[None] | None]
+
+
+class FinalOutcomes(Middleware):
+    """``on_success`` and ``on_dead`` (Sidekiq's retries-exhausted), per job and per app:
+    called once the broker confirmed a job's end, the job's own before the app's.
+    ``on_dead`` hears of every parked job: retries exhausted, discarded, or poison."""
+
+    def __init__(
+        self,
+        on_success: Mapping[str | None, Sequence[OutcomeHook]],
+        on_dead: Mapping[str | None, Sequence[OutcomeHook]],
+    ) -> None:
+        self.hooks = {OutcomeKind.SUCCEEDED: on_success, OutcomeKind.DEAD: on_dead}
+
+    def __repr__(self) -> str:
+        return "FinalOutcomes()"
+
+    async def settled(self, outcome: Outcome, ctx: JobContext | None) -> None:
+        hooks = self.hooks.get(outcome.kind)
+        if not hooks:
+            return
+        for hook in (*hooks.get(outcome.job_name, ()), *hooks.get(None, ())):
+            try:
+                done = hook(outcome, ctx)
+                if inspect.isawaitable(done):
+                    await done
+            except Exception:
+                log.exception(
+                    "%s hook %r failed for job %s (ignored)",
+                    "on_success" if outcome.kind is OutcomeKind.SUCCEEDED else "on_dead",
+                    hook,
+                    outcome.job_id,
+                )
+
+
 def stack(
     middleware: Sequence[Middleware], hooks: Sequence[JobHooks] = ()
 ) -> tuple[Middleware, ...]:
@@ -144,32 +183,28 @@ async def tell_settled(
     chain: Sequence[Middleware], outcome: Outcome, ctx: JobContext | None
 ) -> None:
     """Tell every middleware, each within SETTLED_TIMEOUT; a failure or a hang is logged
-    and never changes anything (the delivery is settled already)."""
+    and never changes anything (the delivery is settled already).
+
+    Most ``settled`` methods (counting, logging) finish without waiting on anything: a
+    timer per outcome (asyncio.timeout, a heap entry scheduled and cancelled) cost a
+    no-op job 20 µs, more than the hook. So each runs at once, and only one that
+    suspends runs the rest of its way under the timeout.
+    """
     for item in chain:
         try:
-            await _bounded(item.settled(outcome, ctx))
+            call = item.settled(outcome, ctx)
+            try:
+                waiting_on = call.send(None)
+            except StopIteration:
+                continue
+            async with asyncio.timeout(SETTLED_TIMEOUT):
+                await _Resumed(call, waiting_on)
         except TimeoutError:
             log.error(
                 "middleware %r.settled took more than %.0fs (given up)", item, SETTLED_TIMEOUT
             )
         except Exception:
             log.exception("middleware %r.settled failed (ignored)", item)
-
-
-async def _bounded(call: Coroutine[Any, Any, None]) -> None:
-    """Run ``call`` within SETTLED_TIMEOUT, paying for the timer only if it waits.
-
-    Most ``settled`` methods (counting, logging) finish without waiting on anything: a
-    timer per outcome (asyncio.timeout, a heap entry scheduled and cancelled) cost a
-    no-op job 20 µs, more than the hook. So the coroutine runs at once, and only if it
-    suspends does the rest run under the timeout.
-    """
-    try:
-        waiting_on = call.send(None)
-    except StopIteration:
-        return
-    async with asyncio.timeout(SETTLED_TIMEOUT):
-        await _Resumed(call, waiting_on)
 
 
 class _Resumed:

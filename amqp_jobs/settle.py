@@ -16,11 +16,13 @@ queue it came from and acks it; only if that fails is it nacked.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from amqp_jobs.clock import Clock
-from amqp_jobs.errors import ConnectionLostError, describe
+from amqp_jobs.errors import ConnectionLostError, UnroutableError, describe
 from amqp_jobs.events import JobEvent
 from amqp_jobs.message import Envelope, Message, dead_message, moved_message
 from amqp_jobs.outcome import Bury, Decision, DeferBy, RetryIn, Succeed
@@ -69,6 +71,14 @@ class Release:
 
 
 Action = Ack | Republish | Park | Quarantine | Release
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A job's final event, for the client waiting on it (its reply queue)."""
+
+    queue: str
+    event: JobEvent
 
 
 def took(seconds: float) -> str:
@@ -150,9 +160,11 @@ async def settle(
     *,
     hold_until: float,
     event: JobEvent | None = None,
+    reply: Reply | None = None,
 ) -> bool:
     """Carry out ``action`` for ``delivery`` consumed from ``queue``'s queues; ``event``,
-    the lifecycle event that records it, is confirmed before the ack, like a copy.
+    the lifecycle event that records it, and ``reply``, the outcome a client waits for,
+    are confirmed before the ack, like a copy.
 
     Returns True when the delivery was acked, False when it stays with the broker (to be
     delivered again): its channel is gone, or the action was Release, or the replacement
@@ -168,10 +180,10 @@ async def settle(
         case Release():
             await release(delivery, link, queue)
             return False
-        case Ack() if event is None:
+        case Ack() if event is None and reply is None:
             pass
         case _:
-            if not await _store(delivery, action, link, queue, hold_until, event):
+            if not await _store(delivery, action, link, queue, hold_until, event, reply):
                 return False
     try:
         await delivery.ack()
@@ -192,45 +204,41 @@ async def _store(
     queue: str,
     until: float,
     event: JobEvent | None,
+    reply: Reply | None = None,
 ) -> bool:
-    """Store the copy that replaces ``delivery`` and the event that records it, each
-    once, together, trying again with backoff until ``until``; False (and the delivery
-    released) if they could not be."""
-    copied = isinstance(action, Ack)
-    recorded = event is None
-
-    async def copy() -> None:
-        nonlocal copied
-        match action:
-            case Republish(envelope):
-                await link.send(envelope, queue, via_jobs_exchange=False)
-            case Park(message):
-                await link.send_dead(message, queue)
-            case Quarantine(message):
-                await link.send_quarantine(message, queue)
-        copied = True
-
-    async def record() -> None:
-        nonlocal recorded
-        assert event is not None
-        await link.send_event(event.routing_key, event.to_message())
-        recorded = True
+    """Store the copy that replaces ``delivery``, the event that records it and the reply
+    to a waiting client, each once, together, trying again with backoff until
+    ``until``; False (and the delivery released) if they could not be."""
+    parts: dict[str, Callable[[], Awaitable[None]]] = {}
+    match action:
+        case Republish(envelope):
+            parts["copy"] = functools.partial(link.send, envelope, queue, via_jobs_exchange=False)
+        case Park(message):
+            parts["copy"] = functools.partial(link.send_dead, message, queue)
+        case Quarantine(message):
+            parts["copy"] = functools.partial(link.send_quarantine, message, queue)
+    if event is not None:
+        parts["event"] = functools.partial(link.send_event, event.routing_key, event.to_message())
+    if reply is not None:
+        parts["reply"] = functools.partial(_send_reply, link, reply)
 
     async def store() -> None:
-        # Both in flight at once, and neither sent again once confirmed: a copy stored
+        # All in flight at once, and none sent again once confirmed: a copy stored
         # twice would run the job twice.
-        if copied:
-            await record()
-        elif recorded:
-            await copy()
-        else:
-            failures = [
-                r
-                for r in await asyncio.gather(copy(), record(), return_exceptions=True)
-                if isinstance(r, BaseException)
-            ]
-            if failures:
-                raise failures[0]
+        pending = list(parts.items())
+        if len(pending) == 1:
+            await pending[0][1]()
+            parts.clear()
+            return
+        results = await asyncio.gather(*(send() for _, send in pending), return_exceptions=True)
+        failures = []
+        for (name, _), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                failures.append(result)
+            else:
+                del parts[name]
+        if failures:
+            raise failures[0]
 
     what = {
         Park: "dead letter",
@@ -291,6 +299,15 @@ async def _store(
             )
         await asyncio.sleep(pause)
         pause = min(pause * 2, MAX_HOLD_PAUSE)
+
+
+async def _send_reply(link: Link, reply: Reply) -> None:
+    """The final event to the waiting client's queue; a queue gone (the client left long
+    ago) is no failure: the job log answers it, if it comes back."""
+    try:
+        await link.send_to_queue(reply.queue, reply.event.to_message())
+    except UnroutableError:
+        log.debug("reply queue %s of job %s is gone", reply.queue, reply.event.job_id)
 
 
 async def release(delivery: Delivery, link: Link, queue: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -231,6 +232,10 @@ class _Runner:
             log.warning("closing the connection to %s: %r", self.client.urls, exc)
 
 
+def _timed_out(bound: float) -> Exception:
+    return TimeoutError(f"no outcome within {bound - MARGIN:g}s")
+
+
 def _closed() -> ContractError:
     return ContractError("this SyncJobClient is closed; make a new one to publish again")
 
@@ -262,8 +267,12 @@ class SyncJobClient:
         connect_timeout: float | None = None,
         name: str = "amqp-jobs sync client",
         middleware: Sequence[Middleware] = (),
+        store: str | None = None,
+        events: bool = False,
     ) -> None:
         options: dict[str, Any] = {
+            "store": store,
+            "events": events,
             "namespace": namespace,
             "settings": settings,
             "declare": declare,
@@ -395,6 +404,51 @@ class SyncJobClient:
         runner = self._running()  # after validating: bad input starts nothing
         runner.call(self.bound, runner.client.send_prepared, job, envelope)
         return envelope.job_id
+
+    def result(
+        self, job_id: str, *, timeout: float | timedelta, job: Job[Any] | None = None
+    ) -> Any:
+        """Wait for a job's outcome, as ``JobClient.result``: the result, JobFailedError,
+        UnknownJobError, or TimeoutError once ``timeout`` seconds pass."""
+        if self._closed:
+            raise _closed()
+        bound = seconds(timeout, "timeout")
+        runner = self._running()
+        return runner.call(
+            bound + MARGIN,
+            functools.partial(runner.client.result, job_id, timeout=bound, job=job),
+            timeout=_timed_out,
+        )
+
+    def enqueue_and_wait(
+        self,
+        job: Job[ArgsT],
+        args: ArgsT | Mapping[str, Any],
+        *,
+        timeout: float | timedelta,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+        job_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Enqueue a job and wait for its result, as ``JobClient.enqueue_and_wait``
+        (validated here, before anything is sent)."""
+        if self._closed:
+            raise _closed()
+        self._client.prepare(job, args, delay=delay, run_at=run_at, job_id=job_id, headers=headers)
+        bound = seconds(timeout, "timeout")
+        runner = self._running()
+        wait = functools.partial(
+            runner.client.enqueue_and_wait,
+            job,
+            args,
+            timeout=bound,
+            delay=delay,
+            run_at=run_at,
+            job_id=job_id,
+            headers=headers,
+        )
+        return runner.call(bound + MARGIN, wait, timeout=_timed_out)
 
     def enqueue_many(
         self,

@@ -232,7 +232,7 @@ class Namespace:
         declares is deleted with the namespace. Options as ``app.worker()``'s."""
         kwargs.setdefault("grace", 5.0)
         kwargs.setdefault("hooks", app.hooks)
-        kwargs.setdefault("middleware", app.middleware)
+        kwargs.setdefault("middleware", app.worker_middleware)
         if app not in self._apps:
             self._apps.append(app)
         ns = ContractNamespace(self.name, app.settings)

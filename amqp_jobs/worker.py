@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import ssl
 from collections import OrderedDict
@@ -64,6 +65,7 @@ from amqp_jobs.errors import (
 from amqp_jobs.events import EventKind, JobEvent, header_key
 from amqp_jobs.message import (
     DEFAULT_MAX_BODY,
+    H_REPLY_TO,
     DeadReason,
     Envelope,
     ErrorInfo,
@@ -96,6 +98,7 @@ from amqp_jobs.settle import (
     Park,
     Quarantine,
     Release,
+    Reply,
     Republish,
     action_for,
     settle,
@@ -289,7 +292,10 @@ class Worker:
         self._troubled: OrderedDict[str, int] = OrderedDict()
         self._lost = asyncio.Event()
         self._prefetch = {
-            Source.WORK: concurrency,
+            # With events, each settlement waits for its event's confirm: twice as many
+            # deliveries let jobs settle while as many others run (the slots still
+            # bound the handlers to ``concurrency``).
+            Source.WORK: concurrency * 2 if self.events else concurrency,
             Source.DUE: DUE_PREFETCH,
             Source.QUARANTINE: 1,
         }
@@ -434,12 +440,8 @@ class Worker:
             Source.QUARANTINE: quarantine_queue,
         }[source](self.namespace, queue)
         consumer = _Consumer(channel, "", queue, source, name)
-
-        async def on_delivery(delivery: Delivery) -> None:
-            consumer.received += 1
-            await self._process(delivery, queue=queue, source=source)
-
-        consumer.tag = await channel.consume(name, on_delivery)
+        # a partial, not a closure coroutine: one coroutine less per delivery
+        consumer.tag = await channel.consume(name, functools.partial(self._process, consumer))
         self._consumers.append(consumer)
 
     def _on_lost(self, reason: str, consumer_timeout: float | None) -> None:
@@ -562,7 +564,9 @@ class Worker:
 
     # -- one delivery ----------------------------------------------------------------
 
-    async def _process(self, msg: Delivery, *, queue: str, source: Source) -> None:
+    async def _process(self, consumer: _Consumer, msg: Delivery) -> None:
+        consumer.received += 1
+        queue, source = consumer.queue, consumer.source
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -720,10 +724,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         began = loop.time()
         key, started_ms = None, 0
-        if self.events:
+        reply_to = env.extra_headers.get(H_REPLY_TO)
+        if self.events or reply_to:
             started_ms = self.clock.now_ms()
             key = header_key(env.extra_headers) or spec.job.key_of(args)
-            self._record(lifecycle.job_event(EventKind.STARTED, env, queue, started_ms, key))
+            if self.events:
+                self._record(lifecycle.job_event(EventKind.STARTED, env, queue, started_ms, key))
         assert self._sem is not None
         failure, result = await run_attempt(
             spec,
@@ -738,7 +744,7 @@ class Worker:
         )
         duration = loop.time() - began
         data = None
-        if failure is None and (self.events or spec.job.result_model is not None):
+        if failure is None and (self.events or reply_to or spec.job.result_model is not None):
             try:
                 data = spec.job.result_data(result)
             except ResultError as exc:
@@ -753,9 +759,9 @@ class Worker:
             duration=duration,
             log_success=self.log_success,
         )
-        event = None
-        if self.events:
-            event = lifecycle.ended(
+        event = reply = None
+        if self.events or reply_to:
+            ended = lifecycle.ended(
                 decision,
                 env,
                 queue,
@@ -765,7 +771,10 @@ class Worker:
                 duration=duration,
                 result=data,
             )
-        settled = await self._settle(msg, action, queue, event)
+            event = ended if self.events else None
+            if isinstance(reply_to, str) and ended.is_terminal:
+                reply = Reply(reply_to, ended)
+        settled = await self._settle(msg, action, queue, event, reply)
         if settled:
             self._count(decision)
         else:
@@ -811,7 +820,18 @@ class Worker:
             event = lifecycle.not_run(
                 EventKind.DEAD, msg, queue, self.clock.now_ms(), error=error, dead_reason=reason
             )
-        if await self._settle(msg, Park(dead_message(msg, reason, error, queue)), queue, event):
+        reply_to = msg.headers.get(H_REPLY_TO)
+        reply = None
+        if isinstance(reply_to, str):
+            reply = Reply(
+                reply_to,
+                event
+                or lifecycle.not_run(
+                    EventKind.DEAD, msg, queue, self.clock.now_ms(), error=error, dead_reason=reason
+                ),
+            )
+        parked = Park(dead_message(msg, reason, error, queue))
+        if await self._settle(msg, parked, queue, event, reply):
             self.stats.dead += 1
             self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
             await self._not_run(OutcomeKind.DEAD, msg, queue, error=error, dead_reason=reason)
@@ -893,7 +913,12 @@ class Worker:
             stats.by_reason[reason] = stats.by_reason.get(reason, 0) + 1
 
     async def _settle(
-        self, msg: Delivery, action: Action, queue: str, event: JobEvent | None = None
+        self,
+        msg: Delivery,
+        action: Action,
+        queue: str,
+        event: JobEvent | None = None,
+        reply: Reply | None = None,
     ) -> bool:
         """Settle ``msg`` once: its fate (acked, replaced or given back) is then decided,
         and a later failure on its task must not give it back a second time."""
@@ -905,6 +930,7 @@ class Worker:
             queue,
             hold_until=self._deadline(msg, settling=True),
             event=event,
+            reply=reply,
         )
         if not settled and msg.channel.is_closed:
             self._vouch(msg)  # the broker took it back from this living process

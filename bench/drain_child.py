@@ -1,8 +1,9 @@
 """Child process of the drain benchmark: consume N queued jobs, then print timings as JSON.
 
-    python -m bench.drain_child {worker|raw} NAMESPACE N PREFETCH
+    python -m bench.drain_child {worker|worker-events|raw} NAMESPACE N PREFETCH
 
-``worker`` runs an amqp-jobs Worker at the given concurrency with a no-op handler;
+``worker`` runs an amqp-jobs Worker at the given concurrency with a no-op handler
+(``worker-events``: publishing lifecycle events);
 ``raw`` consumes the same queue with plain aio-pika, manual acks, same prefetch.
 Both exit once N deliveries are acked.
 """
@@ -25,7 +26,9 @@ from amqp_jobs.topology import work_queue  # noqa: E402
 from bench.common import URL, Signup, bench_job  # noqa: E402
 
 
-async def run_worker(ns: str, n: int, concurrency: int) -> dict[str, float]:
+async def run_worker(
+    ns: str, n: int, concurrency: int, *, events: bool = False
+) -> dict[str, float]:
     app = JobApp(ns)
     times: dict[str, float] = {}
     done = 0
@@ -43,7 +46,7 @@ async def run_worker(ns: str, n: int, concurrency: int) -> dict[str, float]:
                 times["done"] = time.time()
                 worker.stop()
 
-    worker = app.worker(URL, concurrency=concurrency, hooks=[Count()])
+    worker = app.worker(URL, concurrency=concurrency, hooks=[Count()], events=events)
     await worker.run()
     return times
 
@@ -75,8 +78,10 @@ async def run_raw(ns: str, n: int, prefetch: int) -> dict[str, float]:
 
 def main() -> None:
     mode, ns, n, prefetch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    runner = run_worker if mode == "worker" else run_raw
-    times = asyncio.run(runner(ns, n, prefetch))
+    if mode == "raw":
+        times = asyncio.run(run_raw(ns, n, prefetch))
+    else:
+        times = asyncio.run(run_worker(ns, n, prefetch, events=mode == "worker-events"))
     print(json.dumps({"started": STARTED, **times}))
 
 

@@ -45,6 +45,8 @@ from bench.common import (
 from bench.delay_precision import measure as measure_delays
 from bench.first_delay import bench_first_delay
 from bench.first_delay import report_line as first_delay_line
+from bench.joblog_lookup import bench_joblog
+from bench.joblog_lookup import report_line as joblog_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -470,6 +472,12 @@ def report(comparisons: list[Comparison], extra: dict[str, Any]) -> str:
         )
     if "first_delay" in extra:
         lines.append(first_delay_line(extra["first_delay"]))
+    if "events" in extra:
+        from bench.events_cost import report_line as events_line
+
+        lines.append(events_line(extra["events"]))
+    if "joblog" in extra:
+        lines += [joblog_line(kind, result) for kind, result in extra["joblog"].items()]
     if "memory" in extra:
         m = extra["memory"]
         lines.append(
@@ -501,6 +509,12 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
         extra["first_delay"] = await bench_first_delay(max(options.runs, 5))
     if "sync" not in skip:
         comparisons += await bench_sync(options.jobs, options.runs)
+    if "events" not in skip:
+        from bench.events_cost import bench_events  # it builds on this module
+
+        extra["events"] = await bench_events(options.jobs, options.runs)
+    if "joblog" not in skip:  # needs PostgreSQL too ($AMQP_JOBS_PG_URL)
+        extra["joblog"] = await bench_joblog(options.joblog_rows, ["sqlite", "postgres"])
     print(report(comparisons, extra))
     return {
         "broker_cpu_measured": beam is not None,
@@ -518,10 +532,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retry-jobs", type=int, default=1_000)
     parser.add_argument("--delay-jobs", type=int, default=300)
     parser.add_argument("--memory-jobs", type=int, default=100_000)
+    parser.add_argument("--joblog-rows", type=int, default=1_000_000, help="jobs in the job log")
     parser.add_argument(
         "--skip",
         default="",
-        help="comma-separated: enqueue,drain,retry,delay,memory,inmemory,sync,firstdelay",
+        help="comma-separated: enqueue,drain,retry,delay,memory,inmemory,sync,firstdelay,"
+        "events,joblog",
     )
     parser.add_argument("--output", default=str(RESULTS / "latest.json"))
     options = parser.parse_args(argv)

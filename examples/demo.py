@@ -7,6 +7,7 @@ broker; works in a namespace of its own and deletes it afterwards.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -20,6 +21,8 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 from amqp_jobs import JobClient, JobContext, JobHooks, Namespace, Outcome, OutcomeKind
+from amqp_jobs.joblog import JobLog
+from amqp_jobs.joblog.recorder import Recorder
 from amqp_jobs.topology import dead_queue
 from amqp_jobs.transport import transport_for
 from amqp_jobs.transport.amqp.connection import connect
@@ -28,6 +31,8 @@ from amqp_jobs.urls import mask_url, resolve
 from .shop import contracts as c
 
 TIMEOUT = 30.0
+#: The demo's job log: a SQLite file that stays after the run, for `amqp-jobs jobs`.
+STORE = "sqlite:///amqp-jobs-demo.db"
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Row:
     note: str = ""
 
 
-class Recorder(JobHooks):
+class Tracker(JobHooks):
     """Collects what happened to every job, through the worker's lifecycle hook."""
 
     def __init__(self, rows: dict[str, Row], t0: float, done: asyncio.Event) -> None:
@@ -99,9 +104,11 @@ async def run(url: str) -> None:
     rows: dict[str, Row] = {}
     done = asyncio.Event()
     t0 = time.time()
-    worker = app.worker(url, hooks=[Recorder(rows, t0, done)], grace=5)
-    print(f"broker {mask_url(url)}, namespace {namespace}")
+    worker = app.worker(url, hooks=[Tracker(rows, t0, done)], grace=5, events=True)
+    recorder = Recorder(STORE, namespace=namespace, url=url)
+    print(f"broker {mask_url(url)}, namespace {namespace}, job log {STORE}")
     task = asyncio.create_task(worker.run())
+    recording = asyncio.create_task(recorder.run())
     try:
         await asyncio.wait_for(worker.started(), 30)
         async with JobClient(url, namespace=namespace) as jobs:
@@ -130,11 +137,23 @@ async def run(url: str) -> None:
             print(f"not every job finished within {TIMEOUT:.0f}s", file=sys.stderr)
         print_table(rows.values())
         await show_dead(url, namespace)
+        # every attempt is two events: started, and how it ended
+        events = sum(2 * len(r.attempts) for r in rows.values())
+        try:
+            await asyncio.wait_for(recorder.applied(events), 10)
+        except TimeoutError:
+            print("the recorder has not recorded every event yet", file=sys.stderr)
+        await show_job_log(namespace, list(rows))
     finally:
         worker.stop()
+        recorder.stop()
         await asyncio.wait_for(task, 15)
+        await asyncio.wait_for(recording, 15)
         await transport_for(url).delete_namespace(namespace, app.queues, app.settings)
     print(f"\nnamespace {namespace} deleted. Worker stats: {worker.stats}")
+    print(
+        f"Its job log stays: amqp-jobs jobs list --store {STORE} --namespace {namespace} --key 1042"
+    )
     print("Run the same handlers as a worker process: amqp-jobs worker examples.shop.worker:app")
 
 
@@ -154,6 +173,28 @@ def print_table(rows: object) -> None:
     print(fmt.format(*("-" * w for w in widths)))
     for line in lines:
         print(fmt.format(*line))
+
+
+async def show_job_log(namespace: str, job_ids: list[str]) -> None:
+    """Each job's row in the job log, as the recorder wrote it from the events."""
+    async with JobLog(STORE, namespace) as joblog:
+        records = [await joblog.get(job_id) for job_id in job_ids]
+    print(f"\njob log ({STORE}):")
+    headers = ("id", "job", "key", "state", "attempt", "took", "result or error")
+    lines = []
+    for job_id, r in zip(job_ids, records, strict=True):
+        if r is None:
+            lines.append((job_id[:8], "-", "-", "unknown", "-", "-", "-"))
+            continue
+        took = "-" if r.duration_ms is None else f"{r.duration_ms:.0f} ms"
+        what = f"{r.error_type}: {r.error_message}" if r.error_type else json.dumps(r.result)
+        lines.append((job_id[:8], r.job, r.key or "-", r.state, str(r.attempt), took, what))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*headers))
+    print(fmt.format(*("-" * w for w in widths)))
+    for line in lines:
+        print(fmt.format(*line).rstrip())
 
 
 async def show_dead(url: str, namespace: str) -> None:

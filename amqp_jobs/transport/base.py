@@ -13,7 +13,7 @@ a message the broker did not take, ``TopologyMismatchError`` for a declaration r
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ class Channel(Protocol):
     async def consume(
         self,
         queue: str,
-        on_delivery: Callable[[Delivery], Awaitable[None]],
+        on_delivery: Callable[[Delivery], Coroutine[Any, Any, None]],
         *,
         arguments: Mapping[str, Any] | None = None,
     ) -> str:
@@ -88,6 +88,20 @@ class Session(Protocol):
     def on_lost(self, callback: OnLost) -> None: ...
 
     async def channel(self, prefetch: int) -> Channel: ...
+
+    async def claim(self, name: str) -> bool:
+        """Take the exclusive queue ``name`` as a lock held for this session's life:
+        True if this session holds it now, False if another connection does. The broker
+        frees it the instant the holder's connection closes: a lock with no TTL to tune
+        and nothing to reap."""
+
+    async def release(self, name: str) -> None:
+        """Delete a queue of this session's: a lock taken with ``claim`` (given back),
+        or a reply queue the client is done with. Missing: nothing happens."""
+
+    async def declare_reply_queue(self, name: str, *, expires_ms: int) -> None:
+        """A client's reply queue: classic and durable (a broker restart keeps its
+        replies), deleted by the broker once unused for ``expires_ms``."""
 
     async def close(self) -> None: ...
 

@@ -35,22 +35,27 @@ create_crm_record = Job(
     "crm.create_record",
     NewUser,
     queue="crm",
+    key="user_id",
     retry=RetryPolicy(max_attempts=5, backoff=1),
     timeout=30,
 )
-assign_fulfilment_centre = Job("fulfilment.assign_centre", NewUser, queue="fulfilment", timeout=10)
+assign_fulfilment_centre = Job(
+    "fulfilment.assign_centre", NewUser, queue="fulfilment", key="user_id", timeout=10
+)
 send_welcome = Job(
     "emails.send_welcome",
     WelcomeEmail,
     queue="emails",
+    key="user_id",
     retry=RetryPolicy(max_attempts=8),
     timeout=30,
 )
-send_reminder = Job("emails.send_reminder", Reminder, queue="emails", timeout=30)
+send_reminder = Job("emails.send_reminder", Reminder, queue="emails", key="user_id", timeout=30)
 sync_invoice = Job(
     "billing.sync_invoice",
     Invoice,
     queue="billing",
+    key="user_id",
     retry=RetryPolicy(max_attempts=3, backoff=0.5),
     timeout=10,
 )

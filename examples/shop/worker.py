@@ -28,19 +28,21 @@ CENTRES = {"1": "Dublin", "2": "Leeds", "3": "Bristol", "E": "London", "S": "Gla
 
 
 @app.handler(create_crm_record)
-async def crm_record(args: NewUser, ctx: JobContext) -> None:
+async def crm_record(args: NewUser, ctx: JobContext) -> dict[str, str]:
     # The CRM times out on the first two calls: the job retries on its backoff.
     if ctx.attempt <= 2:
         raise ConnectionError("CRM API timed out")
     await asyncio.sleep(0.05)
     ctx.logger.info("CRM record created for user %s", args.user_id)
+    return {"crm_id": f"crm-{args.user_id}"}  # the result: kept in the job log
 
 
 @app.handler(assign_fulfilment_centre)
-def fulfilment_centre(args: NewUser, ctx: JobContext) -> None:
+def fulfilment_centre(args: NewUser, ctx: JobContext) -> str:
     # A plain function: runs in the worker's thread pool.
     centre = CENTRES.get(args.postcode[0].upper(), "Birmingham")
     ctx.logger.info("user %s assigned to %s", args.user_id, centre)
+    return centre
 
 
 @app.handler(send_welcome)

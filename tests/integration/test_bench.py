@@ -19,7 +19,8 @@ def test_bench_runs_at_tiny_sizes(tmp_path: Path, amqp_url: str) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", "--runs", "1", "--jobs", "300", "--retry-jobs", "50",
-         "--delay-jobs", "20", "--memory-jobs", "500", "--output", str(out)],
+         "--delay-jobs", "20", "--memory-jobs", "500", "--joblog-rows", "2000",
+         "--output", str(out)],
         cwd=ROOT, env={**os.environ, "AMQP_URL": amqp_url}, capture_output=True, text=True,
         timeout=280, check=False,
     )  # fmt: skip
@@ -30,3 +31,5 @@ def test_bench_runs_at_tiny_sizes(tmp_path: Path, amqp_url: str) -> None:
     assert data["memory"]["jobs_in_work_queue"] == 0
     assert "enqueue_many" in data["comparisons"]
     assert "amqp-jobs vs raw aio-pika" in result.stdout
+    assert data["events"]["ratio_events"] > 0
+    assert set(data["joblog"]) == {"sqlite", "postgres"}

@@ -24,4 +24,10 @@ def test_the_demo_runs_every_job_to_its_outcome(amqp_url: str) -> None:
     assert "not every job finished" not in out
     assert out.count("succeeded") >= 4, out
     assert "dead (exhausted)" in out
+    # the job log, written by the recorder from the events: every job with its row
+    log = out[out.index("job log (sqlite") :]
+    assert log.count("  1042  succeeded") == 4, out
+    assert "1042  dead       3" in log and "PermissionError" in log, out
+    assert '{"crm_id": "crm-1042"}' in log and '"London"' in log, out
+    assert "unknown" not in log, out
     assert "deleted" in out

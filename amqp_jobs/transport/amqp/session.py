@@ -9,10 +9,11 @@ a consumer because its queue was deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import aiormq
@@ -45,14 +46,15 @@ class AmqpChannel:
     async def consume(
         self,
         queue: str,
-        on_delivery: Callable[[DeliveryProtocol], Awaitable[None]],
+        on_delivery: Callable[[DeliveryProtocol], Coroutine[Any, Any, None]],
         *,
         arguments: Mapping[str, Any] | None = None,
     ) -> str:
         loop = asyncio.get_running_loop()
 
-        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            await on_delivery(Delivery(message, queue, loop.time(), self))
+        def on_message(message: aiormq.abc.DeliveredMessage) -> Coroutine[Any, Any, None]:
+            # aiormq runs what this returns as the delivery's task: no coroutine between
+            return on_delivery(Delivery(message, queue, loop.time(), self))
 
         try:
             ok = await self._raw.basic_consume(
@@ -142,6 +144,43 @@ class AmqpSession:
         channel.close_callbacks.add(self._channel_closed)
         raw.on_consumer_cancel_callbacks.add(self._cancelled)
         return AmqpChannel(self, channel, raw)
+
+    async def claim(self, name: str) -> bool:
+        try:
+            channel = await open_channel(self._connection, publisher_confirms=False)
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours(f"claiming {name}", exc) from exc
+        try:
+            await channel.declare_queue(name, exclusive=True, auto_delete=False, durable=False)
+        except aiormq.exceptions.ChannelLockedResource:
+            return False  # the broker closed the channel: another connection holds it
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours(f"claiming {name}", exc) from exc
+        with contextlib.suppress(*TRANSIENT, *LOST):
+            await channel.close()  # the queue lives as long as the connection, not this
+        return True
+
+    async def release(self, name: str) -> None:
+        try:
+            channel = await open_channel(self._connection, publisher_confirms=False)
+            try:
+                raw = await channel.get_underlay_channel()
+                await raw.queue_delete(name)
+            finally:
+                await channel.close()
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours(f"releasing {name}", exc) from exc
+
+    async def declare_reply_queue(self, name: str, *, expires_ms: int) -> None:
+        try:
+            channel = await open_channel(self._connection, publisher_confirms=False)
+            try:
+                await channel.declare_queue(name, durable=True, arguments={"x-expires": expires_ms})
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours(f"declaring {name}", exc) from exc
 
     async def close(self) -> None:
         """Close the connection: every delivery it holds returns to its queue."""

@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("amqp_jobs.transport.memory")
 
-OnDelivery = Callable[[DeliveryProtocol], Awaitable[None]]
+OnDelivery = Callable[[DeliveryProtocol], Coroutine[Any, Any, None]]
 DeathReason = Literal["expired", "rejected", "delivery_limit", "maxlen"]
 
 #: Queue arguments RabbitMQ compares when a queue is declared again (declare_args and the
@@ -446,6 +446,8 @@ class MemoryBroker:
         self._seq = itertools.count()
         self._ctags = itertools.count(1)
         self._sessions: list[MemorySession] = []
+        #: exclusive queues and the session that owns each (deleted when it closes)
+        self._owners: dict[str, MemorySession] = {}
         #: bumped by drop_connections: links opened before it must reconnect
         self._generation = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -550,6 +552,7 @@ class MemoryBroker:
         q = self._queues.pop(name, None)
         if q is None:
             return
+        self._owners.pop(name, None)
         q.deleted = True
         for timer in (q.expiry_timer, q.pending_timer):
             if timer is not None:
@@ -916,6 +919,26 @@ class MemoryBroker:
     def _add_session(self, session: MemorySession) -> None:
         self._loop = session._loop
         self._sessions.append(session)
+
+    def claim(self, name: str, session: MemorySession) -> bool:
+        """Declare ``name`` exclusive to ``session``; False (RESOURCE_LOCKED) if another
+        session owns it, or it exists and is not exclusive."""
+        owner = self._owners.get(name)
+        if owner is session:
+            return True
+        if owner is not None or name in self._queues:
+            return False
+        self.declare_queue(name)
+        self._owners[name] = session
+        return True
+
+    def release(self, name: str, session: MemorySession) -> None:
+        """Delete a queue ``session`` may delete: one it owns (what closing its
+        connection does), or one nobody owns; another's is left (RESOURCE_LOCKED)."""
+        owner = self._owners.get(name)
+        if owner is None or owner is session:
+            self._owners.pop(name, None)
+            self.delete_queue(name)
 
     def drop_connections(self, reason: str = "connection lost") -> None:
         """Close every session as a lost connection would: their deliveries return to

@@ -297,6 +297,23 @@ class MemorySession:
         self._channels.append(channel)
         return channel
 
+    async def claim(self, name: str) -> bool:
+        if self._closed:
+            raise ConnectionLostError(f"claiming {name}: the connection is closed")
+        return self._broker.claim(name, self)
+
+    async def release(self, name: str) -> None:
+        if self._closed:
+            raise ConnectionLostError(f"releasing {name}: the connection is closed")
+        self._broker.release(name, self)
+
+    async def declare_reply_queue(self, name: str, *, expires_ms: int) -> None:
+        if self._closed:
+            raise ConnectionLostError(f"declaring {name}: the connection is closed")
+        # x-expires is kept and compared on a redeclare, not enforced: a process's memory
+        # broker ends with its clients
+        self._broker.declare_queue(name, {"x-expires": expires_ms})
+
     async def close(self) -> None:
         """Close the connection: every delivery it holds returns to its queue; nothing
         is reported, and no callback of it runs again."""
@@ -309,6 +326,8 @@ class MemorySession:
         self._closed = True
         for channel in list(self._channels):
             channel._close("connection closed", report=False)
+        for name in [n for n, owner in self._broker._owners.items() if owner is self]:
+            self._broker.release(name, self)
         if self in self._broker._sessions:
             self._broker._sessions.remove(self)
 
