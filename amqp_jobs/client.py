@@ -304,8 +304,8 @@ class JobClient:
         if not isinstance(job_id, str) or not job_id:
             raise ContractError(f"job_id must be a non-empty string, got {job_id!r}")
         bound = seconds(timeout, "timeout")
-        if job_id in self._replies._ours:
-            await self._replies.start()
+        if self._replies.expects(job_id):
+            self._replies.keep_consuming()  # never waits: the timeout below bounds it all
         final = await self._replies.wait(job_id, bound)
         return final.value(job)
 

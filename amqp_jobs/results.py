@@ -153,9 +153,8 @@ class Replies:
             raise ContractError("the client is closed")
         if self._consuming.is_set():
             return
-        if self._task is None or self._task.done():
-            self._failed = None
-            self._task = asyncio.create_task(self._run(), name=self.name)
+        self.keep_consuming()
+        assert self._task is not None
         consuming = asyncio.ensure_future(self._consuming.wait())
         try:
             await asyncio.wait(
@@ -171,6 +170,16 @@ class Replies:
             raise BrokerUnavailableError(
                 f"could not consume reply queue {self.queue} within {self.connect_timeout:g}s"
             )
+
+    def keep_consuming(self) -> None:
+        """Have the reply consumer run (it reconnects by itself) without waiting for it:
+        a caller waiting on an outcome is bounded by its own timeout alone, and replies
+        wait in the durable queue meanwhile."""
+        if self._closed:
+            raise ContractError("the client is closed")
+        if self._task is None or self._task.done():
+            self._failed = None
+            self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def _run(self) -> None:
         """Consume; after a lost connection, consume again (with backoff), and ask the
@@ -265,6 +274,10 @@ class Replies:
         self._ours[job_id] = None
         if len(self._ours) > KEPT:
             self._ours.popitem(last=False)
+
+    def expects(self, job_id: str) -> bool:
+        """Whether ``job_id`` was enqueued naming this client's reply queue."""
+        return job_id in self._ours
 
     async def wait(self, job_id: str, timeout: float) -> Final:
         """The job's outcome, within ``timeout`` seconds (TimeoutError after it)."""

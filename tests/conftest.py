@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from amqp_jobs.testing import Namespace
 from amqp_jobs.urls import DEFAULT_URL
 from tests.shared_broker import Guard, is_local
+from tests.support import private_pg_database
 
 GUARD = pytest.StashKey[Guard | None]()
 #: Every namespace this run's tests create (the guard looks for their leftovers).
@@ -58,3 +61,19 @@ def shared_broker_guard(request: pytest.FixtureRequest) -> Guard | None:
 @pytest.fixture(scope="session")
 def created_namespaces() -> set[str]:
     return CREATED
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database of this run's own (job log stores), dropped at the end."""
+    with private_pg_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A job log store: a SQLite file of the test's own, or the run's PostgreSQL database
+    (the tables are keyed by namespace, and each test has its own)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/log.db"  # an absolute path: four slashes
+    return str(request.getfixturevalue("pg_database"))

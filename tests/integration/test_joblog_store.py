@@ -16,13 +16,12 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from amqp_jobs.errors import ContractError, StoreError
@@ -33,40 +32,6 @@ from amqp_jobs.joblog.sqlite import SqliteStore
 PG_URL = os.environ.get("AMQP_JOBS_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NOW = int(time.time() * 1000)
 K = EventKind
-
-
-def _with_database(url: str, database: str) -> str:
-    base, _, query = url.partition("?")
-    return base.rsplit("/", 1)[0] + f"/{database}" + (f"?{query}" if query else "")
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A database of this run's own on the PostgreSQL server, dropped at the end."""
-    name = f"amqp_jobs_t_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        connection = await asyncpg.connect(PG_URL, timeout=5)
-        try:
-            await connection.execute(sql)
-        finally:
-            await connection.close()
-
-    try:
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {redact(PG_URL)} is needed on CI: {exc!r}")
-        pytest.skip(f"PostgreSQL at {redact(PG_URL)} is not reachable: {exc!r}")
-    yield _with_database(PG_URL, name)
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/log.db"  # an absolute path: four slashes
-    return str(request.getfixturevalue("pg_database"))
 
 
 @pytest.fixture
@@ -379,7 +344,7 @@ async def test_an_unreachable_postgres_is_a_bounded_store_error_without_the_pass
 
 
 async def test_a_missing_postgres_database_is_a_store_error(pg_database: str) -> None:
-    url = _with_database(pg_database, f"amqp_jobs_t_missing_{uuid.uuid4().hex[:8]}")
+    url = pg_database.rsplit("/", 1)[0] + f"/amqp_jobs_t_missing_{uuid.uuid4().hex[:8]}"
     with pytest.raises(
         StoreError, match=r"amqp_jobs_t_missing_\w+: connecting failed.*does not exist"
     ):

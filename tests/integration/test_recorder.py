@@ -178,26 +178,26 @@ async def test_a_queued_job_is_in_the_log_before_it_runs(
 ) -> None:
     store = f"sqlite:///{tmp_path / 'log.db'}"
     app, job = charge_app(namespace)
-    async with recording(Recorder(store, namespace=namespace.name, url=namespace.url)) as rec:
-        async with namespace.client(events=True, store=store) as client:
-            now = await client.enqueue(job, {"user_id": 3, "amount": 4})
-            later = await client.enqueue(job, {"user_id": 3, "amount": 5}, delay=3600)
+    recorder = Recorder(store, namespace=namespace.name, url=namespace.url)
+    async with recording(recorder) as rec, namespace.client(events=True, store=store) as client:
+        now = await client.enqueue(job, {"user_id": 3, "amount": 4})
+        later = await client.enqueue(job, {"user_id": 3, "amount": 5}, delay=3600)
+        async with asyncio.timeout(WAIT):
+            await rec.applied(2)
+        async with JobLog(store, namespace.name) as joblog:
+            queued = await joblog.get(now)
+            scheduled = await joblog.get(later)
+        assert queued is not None and queued.state == "enqueued" and queued.key == "3"
+        assert scheduled is not None and scheduled.state == "scheduled"
+        assert scheduled.eta is not None
+        # known and queued: the log says so, and waiting for it times out
+        with pytest.raises(TimeoutError):
+            await client.result(now, timeout=0.3)
+        worker = namespace.worker(app, events=True)  # type: ignore[arg-type]
+        running = asyncio.create_task(worker.run())
+        try:
+            assert await client.result(now, timeout=WAIT) == {"charged": 4}
+        finally:
+            worker.stop()
             async with asyncio.timeout(WAIT):
-                await rec.applied(2)
-            async with JobLog(store, namespace.name) as joblog:
-                queued = await joblog.get(now)
-                scheduled = await joblog.get(later)
-            assert queued is not None and queued.state == "enqueued" and queued.key == "3"
-            assert scheduled is not None and scheduled.state == "scheduled"
-            assert scheduled.eta is not None
-            # known and queued: the log says so, and waiting for it times out
-            with pytest.raises(TimeoutError):
-                await client.result(now, timeout=0.3)
-            worker = namespace.worker(app, events=True)  # type: ignore[arg-type]
-            running = asyncio.create_task(worker.run())
-            try:
-                assert await client.result(now, timeout=WAIT) == {"charged": 4}
-            finally:
-                worker.stop()
-                async with asyncio.timeout(WAIT):
-                    await running
+                await running
