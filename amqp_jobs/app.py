@@ -42,6 +42,7 @@ class WorkerOptions(TypedDict, total=False):
     name: str
     log_success: bool
     events: bool
+    started_after: float
 
 
 class JobApp:

@@ -192,7 +192,10 @@ async def tell_settled(
     """
     for item in chain:
         try:
-            call = item.settled(outcome, ctx)
+            if type(item) is HooksMiddleware and ctx is not None:
+                call = item.hooks.settled(ctx, outcome)  # a coroutine less per job
+            else:
+                call = item.settled(outcome, ctx)
             try:
                 waiting_on = call.send(None)
             except StopIteration:

@@ -118,6 +118,9 @@ log = logging.getLogger("amqp_jobs.worker")
 BROKER_CONSUMER_TIMEOUT = 1800.0
 DEFAULT_CONCURRENCY = 16
 DEFAULT_GRACE = 30.0
+#: An attempt's started event goes out once it has run this long (seconds): a shorter
+#: one's end event carries its start, and a publish per job is saved.
+STARTED_AFTER = 0.2
 #: Deliveries the due channel may hold at once; all are within one unit of their ETA.
 DUE_PREFETCH = 1000
 #: Handed out this many times unsettled (quorum queues count it), a job is quarantined.
@@ -208,6 +211,7 @@ class Worker:
         name: str = "amqp-jobs worker",
         log_success: bool = True,
         events: bool = False,
+        started_after: float = STARTED_AFTER,
     ) -> None:
         """``log_success``: log one INFO line per job that succeeded (``job NAME ID
         succeeded in 12 ms, attempt 1``); False spares a high-throughput worker that
@@ -216,8 +220,12 @@ class Worker:
         ``events``: publish a lifecycle event at each transition of each job to the
         namespace's events exchange and stream (amqp_jobs.events), each attempt's last
         confirmed before its delivery is acked; what the job log records and waiting
-        callers hear. Off by default until its cost is measured against a drain without
-        it (issue 12)."""
+        callers hear. Off by default: an event is a confirmed publish, which costs as
+        much client CPU as a no-op job (README: Lifecycle events).
+
+        ``started_after``: an attempt's ``started`` event is published once it has run
+        this long (checked every STARTED_AFTER / 2 s): a shorter one's end event carries
+        its start time and worker, and one publish a job is saved. 0: at every start."""
         if len(registry) == 0:
             raise ContractError("the app has no handlers: register some with @app.handler(job)")
         self.registry = registry
@@ -254,6 +262,7 @@ class Worker:
         self.connect_timeout = connect_timeout
         self.log_success = bool(log_success)
         self.events = bool(events)
+        self.started_after = seconds(started_after, "started_after")
         # the namespace in the connection name lets operators (and the management UI) tell
         # which application a connection belongs to
         self.name = f"{name} [{self.namespace}]"
@@ -272,6 +281,9 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: started events being published
         self._recording: set[asyncio.Task[None]] = set()
+        #: attempts whose started event is not out yet, by task: (loop time it began,
+        #: envelope, queue, epoch ms it began, key)
+        self._starting: dict[asyncio.Task[Any], tuple[float, Envelope, str, int, str | None]] = {}
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._sem: asyncio.Semaphore | None = None
@@ -333,6 +345,9 @@ class Worker:
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqp-jobs")
         session: Session | None = None
         lost: asyncio.Event
+        announcing = None
+        if self.events and self.started_after:
+            announcing = asyncio.ensure_future(self._announce_long_attempts())
         try:
             while not self._stop.is_set():
                 try:
@@ -364,6 +379,8 @@ class Worker:
                 session = None
             await self._shutdown(session)
         finally:
+            if announcing is not None:
+                announcing.cancel()
             await _close_quietly(session)
             await self.link.close()
             if self._executor is not None:
@@ -725,11 +742,19 @@ class Worker:
         began = loop.time()
         key, started_ms = None, 0
         reply_to = env.extra_headers.get(H_REPLY_TO)
+        task = None
         if self.events or reply_to:
             started_ms = self.clock.now_ms()
             key = header_key(env.extra_headers) or spec.job.key_of(args)
             if self.events:
-                self._record(lifecycle.job_event(EventKind.STARTED, env, queue, started_ms, key))
+                if self.started_after:  # built only if it runs that long
+                    task = asyncio.current_task()
+                    assert task is not None
+                    self._starting[task] = (began, env, queue, started_ms, key)
+                else:
+                    self._record(
+                        lifecycle.job_event(EventKind.STARTED, env, queue, started_ms, key)
+                    )
         assert self._sem is not None
         failure, result = await run_attempt(
             spec,
@@ -742,6 +767,8 @@ class Worker:
             consumer_timeout=self.consumer_timeout,
             threads=self._threads,
         )
+        if task is not None:
+            self._starting.pop(task, None)
         duration = loop.time() - began
         data = None
         if failure is None and (self.events or reply_to or spec.job.result_model is not None):
@@ -849,6 +876,17 @@ class Worker:
         )
         self._recording.add(task)
         task.add_done_callback(self._recorded)
+
+    async def _announce_long_attempts(self) -> None:
+        """Publish the started event of every attempt that has run ``started_after``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.started_after / 2)
+            since = loop.time() - self.started_after
+            due = [task for task, started in self._starting.items() if started[0] <= since]
+            for task in due:
+                _, env, queue, at, key = self._starting.pop(task)
+                self._record(lifecycle.job_event(EventKind.STARTED, env, queue, at, key))
 
     def _recorded(self, task: asyncio.Task[None]) -> None:
         self._recording.discard(task)

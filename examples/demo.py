@@ -104,7 +104,7 @@ async def run(url: str) -> None:
     rows: dict[str, Row] = {}
     done = asyncio.Event()
     t0 = time.time()
-    worker = app.worker(url, hooks=[Tracker(rows, t0, done)], grace=5, events=True)
+    worker = app.worker(url, hooks=[Tracker(rows, t0, done)], grace=5, events=True, started_after=0)
     recorder = Recorder(STORE, namespace=namespace, url=url)
     print(f"broker {mask_url(url)}, namespace {namespace}, job log {STORE}")
     task = asyncio.create_task(worker.run())
@@ -137,7 +137,8 @@ async def run(url: str) -> None:
             print(f"not every job finished within {TIMEOUT:.0f}s", file=sys.stderr)
         print_table(rows.values())
         await show_dead(url, namespace)
-        # every attempt is two events: started, and how it ended
+        # two events an attempt (started_after=0: every start is published too); the
+        # recorder writes them a few milliseconds after they happened
         events = sum(2 * len(r.attempts) for r in rows.values())
         try:
             await asyncio.wait_for(recorder.applied(events), 10)

@@ -69,7 +69,7 @@ async def test_every_transition_is_an_event_with_key_result_and_error(
     async with namespace.client() as client:
         ok = await client.enqueue(total, {"user_id": 1042})
         bad = await client.enqueue(flaky, {"user_id": 1042})
-    await run_until_idle(namespace.worker(app, events=True))
+    await run_until_idle(namespace.worker(app, events=True, started_after=0))
     events = await read_events(namespace, 6)
     by_job: dict[str, list[JobEvent]] = {}
     for event in events:
@@ -108,7 +108,7 @@ async def test_a_result_its_model_refuses_fails_the_attempt(namespace: Namespace
 
     async with namespace.client() as client:
         job_id = await client.enqueue(job, {"user_id": 1})
-    await run_until_idle(namespace.worker(app, events=True))
+    await run_until_idle(namespace.worker(app, events=True, started_after=0))
     started, dead = await read_events(namespace, 2)
     assert (started.event, dead.event, dead.job_id) == (
         EventKind.STARTED,
@@ -132,7 +132,7 @@ async def test_a_poison_message_is_recorded_dead_with_its_reason(namespace: Name
             work_queue(namespace.name, "ev"),
             Message(b"{not json", "application/json", "poison-1", job.name, None, {}),
         )
-    await run_until_idle(namespace.worker(app, events=True))
+    await run_until_idle(namespace.worker(app, events=True, started_after=0))
     [dead] = await read_events(namespace, 1)
     assert (dead.event, dead.job_id, dead.dead_reason) == (
         EventKind.DEAD,
@@ -155,3 +155,36 @@ async def test_events_off_publish_nothing(namespace: Namespace) -> None:
         await run_until_idle(namespace.worker(app, events=False))
         assert ran.is_set()
         assert await client._link.depth(events_stream(namespace.name)) is None
+
+
+async def test_only_an_attempt_still_running_after_started_after_says_started(
+    namespace: Namespace,
+) -> None:
+    app = namespace.app()
+    quick = Job("t.ev.quick", Account, queue="ev")
+    slow = Job("t.ev.slow", Account, queue="ev")
+
+    @app.handler(quick)
+    async def run_quick(args: Account) -> None: ...
+
+    @app.handler(slow)
+    async def run_slow(args: Account) -> None:
+        await asyncio.sleep(1.0)  # the job's own duration, five times started_after
+
+    async with namespace.client() as client:
+        fast_id = await client.enqueue(quick, {"user_id": 1})
+        slow_id = await client.enqueue(slow, {"user_id": 2})
+    await run_until_idle(namespace.worker(app, events=True, started_after=0.2))
+    events = await read_events(namespace, 3)
+    kinds = {(e.job_id, e.event) for e in events}
+    assert kinds == {
+        (fast_id, EventKind.SUCCEEDED),
+        (slow_id, EventKind.STARTED),
+        (slow_id, EventKind.SUCCEEDED),
+    }
+    quick_end = next(e for e in events if e.job_id == fast_id)
+    # the end of a quick attempt carries its start: the log misses nothing of it
+    assert quick_end.started_at is not None and quick_end.worker
+    started = next(e for e in events if e.event is EventKind.STARTED)
+    slow_end = next(e for e in events if e.job_id == slow_id and e.is_terminal)
+    assert started.at == slow_end.started_at  # when it started, published later

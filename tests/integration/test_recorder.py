@@ -69,7 +69,7 @@ async def test_the_log_holds_every_job_with_its_attempts(
         ok = [await client.enqueue(job, {"user_id": 1042, "amount": i}) for i in range(1, 4)]
         other = await client.enqueue(job, {"user_id": 7, "amount": 5})
         bad = await client.enqueue(job, {"user_id": 1042, "amount": -3})
-    await run_until_idle(namespace.worker(app, events=True))  # type: ignore[arg-type]
+    await run_until_idle(namespace.worker(app, events=True, started_after=0))  # type: ignore[arg-type]
     # 5 jobs: started + succeeded each, and the bad one retried once: 12 events
     async with recording(Recorder(store, namespace=namespace.name, url=namespace.url)) as rec:
         async with asyncio.timeout(WAIT):
@@ -115,7 +115,7 @@ async def test_one_recorder_leads_and_the_next_goes_on_from_its_position(
         async with recording(second):
             async with namespace.client() as client:
                 ids = [await client.enqueue(job, {"user_id": i, "amount": i}) for i in range(10)]
-            await run_until_idle(namespace.worker(app, events=True))  # type: ignore[arg-type]
+            await run_until_idle(namespace.worker(app, events=True, started_after=0))  # type: ignore[arg-type]
             async with asyncio.timeout(WAIT):
                 await first.applied(20)
             assert not second.leading.is_set()
@@ -124,7 +124,7 @@ async def test_one_recorder_leads_and_the_next_goes_on_from_its_position(
                 await second.leading.wait()
             async with namespace.client() as client:
                 more = [await client.enqueue(job, {"user_id": 99, "amount": i}) for i in range(5)]
-            await run_until_idle(namespace.worker(app, events=True))  # type: ignore[arg-type]
+            await run_until_idle(namespace.worker(app, events=True, started_after=0))  # type: ignore[arg-type]
             async with asyncio.timeout(WAIT):
                 await second.applied(10)
     # the second read on from where the first stopped: nothing again, nothing missed
@@ -145,7 +145,7 @@ def test_the_jobs_commands_read_the_log(
         async with namespace.client() as client:
             ok = await client.enqueue(job, {"user_id": 1042, "amount": 9})
             bad = await client.enqueue(job, {"user_id": 5, "amount": -1})
-        await run_until_idle(namespace.worker(app, events=True))  # type: ignore[arg-type]
+        await run_until_idle(namespace.worker(app, events=True, started_after=0))  # type: ignore[arg-type]
         async with recording(Recorder(store, namespace=namespace.name, url=namespace.url)) as r:
             async with asyncio.timeout(WAIT):
                 await r.applied(6)
@@ -193,7 +193,7 @@ async def test_a_queued_job_is_in_the_log_before_it_runs(
         # known and queued: the log says so, and waiting for it times out
         with pytest.raises(TimeoutError):
             await client.result(now, timeout=0.3)
-        worker = namespace.worker(app, events=True)  # type: ignore[arg-type]
+        worker = namespace.worker(app, events=True, started_after=0)  # type: ignore[arg-type]
         running = asyncio.create_task(worker.run())
         try:
             assert await client.result(now, timeout=WAIT) == {"charged": 4}

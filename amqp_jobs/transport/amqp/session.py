@@ -52,9 +52,9 @@ class AmqpChannel:
     ) -> str:
         loop = asyncio.get_running_loop()
 
-        def on_message(message: aiormq.abc.DeliveredMessage) -> Coroutine[Any, Any, None]:
-            # aiormq runs what this returns as the delivery's task: no coroutine between
-            return on_delivery(Delivery(message, queue, loop.time(), self))
+        # async def: aiormq wraps a plain function in a coroutine of its own
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            await on_delivery(Delivery(message, queue, loop.time(), self))
 
         try:
             ok = await self._raw.basic_consume(
