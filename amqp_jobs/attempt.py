@@ -77,9 +77,6 @@ async def run_attempt(
     the worker knows which are still running).
     """
     loop = asyncio.get_running_loop()
-    if not middleware and spec.is_async:
-        # the common case: no closures, no coroutine more per job
-        return await _run_task(spec, args, ctx, loop, release_slot, settle_by, consumer_timeout)
     future: asyncio.Future[Any]
     running = 1  # what holds the slot: the attempt, and a handler's thread
     handler_failure: list[BaseException] = []
@@ -141,7 +138,13 @@ async def run_attempt(
             future.cancel()
         # a plain handler's thread cannot be stopped: its future is left to end with
         # it, and only then gives the slot back (cancelling would give it back now)
-        return _timed_out(spec, broker_bound, timeout, consumer_timeout), None
+        if broker_bound:
+            return JobTimeoutError(
+                f"job {name!r} was stopped before the broker's consumer_timeout"
+                f" ({consumer_timeout:.0f}s) would take it back; give the job a"
+                " timeout, or raise consumer_timeout (README: consumer_timeout)"
+            ), None
+        return JobTimeoutError(f"job {name!r} exceeded its timeout of {timeout}s"), None
     if future.cancelled():
         return JobTimeoutError(f"job {name!r} was cancelled"), None
     failure = future.exception()
@@ -156,59 +159,6 @@ async def run_attempt(
             exc_info=failure,
         )
     return failure, None
-
-
-async def _run_task(
-    spec: HandlerSpec,
-    args: Any,
-    ctx: JobContext,
-    loop: asyncio.AbstractEventLoop,
-    release_slot: Callable[[], None],
-    settle_by: float,
-    consumer_timeout: float,
-) -> tuple[BaseException | None, Any]:
-    """``run_attempt`` for an async handler without middleware: the task is its own
-    future, and a timer on the same future ends the wait at the deadline."""
-    task = loop.create_task(spec.call(args, ctx))
-    woken: asyncio.Future[bool] = loop.create_future()
-    task.add_done_callback(functools.partial(_ended, release_slot, woken))
-    timeout = spec.job.timeout
-    limit = settle_by - loop.time()
-    broker_bound = timeout is None or limit < timeout
-    timer = loop.call_later(limit if timeout is None or broker_bound else timeout, _wake, woken)
-    try:
-        await woken
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        timer.cancel()
-    if not task.done():
-        task.cancel()
-        return _timed_out(spec, broker_bound, timeout, consumer_timeout), None
-    if task.cancelled():
-        return JobTimeoutError(f"job {spec.job.name!r} was cancelled"), None
-    failure = task.exception()
-    return (None, task.result()) if failure is None else (failure, None)
-
-
-def _ended(release_slot: Callable[[], None], woken: asyncio.Future[bool], _: object) -> None:
-    release_slot()
-    if not woken.done():
-        woken.set_result(True)
-
-
-def _timed_out(
-    spec: HandlerSpec, broker_bound: bool, timeout: float | None, consumer_timeout: float
-) -> JobTimeoutError:
-    name = spec.job.name
-    if broker_bound:
-        return JobTimeoutError(
-            f"job {name!r} was stopped before the broker's consumer_timeout"
-            f" ({consumer_timeout:.0f}s) would take it back; give the job a"
-            " timeout, or raise consumer_timeout (README: consumer_timeout)"
-        )
-    return JobTimeoutError(f"job {name!r} exceeded its timeout of {timeout}s")
 
 
 def _steers(exc: BaseException) -> bool:
