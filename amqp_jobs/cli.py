@@ -22,7 +22,13 @@ from amqp_jobs.contract import Namespace
 from amqp_jobs.errors import AmqpJobsError, ContractError
 from amqp_jobs.serving import serve
 from amqp_jobs.urls import DEFAULT_URL, BrokerURLs, resolve
-from amqp_jobs.worker import BROKER_CONSUMER_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_GRACE, Worker
+from amqp_jobs.worker import (
+    BROKER_CONSUMER_TIMEOUT,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_GRACE,
+    STARTED_AFTER,
+    Worker,
+)
 
 log = logging.getLogger("amqp_jobs.cli")
 
@@ -175,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="publish a lifecycle event per transition of each job to the {ns}.events"
         " exchange and stream (see the README's 'Lifecycle events')",
+    )
+    worker.add_argument(
+        "--started-after",
+        type=parse_duration,
+        default=STARTED_AFTER,
+        metavar="SECONDS",
+        help="with --events, publish an attempt's started event once it has run this long"
+        f" (default {STARTED_AFTER:g}; 0: every start); a quicker attempt's end event"
+        " carries its start",
     )
     worker.add_argument(
         "--store",
@@ -536,6 +551,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
         name=f"amqp-jobs worker {os.getpid()}",
         log_success=args.log_success,
         events=args.events or args.store is not None,
+        started_after=args.started_after,
     )
     log.info("starting worker for %s on %s", args.app, urls)
     if args.store is None:

@@ -136,7 +136,7 @@ PLANNED = {
 
 
 def events_of(kind: str) -> int:
-    return 2 * PLANNED[kind][1]  # started and the attempt's end, per attempt
+    return 2 * PLANNED[kind][1]  # started (--started-after 0) and the end, per attempt
 
 
 # -- the ledger: what the handlers did ------------------------------------------------
@@ -454,7 +454,8 @@ async def test_recorder_killed_again_and_again_under_load(
         recorders.start()
         await recorders.until_one_leads()  # it declares the events exchange and stream
         for _ in range(WORKERS):
-            options = ["--events", "--no-success-log", "--concurrency", str(CONCURRENCY)]
+            options = ["--events", "--started-after", "0", "--no-success-log"]
+            options += ["--concurrency", str(CONCURRENCY)]
             workers.append(WorkerProcess(ns, ledger_path, *options, app=APP))
         async with ns.client() as client:
 
