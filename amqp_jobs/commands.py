@@ -24,7 +24,7 @@ from amqp_jobs.app import JobApp
 from amqp_jobs.client import JobClient, resolve_eta
 from amqp_jobs.contract import Job, check_namespace, check_queue_name
 from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, ContractError, NotFoundError
-from amqp_jobs.message import H_ERROR_TRACEBACK, Envelope
+from amqp_jobs.message import H_ERROR_TRACEBACK, H_KEY, Envelope
 from amqp_jobs.topology import (
     TopologySettings,
     dead_queue,
@@ -366,8 +366,10 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             known = ", ".join(sorted(j.name for j in ctx.app.jobs))
             raise UsageError(f"unknown job {args.job!r}; the app's jobs: {known}")
         job: Job[Any] = spec.job
-        body = job.encode_args(payload)  # ArgsValidationError names the field
+        model = job.validate(payload)  # ArgsValidationError names the field
+        body = job.encode_args(model)
         queue = job.queue
+        key = job.key_of(model)
     else:
         known_job = schemas.load_job(Path(args.schemas), args.job)
         problems = schemas.validate_args(known_job, payload)
@@ -375,7 +377,11 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             raise ContractError(f"invalid args for job {args.job!r}: " + "; ".join(problems))
         body = json.dumps(payload, separators=(",", ":")).encode()
         queue = known_job.queue
-    envelope = Envelope.new(args.job, body, queue, eta_ms=resolve_eta(delay, run_at))
+        key = known_job.key_of(payload)
+    headers = {H_KEY: key} if key is not None else None
+    envelope = Envelope.new(
+        args.job, body, queue, eta_ms=resolve_eta(delay, run_at), headers=headers
+    )
 
     async def send(_: ops.Broker) -> None:
         async with JobClient(

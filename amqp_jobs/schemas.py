@@ -15,19 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amqp_jobs.contract import Job
+from amqp_jobs.contract import MAX_KEY_LENGTH, Job
 from amqp_jobs.errors import SchemaError as SchemaError
 from amqp_jobs.message import (
     CONTENT_TYPE,
     H_ATTEMPT,
     H_DEAD_REASON,
+    H_DEFERRALS,
     H_ERROR_MESSAGE,
     H_ERROR_TRACEBACK,
     H_ERROR_TYPE,
     H_ETA,
     H_FAILED_AT,
+    H_KEY,
     H_PROTOCOL,
     H_QUEUE,
+    H_REPLAYS,
+    H_REPLY_TO,
     H_TRACEPARENT,
     MAX_ATTEMPT,
     PROTOCOL_VERSION,
@@ -61,6 +65,9 @@ def job_schema(job: Job[Any], namespace: str) -> dict[str, Any]:
         "max_attempts": job.retry.max_attempts,
         "timeout_seconds": job.timeout,
     }
+    if job.key is not None:
+        # send this field's value (as text) in the job-key header
+        schema["x-amqp-jobs"]["key_field"] = job.key
     return schema
 
 
@@ -119,6 +126,28 @@ def envelope_schema() -> dict[str, Any]:
                     H_ERROR_TRACEBACK: {"type": "string", "maxLength": 8192},
                     H_FAILED_AT: {"type": "integer", "description": "epoch milliseconds"},
                     H_DEAD_REASON: {"enum": [str(r) for r in DeadReason]},
+                    H_KEY: {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_KEY_LENGTH,
+                        "description": "the job's key: the value of the args field the job"
+                        " schema names as x-amqp-jobs.key_field, as text",
+                    },
+                    H_REPLY_TO: {
+                        "type": "string",
+                        "description": "a queue that gets the job's final lifecycle event"
+                        " (JSON, type job-event) before the job is acked",
+                    },
+                    H_REPLAYS: {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "times an operator replayed it; set by amqp-jobs",
+                    },
+                    H_DEFERRALS: {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "times the current attempt was deferred; set by amqp-jobs",
+                    },
                 },
                 "propertyNames": {
                     "not": {"pattern": "^x-"},
@@ -197,6 +226,15 @@ class SchemaJob:
     name: str
     queue: str
     schema: dict[str, Any]
+
+    def key_of(self, args: Any) -> str | None:
+        """The job key in ``args`` (validated), as text, if the schema names a key field."""
+        field = self.schema.get("x-amqp-jobs", {}).get("key_field")
+        value = args.get(field) if isinstance(field, str) and isinstance(args, dict) else None
+        if value is None or isinstance(value, dict | list):
+            return None
+        text = value if isinstance(value, str) else json.dumps(value)
+        return text if 0 < len(text) <= MAX_KEY_LENGTH else None
 
 
 def load_job(directory: Path, name: str) -> SchemaJob:

@@ -346,6 +346,7 @@ def test_enqueue_validates_against_the_app(
     job_id = json.loads(out)["job_id"]
     [msg] = run(drain(namespace.url, work_queue(namespace.name, "billing"), 1))
     assert msg.message_id == job_id
+    assert msg.headers["job-key"] == "1"  # the contract's key field, as the client sends it
     code, _, err = cli(
         capsys,
         namespace,
@@ -389,6 +390,7 @@ def test_enqueue_with_schemas_only(
     [msg] = run(drain(namespace.url, work_queue(namespace.name, "billing"), 1))
     assert json.loads(msg.body) == {"user_id": 2, "amount_cents": 3}
     assert msg.type == "billing.sync_invoice"
+    assert msg.headers["job-key"] == "2"  # named by the schema's x-amqp-jobs.key_field
     code, _, err = cli(
         capsys,
         namespace,
