@@ -158,3 +158,29 @@ async def test_a_job_that_kills_its_worker_is_dead_lettered_by_the_delivery_limi
         assert await worker.wait(15) == 0
     finally:
         worker.stop_now()
+
+
+async def test_a_worker_with_a_store_keeps_the_job_log_itself(
+    namespace: Namespace, log_path: Path, tmp_path: Path
+) -> None:
+    from amqp_jobs.joblog import JobLog
+
+    namespace.track("work")
+    store = f"sqlite:///{tmp_path / 'log.db'}"
+    await publish(namespace, 0.0, 0.0, 0.0)
+    worker = WorkerProcess(namespace, log_path, "--store", store)
+    try:
+        await eventually(lambda: len(events(log_path, "end")) == 3, what="3 jobs ran")
+
+        async def recorded() -> bool:
+            async with JobLog(store, namespace.name) as joblog:
+                rows = await joblog.list(state="succeeded")
+            return len(rows) == 3
+
+        # --store implies --events, and its recorder leads (the only one)
+        await eventually(recorded, what="the worker's own recorder to record 3 jobs")
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait(30) == 0, worker.output()
+    finally:
+        worker.stop_now()
+    assert "recorder leads" in worker.output()
