@@ -116,13 +116,16 @@ class Delivery:
         return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
     async def ack(self) -> None:
+        # Queued for the connection's writer, not waited for until written: waiting
+        # gains nothing (written is not received; a lost ack means a redelivery either
+        # way) and cost every job a future and a task switch.
         try:
-            await self._raw.basic_ack(self.delivery_tag)
+            await self._raw.basic_ack(self.delivery_tag, wait=False)
         except LOST as exc:
             raise ConnectionLostError(f"ack of {self.message_id} lost: {exc!r}") from exc
 
     async def nack(self, *, requeue: bool = True) -> None:
         try:
-            await self._raw.basic_nack(self.delivery_tag, requeue=requeue)
+            await self._raw.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
         except LOST as exc:
             raise ConnectionLostError(f"nack of {self.message_id} lost: {exc!r}") from exc

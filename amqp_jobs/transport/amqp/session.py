@@ -183,11 +183,33 @@ class AmqpSession:
             raise ours(f"declaring {name}", exc) from exc
 
     async def close(self) -> None:
-        """Close the connection: every delivery it holds returns to its queue."""
+        """Close the connection: every delivery it holds returns to its queue. Acks
+        queued for the writer go out first (closing drops what it has not written)."""
         self._callbacks.clear()
         if self._connection.is_closed:
             return
+        await _written(self._connection)
         try:
             await self._connection.close()
         except Exception as exc:
             log.debug("closing connection: %s", describe(exc))
+
+
+#: How long closing a session waits for queued acks to be written.
+FLUSH_TIMEOUT = 2.0
+
+
+async def _written(connection: AbstractConnection) -> None:
+    """Wait (bounded) until the connection's writer has written every frame queued
+    before now: acks are sent without waiting for each (``Delivery.ack``). An empty
+    frame with a drain future, queued last, is drained only after them."""
+    underlay = getattr(getattr(connection, "transport", None), "connection", None)
+    queue = getattr(underlay, "write_queue", None)
+    if not isinstance(queue, asyncio.Queue):
+        return
+    written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    marker = aiormq.abc.ChannelFrame.marshall(0, [], drain_future=written)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(FLUSH_TIMEOUT):
+            await queue.put(marker)
+            await written
