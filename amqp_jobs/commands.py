@@ -220,7 +220,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- dead ----------------------------------------------------------------------------
 
 
-def _when(value: datetime | None) -> str:
+def utc_time(value: datetime | None) -> str:
+    """A time as the commands print it: UTC, to the second (``-`` for none)."""
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
@@ -239,7 +240,7 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
             d.job_id,
             d.job_name,
             d.attempts,
-            _when(d.failed_at),
+            utc_time(d.failed_at),
             d.error_type,
             _short(d.error_message, 50),
             d.reason,

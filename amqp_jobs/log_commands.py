@@ -8,15 +8,24 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from amqp_jobs.commands import Context, UsageError, emit, parse_duration, plural, table
+from amqp_jobs.commands import (
+    Context,
+    UsageError,
+    emit,
+    parse_duration,
+    plural,
+    table,
+    utc_time,
+)
 from amqp_jobs.errors import ContractError, UnknownJobError
 from amqp_jobs.joblog import DEFAULT_STORE, STATES, JobLog, JobRecord, redact
 from amqp_jobs.joblog.recorder import PRUNABLE
 from amqp_jobs.serving import serve
+from amqp_jobs.settle import took
 
 T = TypeVar("T")
 
@@ -64,14 +73,9 @@ def _reading(args: argparse.Namespace, url: str, body: Callable[[JobLog], Awaita
         raise UsageError(str(exc)) from None
 
 
-def _when(value: datetime | None) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f} ms" if value < 10 else f"{value:,.0f} ms"
+    """A duration in ms as the worker's log lines spell it (``settle.took``)."""
+    return "-" if value is None else took(value / 1000)
 
 
 def _error(record: JobRecord) -> str:
@@ -97,7 +101,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
             r.key,
             r.state,
             r.attempt,
-            _when(r.updated_at),
+            utc_time(r.updated_at),
             _ms(r.duration_ms),
             _error(r),
         )
@@ -132,10 +136,10 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         ("state", record.state),
         ("attempt", record.attempt),
         ("replays", record.replays or None),
-        ("enqueued", _when(record.enqueued_at)),
-        ("eta", _when(record.eta) if record.eta else None),
-        ("started", _when(record.started_at)),
-        ("finished", _when(record.finished_at) if record.finished_at else None),
+        ("enqueued", utc_time(record.enqueued_at)),
+        ("eta", utc_time(record.eta) if record.eta else None),
+        ("started", utc_time(record.started_at)),
+        ("finished", utc_time(record.finished_at) if record.finished_at else None),
         ("took", _ms(record.duration_ms)),
         ("worker", record.worker),
         ("dead reason", record.dead_reason),
@@ -150,7 +154,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
             (
                 a.attempt,
                 a.state,
-                _when(a.started_at),
+                utc_time(a.started_at),
                 _ms(a.duration_ms),
                 a.worker,
                 f"{a.error_type}: {(a.error_message or '')[:50]}" if a.error_type else "-",
