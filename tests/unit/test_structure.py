@@ -26,6 +26,7 @@ LAYERS = [
     "function_jobs",
     "topology",
     "transport.base",
+    "transport.amqp.acks",
     "transport.amqp.channels",
     "transport.amqp.connection",
     "transport.amqp.declare",

@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, describe
 
 if TYPE_CHECKING:
+    from amqp_jobs.transport.amqp.acks import Acks
     from amqp_jobs.transport.base import Channel
 
 #: What aiormq raises for a channel or connection that died under a call.
@@ -71,7 +72,7 @@ class Delivery:
     """
 
     __slots__ = (
-        "_raw",
+        "_acks",
         "body",
         "channel",
         "content_type",
@@ -91,13 +92,14 @@ class Delivery:
         queue_name: str,
         received: float,
         channel: Channel,
+        acks: Acks,
     ) -> None:
         #: the queue it was consumed from, and the loop time it arrived
         self.queue_name = queue_name
         self.received = received
         properties = message.header.properties
         self.channel = channel
-        self._raw: aiormq.abc.AbstractChannel = message.channel
+        self._acks = acks
         self.body: bytes = message.body
         self.content_type: str | None = properties.content_type
         self.type: str | None = properties.message_type
@@ -108,6 +110,7 @@ class Delivery:
         assert isinstance(delivery, aiormq.spec.Basic.Deliver | aiormq.spec.Basic.GetOk)
         self.delivery_tag: int = delivery.delivery_tag or 0
         self.redelivered: bool = bool(delivery.redelivered)
+        acks.delivered(self.delivery_tag)
 
     @property
     def delivery_count(self) -> int:
@@ -116,16 +119,20 @@ class Delivery:
         return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
     async def ack(self) -> None:
-        # Queued for the connection's writer, not waited for until written: waiting
-        # gains nothing (written is not received; a lost ack means a redelivery either
-        # way) and cost every job a future and a task switch.
-        try:
-            await self._raw.basic_ack(self.delivery_tag, wait=False)
-        except LOST as exc:
-            raise ConnectionLostError(f"ack of {self.message_id} lost: {exc!r}") from exc
+        # Batched with the channel's other settlements of this loop turn (see acks.py),
+        # not waited for until written: written is not received, and a lost ack means a
+        # redelivery either way.
+        if self.channel.is_closed:
+            raise ConnectionLostError(f"ack of {self.message_id} lost: the channel is closed")
+        if not self._acks.ack(self.delivery_tag):
+            raise ConnectionLostError(
+                f"ack of {self.message_id} refused: unknown delivery tag {self.delivery_tag}"
+            )
 
     async def nack(self, *, requeue: bool = True) -> None:
-        try:
-            await self._raw.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
-        except LOST as exc:
-            raise ConnectionLostError(f"nack of {self.message_id} lost: {exc!r}") from exc
+        if self.channel.is_closed:
+            raise ConnectionLostError(f"nack of {self.message_id} lost: the channel is closed")
+        if not self._acks.nack(self.delivery_tag, requeue=requeue):
+            raise ConnectionLostError(
+                f"nack of {self.message_id} refused: unknown delivery tag {self.delivery_tag}"
+            )

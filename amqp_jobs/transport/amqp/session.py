@@ -19,6 +19,7 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from amqp_jobs.transport.amqp.acks import Acks
 from amqp_jobs.transport.amqp.channels import LOST, Delivery, open_channel, ours
 from amqp_jobs.transport.amqp.connection import TRANSIENT, connect, describe
 from amqp_jobs.transport.base import Delivery as DeliveryProtocol
@@ -38,6 +39,7 @@ class AmqpChannel:
         self._session = session
         self._channel = channel
         self._raw = raw
+        self.acks = Acks(raw)
 
     @property
     def is_closed(self) -> bool:
@@ -51,10 +53,11 @@ class AmqpChannel:
         arguments: Mapping[str, Any] | None = None,
     ) -> str:
         loop = asyncio.get_running_loop()
+        acks = self.acks
 
         # async def: aiormq wraps a plain function in a coroutine of its own
         async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-            await on_delivery(Delivery(message, queue, loop.time(), self))
+            await on_delivery(Delivery(message, queue, loop.time(), self, acks))
 
         try:
             ok = await self._raw.basic_consume(
@@ -72,11 +75,12 @@ class AmqpChannel:
             raise ours(f"getting from {queue}", exc) from exc
         if message.delivery is None or isinstance(message.delivery, aiormq.spec.Basic.GetEmpty):
             return None
-        return Delivery(message, queue, asyncio.get_running_loop().time(), self)
+        return Delivery(message, queue, asyncio.get_running_loop().time(), self, self.acks)
 
     async def close(self) -> None:
         if self._channel.is_closed:
             return
+        await self.acks.flushed()  # closing drops what is not queued before it
         try:
             await self._channel.close()
         except (*TRANSIENT, *LOST) as exc:
@@ -97,6 +101,7 @@ class AmqpSession:
     def __init__(self, connection: AbstractConnection) -> None:
         self._connection = connection
         self._callbacks: list[OnLost] = []
+        self._channels: list[AmqpChannel] = []
         self._reported = False
         connection.close_callbacks.add(self._connection_closed)
 
@@ -143,7 +148,9 @@ class AmqpSession:
         assert isinstance(raw, aiormq.Channel)
         channel.close_callbacks.add(self._channel_closed)
         raw.on_consumer_cancel_callbacks.add(self._cancelled)
-        return AmqpChannel(self, channel, raw)
+        opened = AmqpChannel(self, channel, raw)
+        self._channels.append(opened)
+        return opened
 
     async def claim(self, name: str) -> bool:
         try:
@@ -188,7 +195,11 @@ class AmqpSession:
         self._callbacks.clear()
         if self._connection.is_closed:
             return
-        await _written(self._connection)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                for channel in self._channels:
+                    await channel.acks.flushed()
+                await _written(self._connection)
         try:
             await self._connection.close()
         except Exception as exc:
@@ -200,16 +211,14 @@ FLUSH_TIMEOUT = 2.0
 
 
 async def _written(connection: AbstractConnection) -> None:
-    """Wait (bounded) until the connection's writer has written every frame queued
-    before now: acks are sent without waiting for each (``Delivery.ack``). An empty
-    frame with a drain future, queued last, is drained only after them."""
+    """Wait until the connection's writer has written every frame queued before now:
+    acks are sent without waiting for each (``Delivery.ack``). An empty frame with a
+    drain future, queued last, is drained only after them."""
     underlay = getattr(getattr(connection, "transport", None), "connection", None)
     queue = getattr(underlay, "write_queue", None)
     if not isinstance(queue, asyncio.Queue):
         return
     written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     marker = aiormq.abc.ChannelFrame.marshall(0, [], drain_future=written)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(FLUSH_TIMEOUT):
-            await queue.put(marker)
-            await written
+    await queue.put(marker)
+    await written
