@@ -1,6 +1,8 @@
 """The package's shape: a curated public API, and imports that flow one way."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import amqp_jobs
@@ -143,3 +145,25 @@ def test_the_core_never_imports_the_amqp_transport() -> None:
                    "sync_client", "app"):  # fmt: skip
         for imported in _imports(modules[module]):
             assert not imported.startswith("amqp_jobs.transport.amqp"), (module, imported)
+
+
+def test_a_worker_process_loads_neither_the_job_log_nor_the_clients() -> None:
+    """Public names load on first use: a worker's start-up pays only for the worker."""
+    code = """
+import sys
+from pydantic import BaseModel
+from amqp_jobs import Job, JobApp
+class A(BaseModel):
+    n: int
+app = JobApp("ns")
+@app.handler(Job("t.a", A, queue="q"))
+async def a(args: A) -> None: ...
+app.worker("amqp://127.0.0.1/")
+print(sorted(sys.modules))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    for heavy in ("amqp_jobs.joblog", "amqp_jobs.sync_client", "amqp_jobs.client", "sqlite3"):
+        assert f"'{heavy}'" not in out, (heavy, out)
+    assert "'amqp_jobs.worker'" in out
