@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TypedDict, Unpack, overload
 
 from amqp_jobs.contract import DEFAULT_TIMEOUT, ArgsT, Job, Namespace, RetryPolicy, TopologySettings
+from amqp_jobs.durations import seconds
 from amqp_jobs.errors import ContractError
 from amqp_jobs.function_jobs import JobFunction, P, R
 from amqp_jobs.middleware import FinalOutcomes, Middleware, OutcomeHook, stack
 from amqp_jobs.outcome import JobContext
 from amqp_jobs.registry import Handler, JobHooks, Registry
+from amqp_jobs.schedules import DEFAULT_WINDOW, CatchUp, Schedule, catch_up_of
 from amqp_jobs.transport import Transport
 from amqp_jobs.urls import BrokerURLs
 from amqp_jobs.worker import Worker
@@ -43,6 +46,7 @@ class WorkerOptions(TypedDict, total=False):
     log_success: bool
     events: bool
     started_after: float
+    scheduler: bool
 
 
 class JobApp:
@@ -154,6 +158,52 @@ class JobApp:
             return job
 
         return define if func is None else define(func)
+
+    def schedule(
+        self,
+        job: Job[ArgsT],
+        args: ArgsT | Mapping[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        tz: str = "UTC",
+        name: str | None = None,
+        catch_up: CatchUp | str = CatchUp.LATEST,
+        window: timedelta | float = DEFAULT_WINDOW,
+    ) -> Schedule:
+        """Enqueue ``job`` with ``args`` periodically: at each time of the ``cron``
+        expression, read in time zone ``tz``, or ``every`` interval (counted from the
+        epoch, so every process agrees). One scheduler per namespace runs the schedules,
+        elected among the workers of apps that have some (README: Periodic jobs).
+
+        ``name`` (default: the job's name) identifies the schedule for good: each tick's
+        job id is built from it. ``catch_up`` says what happens to ticks missed while no
+        scheduler ran, within ``window``: ``"all"``, only the ``"latest"``, or ``"none"``.
+        Ticks late by a leader's takeover (a few seconds) always run.
+
+        The args are validated now, as ``enqueue`` would: a bad schedule fails at start.
+        """
+        if not isinstance(job, Job):
+            raise ContractError(f"expected a Job contract, got {job!r}")
+        body = job.encode_args(args if args is not None else {})
+        name = name if name is not None else job.name
+        return self.registry.add_schedule(
+            Schedule(
+                name=name,
+                job_name=job.name,
+                queue=job.queue,
+                args=json.loads(body),
+                cron=cron,
+                every=timedelta(seconds=seconds(every, "every")) if every is not None else None,
+                tz=tz,
+                catch_up=catch_up_of(catch_up, name),
+                window=timedelta(seconds=seconds(window, "window")),
+            )
+        )
+
+    @property
+    def schedules(self) -> list[Schedule]:
+        return list(self.registry.schedules.values())
 
     def add_handler(self, job: Job[ArgsT], func: TypedHandler[ArgsT]) -> None:
         """Register ``func`` for ``job`` without a decorator."""

@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         " carries its start",
     )
     worker.add_argument(
+        "--no-scheduler",
+        action="store_true",
+        help="never run the app's schedules: stand aside from the namespace's scheduler"
+        " election (see the README's 'Periodic jobs')",
+    )
+    worker.add_argument(
         "--store",
         default=None,
         metavar="URL",
@@ -307,6 +313,19 @@ def _add_operations(sub: Any, **common: argparse.ArgumentParser) -> None:
         " queue discovery (default: $AMQP_MANAGEMENT_URL); credentials default to the URL's",
     )
     status.set_defaults(handler=commands.cmd_status)
+
+    schedules = sub.add_parser(
+        "schedules",
+        parents=online,
+        help="periodic jobs: last and next tick, and which process leads",
+        description=(
+            "The schedules the namespace's scheduler runs (every worker of an app with"
+            " schedules stands for it; one leads), each with its last and next tick, and"
+            " the leading process. Read from the newest token's copy in"
+            " {namespace}.scheduler.status. Exits 1 if the broker cannot be reached."
+        ),
+    )
+    schedules.set_defaults(handler=commands.cmd_schedules)
 
     _, dsub = _group(
         sub,
@@ -552,6 +571,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
         log_success=args.log_success,
         events=args.events or args.store is not None,
         started_after=args.started_after,
+        scheduler=not args.no_scheduler,
     )
     log.info("starting worker for %s on %s", args.app, urls)
     if args.store is None:

@@ -217,6 +217,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- schedules -----------------------------------------------------------------------
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    ctx = Context(args)
+    result = ctx.run(ops.schedules)
+    if result is None:
+        emit(
+            ctx,
+            {"namespace": ctx.namespace, "leader": None, "schedules": []},
+            f"namespace {ctx.namespace}: no scheduler has run here yet (a worker of an app"
+            " with schedules runs one)",
+        )
+        return 0
+    rows = [
+        (r["name"], r["job"], r["when"], r["catch_up"], utc_time(r["last"]), utc_time(r["next"]))
+        for r in result.schedules
+    ]
+    text = table(("schedule", "job", "when", "catch-up", "last tick (UTC)", "next (UTC)"), rows)
+    leader = result.leader
+    led = (
+        f"led by {leader.get('name')} since {utc_time(datetime.fromisoformat(leader['since']))}"
+        f" (token of {utc_time(datetime.fromisoformat(leader['at']))})"
+        if leader and leader.get("since") and leader.get("at")
+        else "no leader has stepped yet"
+    )
+    emit(ctx, result.to_json(), f"namespace {ctx.namespace}: {led}\n\n{text}")
+    return 0
+
+
 # -- dead ----------------------------------------------------------------------------
 
 

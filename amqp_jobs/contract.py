@@ -30,6 +30,9 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
 #: Queue names become one word of a topic routing key, so they may not contain dots.
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_GROUP = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: Jobs of one key a critical section lets in at once, at most (one lock queue each).
+MAX_EXCLUSIVE_LIMIT = 100
 _MAX_AGE = re.compile(r"^[1-9][0-9]{0,8}[YMDhms]$")
 
 DEFAULT_TIMEOUT = 300.0
@@ -135,7 +138,17 @@ class Job(Generic[ArgsT]):
     Publishers and workers import the same contract; only the worker registers a handler.
     """
 
-    __slots__ = ("args_model", "key", "name", "queue", "result_model", "retry", "timeout")
+    __slots__ = (
+        "args_model",
+        "exclusive",
+        "exclusive_limit",
+        "key",
+        "name",
+        "queue",
+        "result_model",
+        "retry",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -147,12 +160,20 @@ class Job(Generic[ArgsT]):
         timeout: float | timedelta | None = DEFAULT_TIMEOUT,
         key: str | None = None,
         result_model: type[pydantic.BaseModel] | None = None,
+        exclusive: str | None = None,
+        exclusive_limit: int = 1,
     ) -> None:
         """``key``: an args field that names what the job is about (``"user_id"``); its
         value travels in the ``job-key`` header, the job log indexes it, and per-key
         locks and unique jobs are keyed on it. ``result_model``: what the handler returns;
         its return value is validated against it (a mismatch fails the attempt) and
-        recorded, and ``JobClient.result`` returns it as this model."""
+        recorded, and ``JobClient.result`` returns it as this model.
+
+        ``exclusive``: a critical section's group (``"finance"``). At most
+        ``exclusive_limit`` jobs of the group run at once per value of their ``key``,
+        across every worker; jobs of several types share a section by naming the same
+        group. A job that finds its section full is deferred (README: Critical sections).
+        """
         if not isinstance(name, str) or not _JOB_NAME.match(name):
             raise ContractError(
                 f"invalid job name {name!r}: use 1-200 characters of letters, digits and"
@@ -186,6 +207,28 @@ class Job(Generic[ArgsT]):
                 f" got {result_model!r}"
             )
         self.result_model = result_model
+        if exclusive is not None:
+            if not isinstance(exclusive, str) or not _GROUP.match(exclusive):
+                raise ContractError(
+                    f"job {name!r}: exclusive must name a group (1-64 of letters, digits,"
+                    f" '_', '.', '-'), got {exclusive!r}"
+                )
+            if key is None:
+                raise ContractError(
+                    f"job {name!r}: exclusive={exclusive!r} needs key= (the args field whose"
+                    " value the section is per)"
+                )
+        if (
+            isinstance(exclusive_limit, bool)
+            or not isinstance(exclusive_limit, int)
+            or not (1 <= exclusive_limit <= MAX_EXCLUSIVE_LIMIT)
+        ):
+            raise ContractError(
+                f"job {name!r}: exclusive_limit must be an int from 1 to"
+                f" {MAX_EXCLUSIVE_LIMIT}, got {exclusive_limit!r}"
+            )
+        self.exclusive = exclusive
+        self.exclusive_limit = exclusive_limit
 
     def __repr__(self) -> str:
         return f"Job({self.name!r}, {self.args_model.__name__}, queue={self.queue!r})"

@@ -32,6 +32,8 @@ from amqp_jobs.message import (
     H_FAILED_AT,
     replay_message,
 )
+from amqp_jobs.scheduler import describe_state
+from amqp_jobs.schedules import State
 from amqp_jobs.topology import (
     TopologySettings,
     dead_queue,
@@ -39,6 +41,7 @@ from amqp_jobs.topology import (
     due_queue,
     namespace_plan,
     quarantine_queue,
+    scheduler_status_queue,
     unroutable,
     work_queue,
 )
@@ -125,6 +128,48 @@ class Status:
             "delayed": self.delayed,
             "unroutable": self.unroutable,
         }
+
+
+# -- schedules -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SchedulesStatus:
+    """The newest scheduler token of a namespace: its schedules and who leads."""
+
+    namespace: str
+    leader: dict[str, Any] | None
+    schedules: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "leader": self.leader, "schedules": self.schedules}
+
+
+async def schedules(broker: Broker) -> SchedulesStatus | None:
+    """What the scheduler's newest token says (None: no scheduler ever ran here). Read
+    from the status queue, which keeps a copy of each token: the token itself is held
+    by the leader."""
+    name = scheduler_status_queue(broker.namespace)
+    if await broker.link.counts(name) is None:
+        return None
+    session = await broker.session()
+    channel = await session.channel(1)
+    try:
+        delivery = await channel.get(name)
+        if delivery is None:
+            return None
+        try:
+            state = State.from_json(json.loads(delivery.body))
+        finally:
+            await delivery.nack(requeue=True)  # it stays for the next reader
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AmqpJobsError(
+            f"{name} holds something that is not a scheduler state: {exc}"
+        ) from None
+    finally:
+        await channel.close()
+    rows = describe_state(state, datetime.now(UTC))
+    return SchedulesStatus(broker.namespace, state.leader, rows)
 
 
 class Management:

@@ -37,6 +37,8 @@ class JobContext:
     logger: logging.LoggerAdapter[logging.Logger]
     #: the message's own headers (``traceparent``, a publisher's), not the contract's
     headers: Mapping[str, Any] = field(default_factory=dict)
+    #: the value of the job's ``key`` field (None if the contract names none)
+    key: str | None = None
 
     @property
     def max_attempts(self) -> int:

@@ -20,6 +20,7 @@ from amqp_jobs.errors import ContractError
 from amqp_jobs.outcome import JobContext as JobContext
 from amqp_jobs.outcome import Outcome as Outcome
 from amqp_jobs.outcome import OutcomeKind as OutcomeKind
+from amqp_jobs.schedules import Schedule
 
 Handler = Callable[..., Awaitable[Any]] | Callable[..., Any]
 
@@ -83,6 +84,16 @@ class Registry:
 
     def __init__(self) -> None:
         self._specs: dict[str, HandlerSpec] = {}
+        #: periodic jobs by schedule name (run by the worker's scheduler)
+        self.schedules: dict[str, Schedule] = {}
+
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        if schedule.name in self.schedules:
+            raise ContractError(
+                f"schedule {schedule.name!r} is already defined: give each a name= of its own"
+            )
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     def add(self, job: Job[Any], func: Handler) -> HandlerSpec:
         if not isinstance(job, Job):

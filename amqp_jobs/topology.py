@@ -93,6 +93,16 @@ def events_exchange(ns: str) -> str:
     return f"{ns}.events"
 
 
+def scheduler_queue(ns: str) -> str:
+    """The scheduler's token queue (quorum, single active consumer): see scheduler.py."""
+    return f"{ns}.scheduler"
+
+
+def scheduler_status_queue(ns: str) -> str:
+    """A copy of the newest scheduler token, for ``amqp-jobs schedules`` to read."""
+    return f"{ns}.scheduler.status"
+
+
 def events_stream(ns: str) -> str:
     return f"{ns}.events"
 
@@ -276,6 +286,22 @@ def events_plan(ns: str, s: TopologySettings) -> Plan:
     )
 
 
+#: A token queue: the broker delivers to one consumer at a time (a leader election).
+TOKEN_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+#: Keeps the newest message only.
+STATUS_QUEUE_ARGUMENTS: dict[str, Any] = {"x-max-length": 1, "x-overflow": "drop-head"}
+
+
+def scheduler_plan(ns: str) -> Plan:
+    """The scheduler's token and status queues (declared by the schedulers themselves)."""
+    return Plan(
+        queues=(
+            Queue(scheduler_queue(ns), dict(TOKEN_QUEUE_ARGUMENTS)),
+            Queue(scheduler_status_queue(ns), dict(STATUS_QUEUE_ARGUMENTS)),
+        )
+    )
+
+
 def queue_plan(ns: str, queue: str, job_names: Iterable[str], s: TopologySettings) -> Plan:
     """A work queue with its due, quarantine and dead queues, bound for these job names."""
     check_queue_name(queue)
@@ -355,7 +381,7 @@ def namespace_plan(
     ns: str, queues: Iterable[str], s: TopologySettings, jobs: dict[str, set[str]] | None = None
 ) -> Plan:
     """The whole namespace for these work queues (``jobs``: job names bound per queue)."""
-    plan = base_plan(ns, s) + events_plan(ns, s) + cascade_plan(ns, s)
+    plan = base_plan(ns, s) + events_plan(ns, s) + scheduler_plan(ns) + cascade_plan(ns, s)
     for q in sorted(set(queues)):
         plan += queue_plan(ns, q, (jobs or {}).get(q, ()), s)
     return plan

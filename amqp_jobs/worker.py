@@ -26,6 +26,8 @@ import contextlib
 import enum
 import functools
 import logging
+import os
+import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -92,6 +94,8 @@ from amqp_jobs.outcome import (
     outcome_of,
 )
 from amqp_jobs.registry import JobHooks, Registry
+from amqp_jobs.scheduler import Scheduler
+from amqp_jobs.sections import CriticalSections
 from amqp_jobs.settle import (
     RELEASE_RETRY_FOR,
     Action,
@@ -111,6 +115,7 @@ from amqp_jobs.topology import (
 )
 from amqp_jobs.transport import Channel, Delivery, Session, Transport, transport_for
 from amqp_jobs.urls import BrokerURLs
+from amqp_jobs.waiting import Stopped, unless_stopped
 
 log = logging.getLogger("amqp_jobs.worker")
 
@@ -212,6 +217,7 @@ class Worker:
         log_success: bool = True,
         events: bool = False,
         started_after: float = STARTED_AFTER,
+        scheduler: bool = True,
     ) -> None:
         """``log_success``: log one INFO line per job that succeeded (``job NAME ID
         succeeded in 12 ms, attempt 1``); False spares a high-throughput worker that
@@ -225,7 +231,10 @@ class Worker:
 
         ``started_after``: an attempt's ``started`` event is published once it has run
         this long (checked every STARTED_AFTER / 2 s): a shorter one's end event carries
-        its start time and worker, and one publish a job is saved. 0: at every start."""
+        its start time and worker, and one publish a job is saved. 0: at every start.
+
+        ``scheduler``: if the app has schedules, stand for the namespace's scheduler
+        (one leads; README: Periodic jobs). False: this worker never runs schedules."""
         if len(registry) == 0:
             raise ContractError("the app has no handlers: register some with @app.handler(job)")
         self.registry = registry
@@ -254,8 +263,14 @@ class Worker:
         self.concurrency = concurrency
         self.grace = grace
         self.hooks = tuple(hooks)
+        #: critical sections (outermost), if a job of the registry is exclusive
+        self.sections = (
+            CriticalSections(ns.name) if any(s.job.exclusive for s in registry) else None
+        )
         #: middleware, then the hooks as middleware (innermost)
-        self.middleware = stack(middleware, hooks)
+        self.middleware = stack(
+            [self.sections, *middleware] if self.sections else middleware, hooks
+        )
         #: those of them that wrap attempts (computed again when run() starts)
         self._wrapping = wrapping_attempts(self.middleware)
         self.max_body = max_body
@@ -269,6 +284,16 @@ class Worker:
         _check_timeouts(registry, self.queues, consumer_timeout)
         self.consumer_timeout = consumer_timeout
         self.stats = WorkerStats()
+        #: the namespace's scheduler candidate, if the app has schedules
+        self.scheduler: Scheduler | None = None
+        if scheduler and registry.schedules:
+            self.scheduler = Scheduler(
+                self.transport,
+                self.namespace,
+                list(registry.schedules.values()),
+                settings=self.settings,
+                name=f"{self.name} {socket.gethostname()}:{os.getpid()}",
+            )
         self.link = self.transport.link(
             self.namespace,
             self.settings,
@@ -317,6 +342,8 @@ class Worker:
     def stop(self) -> None:
         """Ask for a graceful stop: no new deliveries, in-flight jobs get ``grace`` seconds."""
         self._stop.set()
+        if self.scheduler is not None:
+            self.scheduler.stop()  # its token goes to another candidate now
 
     async def started(self) -> None:
         """Wait until the worker consumes from all its queues."""
@@ -348,6 +375,9 @@ class Worker:
         announcing = None
         if self.events and self.started_after:
             announcing = asyncio.ensure_future(self._announce_long_attempts())
+        scheduling = None
+        if self.scheduler is not None:
+            scheduling = asyncio.ensure_future(self.scheduler.run())
         try:
             while not self._stop.is_set():
                 try:
@@ -381,6 +411,10 @@ class Worker:
         finally:
             if announcing is not None:
                 announcing.cancel()
+            if scheduling is not None:
+                await _stop_scheduler(self.scheduler, scheduling)
+            if self.sections is not None:
+                log.info("%s", self.sections.summary())
             await _close_quietly(session)
             await self.link.close()
             if self._executor is not None:
@@ -411,23 +445,16 @@ class Worker:
     async def _connect(self) -> tuple[Session, asyncio.Event]:
         """Connect and consume every queue; a failure on the way closes the session."""
         first = not self._started.is_set()
-        opening = asyncio.ensure_future(
-            self.transport.session(
-                name=self.name, give_up_after=self.connect_timeout if first else None
-            )
+        opening = self.transport.session(
+            name=self.name, give_up_after=self.connect_timeout if first else None
         )
-        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if not opening.done():
-            opening.cancel()
-            with contextlib.suppress(BaseException):
-                await opening
-            raise _Stopping("asked to stop while connecting")
-        session = opening.result()
+            session = await unless_stopped(opening, self._stop)
+        except Stopped:
+            raise _Stopping("asked to stop while connecting") from None
         self.stats.connections += 1
+        if self.sections is not None:
+            self.sections.attach(session)  # locks live as long as this connection
         try:
             return session, await self._start_consuming(session)
         except BaseException as exc:
@@ -737,15 +764,17 @@ class Worker:
                 spec.logger, {"job_id": env.job_id, "attempt": env.attempt}
             ),
             headers=env.extra_headers,
+            key=(header_key(env.extra_headers) or spec.job.key_of(args))
+            if spec.job.key is not None
+            else None,
         )
         loop = asyncio.get_running_loop()
         began = loop.time()
-        key, started_ms = None, 0
+        key, started_ms = ctx.key, 0
         reply_to = env.extra_headers.get(H_REPLY_TO)
         task = None
         if self.events or reply_to:
             started_ms = self.clock.now_ms()
-            key = header_key(env.extra_headers) or spec.job.key_of(args)
             if self.events:
                 if self.started_after:  # built only if it runs that long
                     task = asyncio.current_task()
@@ -1021,6 +1050,21 @@ def _check_timeouts(registry: Registry, queues: Sequence[str], consumer_timeout:
                 " channel mid-job. Lower the job's timeout, or raise consumer_timeout in"
                 " rabbitmq.conf and tell the worker (--consumer-timeout)."
             )
+
+
+async def _stop_scheduler(scheduler: Scheduler | None, task: asyncio.Future[None]) -> None:
+    """Stop standing for scheduler (bounded): the token goes to another candidate."""
+    if scheduler is not None:
+        scheduler.stop()
+    try:
+        async with asyncio.timeout(5):
+            await asyncio.shield(task)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+    except Exception:
+        log.exception("the scheduler failed")
 
 
 async def _close_quietly(session: Session | None) -> None:

@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from amqp_jobs import JobClient, JobContext, JobHooks, Namespace, Outcome, OutcomeKind
@@ -53,13 +53,18 @@ class Tracker(JobHooks):
         self.rows, self.t0, self.done = rows, t0, done
 
     async def settled(self, ctx: JobContext, outcome: Outcome) -> None:
-        row = self.rows[ctx.job_id]
         at = time.time() - self.t0
+        if ctx.job_id not in self.rows:  # a tick of the periodic job
+            tick = datetime.fromisoformat(ctx.job_id.split("@", 1)[1]).timestamp()
+            self.rows[ctx.job_id] = Row(ctx.job.name, ctx.job_id, tick - self.t0, tick - self.t0)
+        row = self.rows[ctx.job_id]
         if outcome.kind is OutcomeKind.RETRYING:
             row.attempts.append((at, f"failed ({outcome.error.type if outcome.error else '?'})"))
         elif outcome.kind is OutcomeKind.SUCCEEDED:
             row.attempts.append((at, "ok"))
             row.final = "succeeded"
+        elif outcome.kind is OutcomeKind.DEFERRED:
+            row.attempts.append((at, "waited (section taken)"))
         elif outcome.kind is OutcomeKind.DEAD:
             row.attempts.append((at, "failed"))
             row.final = f"dead ({outcome.dead_reason})"
@@ -101,6 +106,9 @@ async def run(url: str) -> None:
 
     namespace = f"demo-{uuid.uuid4().hex[:6]}"
     app.ns = Namespace(namespace, app.settings)
+    # the shop syncs stock every quarter hour; here, every 2 s, to see it in a few seconds
+    del app.registry.schedules["stock-sync"]
+    app.schedule(c.sync_stock, {"warehouse": "all"}, every=2, name="demo-stock-sync")
     rows: dict[str, Row] = {}
     done = asyncio.Event()
     t0 = time.time()
@@ -158,6 +166,11 @@ async def run(url: str) -> None:
     print("Run the same handlers as a worker process: amqp-jobs worker examples.shop.worker:app")
 
 
+def short_id(job_id: str) -> str:
+    """A job id to print: its first 8 characters, or a periodic job's tick time."""
+    return "tick " + job_id[-9:-1] if job_id.startswith("schedule:") else job_id[:8]
+
+
 def print_table(rows: object) -> None:
     headers = ("job", "id", "queued", "due", "attempts", "outcome")
     lines = []
@@ -165,7 +178,7 @@ def print_table(rows: object) -> None:
         timeline = ", ".join(f"{what} @{at:.1f}s" for at, what in r.attempts)
         due = "now" if r.eta is None else f"{r.eta:.1f}s"
         lines.append(
-            (r.job, r.job_id[:8], f"{r.enqueued:.2f}s", due, timeline, r.final or "pending")
+            (r.job, short_id(r.job_id), f"{r.enqueued:.2f}s", due, timeline, r.final or "pending")
         )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -185,11 +198,11 @@ async def show_job_log(namespace: str, job_ids: list[str]) -> None:
     lines = []
     for job_id, r in zip(job_ids, records, strict=True):
         if r is None:
-            lines.append((job_id[:8], "-", "-", "unknown", "-", "-", "-"))
+            lines.append((short_id(job_id), "-", "-", "unknown", "-", "-", "-"))
             continue
         took = "-" if r.duration_ms is None else f"{r.duration_ms:.0f} ms"
         what = f"{r.error_type}: {r.error_message}" if r.error_type else json.dumps(r.result)
-        lines.append((job_id[:8], r.job, r.key or "-", r.state, str(r.attempt), took, what))
+        lines.append((short_id(job_id), r.job, r.key or "-", r.state, str(r.attempt), took, what))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     print(fmt.format(*headers))

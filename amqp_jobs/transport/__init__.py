@@ -9,10 +9,18 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 
-from amqp_jobs.transport.base import Channel, Delivery, Link, Session, Transport
+from amqp_jobs.transport.base import Channel, Delivery, Link, Session, Transport, TxChannel
 from amqp_jobs.urls import BrokerURLs, resolve
 
-__all__ = ["Channel", "Delivery", "Link", "Session", "Transport", "transport_for"]
+__all__ = [
+    "Channel",
+    "Delivery",
+    "Link",
+    "Session",
+    "Transport",
+    "TxChannel",
+    "transport_for",
+]
 
 
 def transport_for(

@@ -81,6 +81,17 @@ class Delivery(Protocol):
 OnLost = Callable[[str, float | None], None]
 
 
+class TxChannel(Channel, Protocol):
+    """A consuming channel in transaction mode: what it publishes and settles takes
+    effect at ``commit()``, all at once, or not at all if the channel or its connection
+    closes first. (The scheduler enqueues a tick and replaces its token in one commit.)"""
+
+    async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        """Stage a message (mandatory: one no queue takes is reported in the log)."""
+
+    async def commit(self) -> None: ...
+
+
 class Session(Protocol):
     """A consuming connection. Losing it (or a consumer the broker cancels) is reported
     once through ``on_lost``; every delivery it held returns to its queue."""
@@ -102,6 +113,13 @@ class Session(Protocol):
     async def declare_reply_queue(self, name: str, *, expires_ms: int) -> None:
         """A client's reply queue: classic and durable (a broker restart keeps its
         replies), deleted by the broker once unused for ``expires_ms``."""
+
+    async def declare_queue(self, name: str, arguments: Mapping[str, Any]) -> None:
+        """A durable queue with these arguments (the scheduler's: a quorum queue with a
+        single active consumer, which holds its token message until its connection
+        closes and the next consumer gets it; and one that keeps its newest message)."""
+
+    async def transactional(self, prefetch: int) -> TxChannel: ...
 
     async def close(self) -> None: ...
 

@@ -31,11 +31,14 @@ class Invoice(BaseModel):
     amount_cents: int = Field(ge=0)
 
 
+# The CRM record and the invoice of one user touch the same account: never at once
+# (a critical section per user, shared by the two job types).
 create_crm_record = Job(
     "crm.create_record",
     NewUser,
     queue="crm",
     key="user_id",
+    exclusive="account",
     retry=RetryPolicy(max_attempts=5, backoff=1),
     timeout=30,
 )
@@ -51,11 +54,20 @@ send_welcome = Job(
     timeout=30,
 )
 send_reminder = Job("emails.send_reminder", Reminder, queue="emails", key="user_id", timeout=30)
+
+
+class StockSync(BaseModel):
+    warehouse: str
+
+
+#: run periodically (examples/shop/worker.py schedules it)
+sync_stock = Job("fulfilment.sync_stock", StockSync, queue="fulfilment", timeout=60)
 sync_invoice = Job(
     "billing.sync_invoice",
     Invoice,
     queue="billing",
     key="user_id",
+    exclusive="account",
     retry=RetryPolicy(max_attempts=3, backoff=0.5),
     timeout=10,
 )
@@ -64,10 +76,12 @@ __all__ = [
     "Invoice",
     "NewUser",
     "Reminder",
+    "StockSync",
     "WelcomeEmail",
     "assign_fulfilment_centre",
     "create_crm_record",
     "send_reminder",
     "send_welcome",
     "sync_invoice",
+    "sync_stock",
 ]

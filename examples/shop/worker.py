@@ -14,15 +14,21 @@ from .contracts import (
     Invoice,
     NewUser,
     Reminder,
+    StockSync,
     WelcomeEmail,
     assign_fulfilment_centre,
     create_crm_record,
     send_reminder,
     send_welcome,
     sync_invoice,
+    sync_stock,
 )
 
 app = JobApp(namespace=os.environ.get("SHOP_NAMESPACE", "shop"))
+# Every quarter hour, London time; one worker process leads the namespace's scheduler.
+app.schedule(
+    sync_stock, {"warehouse": "all"}, cron="*/15 * * * *", tz="Europe/London", name="stock-sync"
+)
 
 CENTRES = {"1": "Dublin", "2": "Leeds", "3": "Bristol", "E": "London", "S": "Glasgow"}
 
@@ -31,6 +37,7 @@ CENTRES = {"1": "Dublin", "2": "Leeds", "3": "Bristol", "E": "London", "S": "Gla
 async def crm_record(args: NewUser, ctx: JobContext) -> dict[str, str]:
     # The CRM times out on the first two calls: the job retries on its backoff.
     if ctx.attempt <= 2:
+        await asyncio.sleep(0.3)  # waiting for the CRM, inside the user's section
         raise ConnectionError("CRM API timed out")
     await asyncio.sleep(0.05)
     ctx.logger.info("CRM record created for user %s", args.user_id)
@@ -59,3 +66,10 @@ async def reminder(args: Reminder, ctx: JobContext) -> None:
 @app.handler(sync_invoice)
 async def invoice(args: Invoice, ctx: JobContext) -> None:
     raise PermissionError("billing API rejected our credentials (HTTP 401)")
+
+
+@app.handler(sync_stock)
+async def stock(args: StockSync, ctx: JobContext) -> int:
+    await asyncio.sleep(0.01)
+    ctx.logger.info("stock levels of %s synced", args.warehouse)
+    return 0  # items out of stock

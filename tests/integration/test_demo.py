@@ -24,6 +24,11 @@ def test_the_demo_runs_every_job_to_its_outcome(amqp_url: str) -> None:
     assert "not every job finished" not in out
     assert out.count("succeeded") >= 4, out
     assert "dead (exhausted)" in out
+    # the periodic job: every 2 s in the demo, each tick once
+    table = out[: out.index("job log (sqlite")]
+    ticks = [line for line in table.splitlines() if line.startswith("fulfilment.sync_stock")]
+    assert ticks and all("succeeded" in t for t in ticks), out
+    assert len({t.split()[2] for t in ticks}) == len(ticks), out  # "tick HH:MM:SS"
     # the job log, written by the recorder from the events: every job with its row
     log = out[out.index("job log (sqlite") :]
     assert log.count("  1042  succeeded") == 4, out

@@ -201,6 +201,7 @@ def options_of(*command: str) -> set[str]:
     [
         (["worker"], {"--url", "--namespace", "--connect-timeout", "--grace"}, {"--json"}),
         (["status"], {"--url", "--connect-timeout", "--app", "--json", "--queue"}, set()),
+        (["schedules"], {"--url", "--connect-timeout", "--app", "--json"}, {"--queue"}),
         (["dead", "list"], {"--url", "--connect-timeout", "--job", "--limit"}, {"--queue"}),
         (["enqueue"], {"--url", "--connect-timeout", "--delay", "--at"}, {"--queue"}),
         (["topology", "declare"], {"--url", "--connect-timeout", "--queue", "--job"}, set()),

@@ -19,9 +19,12 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from amqp_jobs.errors import ConnectionLostError
+from amqp_jobs.message import Message
 from amqp_jobs.transport.amqp.acks import Acks
 from amqp_jobs.transport.amqp.channels import LOST, Delivery, open_channel, ours
 from amqp_jobs.transport.amqp.connection import TRANSIENT, connect, describe
+from amqp_jobs.transport.amqp.link import message_properties
 from amqp_jobs.transport.base import Delivery as DeliveryProtocol
 from amqp_jobs.transport.base import OnLost
 from amqp_jobs.urls import BrokerURLs
@@ -95,6 +98,45 @@ class AmqpChannel:
             raise ours(f"cancelling consumer {tag}", exc) from exc
 
 
+#: Idle channels a session keeps for lock operations.
+MAX_SPARES = 8
+#: How long a transaction's commit may take before the channel counts as lost.
+COMMIT_TIMEOUT = 10.0
+
+
+class AmqpTxChannel(AmqpChannel):
+    """A channel in transaction mode (tx.select): publishes and acks take effect at
+    commit, or not at all if the channel or connection closes first."""
+
+    async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        try:
+            await self._raw.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=message_properties(message),
+                mandatory=True,
+            )
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours(f"publishing to {exchange!r} / {routing_key!r}", exc) from exc
+
+    async def commit(self) -> None:
+        """Commit, bounded by COMMIT_TIMEOUT: a queue that lost its quorum would hold
+        the commit, and the caller, forever. (A message the broker returns unroutable
+        is logged by aiormq: without publisher confirms, which tx excludes, it has no
+        one to hand it to.)"""
+        try:
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                await self.acks.flushed()  # this transaction's acks go before its commit
+                await self._raw.tx_commit()
+        except TimeoutError:
+            raise ConnectionLostError(
+                f"committing a transaction: no answer in {COMMIT_TIMEOUT:g}s"
+            ) from None
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours("committing a transaction", exc) from exc
+
+
 class AmqpSession:
     """One consuming connection."""
 
@@ -102,6 +144,8 @@ class AmqpSession:
         self._connection = connection
         self._callbacks: list[OnLost] = []
         self._channels: list[AmqpChannel] = []
+        #: idle channels for taking and freeing locks
+        self._spares: list[tuple[AbstractChannel, aiormq.Channel]] = []
         self._reported = False
         connection.close_callbacks.add(self._connection_closed)
 
@@ -152,29 +196,49 @@ class AmqpSession:
         self._channels.append(opened)
         return opened
 
+    async def _spare(self) -> tuple[AbstractChannel, aiormq.Channel]:
+        """A channel for one lock operation: an idle one if any, else a new one. Locks
+        are taken and freed around every exclusive job: opening and closing a channel
+        each time doubled the round trips."""
+        while self._spares:
+            spare = self._spares.pop()
+            if not spare[1].is_closed:
+                return spare
+        opened = await open_channel(self._connection, publisher_confirms=False)
+        underlay = await opened.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        return opened, underlay
+
+    def _done_with(self, spare: tuple[AbstractChannel, aiormq.Channel]) -> None:
+        if not spare[1].is_closed and len(self._spares) < MAX_SPARES:
+            self._spares.append(spare)
+        elif not spare[1].is_closed:
+            task = asyncio.ensure_future(spare[0].close())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     async def claim(self, name: str) -> bool:
         try:
-            channel = await open_channel(self._connection, publisher_confirms=False)
+            spare = await self._spare()
         except (*TRANSIENT, *LOST) as exc:
             raise ours(f"claiming {name}", exc) from exc
         try:
-            await channel.declare_queue(name, exclusive=True, auto_delete=False, durable=False)
+            # the queue lives as long as the connection, whatever becomes of the channel
+            await spare[1].queue_declare(name, exclusive=True, auto_delete=False, durable=False)
         except aiormq.exceptions.ChannelLockedResource:
             return False  # the broker closed the channel: another connection holds it
         except (*TRANSIENT, *LOST) as exc:
             raise ours(f"claiming {name}", exc) from exc
-        with contextlib.suppress(*TRANSIENT, *LOST):
-            await channel.close()  # the queue lives as long as the connection, not this
+        finally:
+            self._done_with(spare)
         return True
 
     async def release(self, name: str) -> None:
         try:
-            channel = await open_channel(self._connection, publisher_confirms=False)
+            spare = await self._spare()
             try:
-                raw = await channel.get_underlay_channel()
-                await raw.queue_delete(name)
+                await spare[1].queue_delete(name)
             finally:
-                await channel.close()
+                self._done_with(spare)
         except (*TRANSIENT, *LOST) as exc:
             raise ours(f"releasing {name}", exc) from exc
 
@@ -188,6 +252,32 @@ class AmqpSession:
                     await channel.close()
         except (*TRANSIENT, *LOST) as exc:
             raise ours(f"declaring {name}", exc) from exc
+
+    async def declare_queue(self, name: str, arguments: Mapping[str, Any]) -> None:
+        try:
+            channel = await open_channel(self._connection, publisher_confirms=False)
+            try:
+                await channel.declare_queue(name, durable=True, arguments=dict(arguments))
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours(f"declaring {name}", exc) from exc
+
+    async def transactional(self, prefetch: int) -> AmqpTxChannel:
+        try:
+            channel = await open_channel(self._connection, publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch)
+            raw = await channel.get_underlay_channel()
+            assert isinstance(raw, aiormq.Channel)
+            await raw.tx_select()
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours("opening a transactional channel", exc) from exc
+        channel.close_callbacks.add(self._channel_closed)
+        raw.on_consumer_cancel_callbacks.add(self._cancelled)
+        opened = AmqpTxChannel(self, channel, raw)
+        self._channels.append(opened)
+        return opened
 
     async def close(self) -> None:
         """Close the connection: every delivery it holds returns to its queue. Acks

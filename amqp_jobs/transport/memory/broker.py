@@ -899,7 +899,13 @@ class MemoryBroker:
                 consumer.channel._deliver(consumer, entry)
 
     def _next_consumer(self, q: _Queue) -> _Consumer | None:
-        """Round-robin among the consumers with room under their prefetch."""
+        """Round-robin among the consumers with room under their prefetch; with a single
+        active consumer, the oldest consumer alone (the next once it is gone)."""
+        if q.arguments.get("x-single-active-consumer") is True:
+            if not q.consumers:
+                return None
+            active = q.consumers[0]
+            return active if active.has_room() else None
         n = len(q.consumers)
         for i in range(n):
             index = (q.rr + i) % n

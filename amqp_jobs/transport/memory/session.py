@@ -12,9 +12,11 @@ from typing import Any, Literal
 from amqp_jobs.errors import (
     ConnectionLostError,
     ContractError,
+    UnroutableError,
 )
+from amqp_jobs.message import Message
 from amqp_jobs.transport.base import Delivery as DeliveryProtocol
-from amqp_jobs.transport.base import OnLost
+from amqp_jobs.transport.base import OnLost, TxChannel
 from amqp_jobs.transport.memory.broker import (
     MAX_PREFETCH,
     MemoryBroker,
@@ -264,6 +266,44 @@ class MemoryChannel:
             self._session._lost(f"channel closed: {reason}", None)
 
 
+class MemoryTxChannel(MemoryChannel):
+    """A channel in transaction mode: publishes and settlements wait for ``commit()``
+    and are dropped if the channel closes first, as RabbitMQ's tx.select."""
+
+    def __init__(self, session: MemorySession, prefetch: int) -> None:
+        super().__init__(session, prefetch)
+        self._staged_settles: list[tuple[MemoryDelivery, Literal["ack", "requeue", "reject"]]] = []
+        self._staged_publishes: list[tuple[str, str, Message]] = []
+
+    def _settle(self, delivery: MemoryDelivery, how: Literal["ack", "requeue", "reject"]) -> None:
+        if self._closed:
+            raise ConnectionLostError(f"settling {delivery.message_id}: the channel is closed")
+        self._staged_settles.append((delivery, how))
+
+    async def publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        if self._closed:
+            raise ConnectionLostError("publishing: the channel is closed")
+        self._staged_publishes.append((exchange, routing_key, message))
+
+    async def commit(self) -> None:
+        if self._closed:
+            raise ConnectionLostError("committing a transaction: the channel is closed")
+        settles, self._staged_settles = self._staged_settles, []
+        publishes, self._staged_publishes = self._staged_publishes, []
+        for exchange, routing_key, message in publishes:
+            try:
+                self._broker.publish(exchange, routing_key, message)
+            except UnroutableError as exc:  # RabbitMQ returns it and commits the rest
+                log.error("the broker returned a message of a transaction: %s", exc)
+        for delivery, how in settles:
+            super()._settle(delivery, how)
+
+    def _close(self, reason: str, *, report: bool) -> None:
+        self._staged_settles.clear()
+        self._staged_publishes.clear()
+        super()._close(reason, report=report)
+
+
 class MemorySession:
     """A consuming connection to the memory broker."""
 
@@ -313,6 +353,18 @@ class MemorySession:
         # x-expires is kept and compared on a redeclare, not enforced: a process's memory
         # broker ends with its clients
         self._broker.declare_queue(name, {"x-expires": expires_ms})
+
+    async def declare_queue(self, name: str, arguments: Mapping[str, Any]) -> None:
+        if self._closed:
+            raise ConnectionLostError(f"declaring {name}: the connection is closed")
+        self._broker.declare_queue(name, dict(arguments))
+
+    async def transactional(self, prefetch: int) -> TxChannel:
+        channel = await self.channel(prefetch)  # checks the session and the prefetch
+        self._channels.remove(channel)
+        tx = MemoryTxChannel(self, prefetch)
+        self._channels.append(tx)
+        return tx
 
     async def close(self) -> None:
         """Close the connection: every delivery it holds returns to its queue; nothing

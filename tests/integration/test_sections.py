@@ -1,0 +1,158 @@
+"""Critical sections: at most N jobs of a group run at once per key, across job types and
+workers; a job turned away is deferred without counting an attempt; a holder whose
+connection closes frees its section at once. On RabbitMQ and memory:// alike."""
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import pytest
+from pydantic import BaseModel
+
+from amqp_jobs import Job, JobApp, JobClient, JobContext, Worker
+from amqp_jobs.errors import ContractError
+from amqp_jobs.sections import lock_names
+from amqp_jobs.testing import Namespace
+from amqp_jobs.transport import transport_for
+from tests.support import eventually
+
+
+class UserArgs(BaseModel):
+    user_id: int
+    n: int
+
+
+RECONCILE = Job("finance.reconcile", UserArgs, queue="finance", key="user_id", exclusive="finance")
+IMPORT = Job("finance.import", UserArgs, queue="finance", key="user_id", exclusive="finance")
+PAIRS = Job(
+    "finance.pairs", UserArgs, queue="pairs", key="user_id", exclusive="pairs", exclusive_limit=2
+)
+
+
+class Ledger:
+    """Who ran, and how many of one key ran at once at most."""
+
+    def __init__(self) -> None:
+        self.running: Counter[str] = Counter()
+        self.most: Counter[str] = Counter()
+        self.ran: list[tuple[str, int, int]] = []  # (key, n, attempt)
+
+    async def run(self, ctx: JobContext, n: int) -> None:
+        key = ctx.key or "?"
+        self.running[key] += 1
+        self.most[key] = max(self.most[key], self.running[key])
+        try:
+            await asyncio.sleep(random.uniform(0.005, 0.03))  # the job's work
+        finally:
+            self.running[key] -= 1
+        self.ran.append((key, n, ctx.attempt))
+
+
+async def run_jobs(
+    ns: Namespace,
+    app: JobApp,
+    enqueue: Callable[[JobClient], Awaitable[None]],
+    ledger: Ledger,
+    n: int,
+) -> Worker:
+    """A worker at concurrency 16 runs what ``enqueue`` publishes, until ``n`` ran."""
+    worker = ns.worker(app, concurrency=16)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), 10)
+        async with ns.client() as client:
+            await enqueue(client)
+        await eventually(lambda: len(ledger.ran) == n, timeout=60, what=f"{n} jobs")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 20)
+    return worker
+
+
+async def test_one_job_per_key_runs_at_once_across_job_types(namespace: Namespace) -> None:
+    ledger = Ledger()
+    app = namespace.app()
+
+    @app.handler(RECONCILE)
+    async def reconcile(args: UserArgs, ctx: JobContext) -> None:
+        await ledger.run(ctx, args.n)
+
+    @app.handler(IMPORT)
+    async def import_(args: UserArgs, ctx: JobContext) -> None:
+        await ledger.run(ctx, args.n)
+
+    async def enqueue(client: JobClient) -> None:
+        for n in range(40):
+            job = RECONCILE if n % 2 else IMPORT
+            await client.enqueue(job, {"user_id": n % 4, "n": n})
+
+    worker = await run_jobs(namespace, app, enqueue, ledger, 40)
+    assert sorted(n for _, n, _ in ledger.ran) == list(range(40))  # each once
+    assert max(ledger.most.values()) == 1, ledger.most
+    assert all(attempt == 1 for _, _, attempt in ledger.ran)  # waiting is not an attempt
+    assert worker.sections is not None and worker.sections.turned_away > 0  # contention
+    assert worker.stats.deferred == worker.sections.turned_away
+
+
+async def test_a_limit_of_two_lets_two_in_and_never_three(namespace: Namespace) -> None:
+    ledger = Ledger()
+    app = namespace.app()
+
+    @app.handler(PAIRS)
+    async def pairs(args: UserArgs, ctx: JobContext) -> None:
+        await ledger.run(ctx, args.n)
+
+    async def enqueue(client: JobClient) -> None:
+        await client.enqueue_many(PAIRS, [{"user_id": 7, "n": n} for n in range(30)])
+
+    await run_jobs(namespace, app, enqueue, ledger, 30)
+    assert ledger.most["7"] == 2, ledger.most
+
+
+async def test_a_closed_holder_frees_its_section_at_once(namespace: Namespace) -> None:
+    """Another connection holds user 5's section: its job waits, deferred, and runs
+    promptly once that connection closes (as a killed worker's does)."""
+    ran = asyncio.Event()
+    app = namespace.app()
+
+    @app.handler(RECONCILE)
+    async def reconcile(args: UserArgs) -> None:
+        ran.set()
+
+    holder = await transport_for(namespace.url).session(name="holder", give_up_after=10)
+    (lock,) = lock_names(namespace.name, "finance", "5", 1)
+    assert await holder.claim(lock)
+    worker = namespace.worker(app)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), 10)
+        async with namespace.client() as client:
+            await client.enqueue(RECONCILE, {"user_id": 5, "n": 0})
+        sections = worker.sections
+        assert sections is not None
+        await eventually(lambda: sections.turned_away >= 2, timeout=15, what="turned away")
+        assert not ran.is_set()
+        await holder.close()
+        loop = asyncio.get_running_loop()
+        closed = loop.time()
+        await asyncio.wait_for(ran.wait(), 5)
+        # the lock went with the connection; what remains is the deferral's pause
+        assert loop.time() - closed < 1.0 + max(sections.retry_after)
+    finally:
+        await holder.close()
+        worker.stop()
+        await asyncio.wait_for(task, 20)
+
+
+def test_a_section_needs_a_key_and_a_sane_limit() -> None:
+    with pytest.raises(ContractError, match="needs key="):
+        Job("t.x", UserArgs, exclusive="finance")
+    with pytest.raises(ContractError, match="exclusive must name a group"):
+        Job("t.x", UserArgs, key="user_id", exclusive="no spaces")
+    with pytest.raises(ContractError, match="exclusive_limit"):
+        Job("t.x", UserArgs, key="user_id", exclusive="g", exclusive_limit=0)
+    # the same section for every worker and job type of the group; N slots for a limit N
+    assert lock_names("ns", "finance", "5", 1) == lock_names("ns", "finance", "5", 1)
+    assert lock_names("ns", "finance", "5", 1) != lock_names("ns", "finance", "6", 1)
+    assert len(set(lock_names("ns", "g", "5", 3))) == 3
