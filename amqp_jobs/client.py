@@ -111,6 +111,12 @@ def _utf8_len(text: str) -> int:
         return 256
 
 
+#: A uniqueness key claimed for a job the job log has not heard of is held this long: the
+#: publisher is publishing, or the recorder has not written the job's ``enqueued`` event
+#: yet. Longer than that with no row, the job was never published (its publisher died).
+UNIQUE_GRACE = 30.0
+
+
 class JobClient:
     """Publishes jobs of one namespace; use as ``async with JobClient(url, namespace=...)``.
 
@@ -254,6 +260,18 @@ class JobClient:
         envelope = self.prepare(
             job, args, delay=delay, run_at=run_at, job_id=job_id, headers=headers
         )
+        if job.unique is not None:
+            holder = await self._claim_unique(job, envelope)
+            if holder != envelope.job_id:
+                return holder  # a live job has this key: nothing is published
+            try:
+                await self.send_prepared(job, await self._awaited(envelope) if reply else envelope)
+            except BaseException:
+                await self._release_unique(job, envelope)
+                raise
+            if not self.events:
+                await self._record(envelope)  # the log must know it: it holds the key
+            return envelope.job_id
         if reply:
             envelope = await self._awaited(envelope)
         if self.middleware:
@@ -369,7 +387,52 @@ class JobClient:
         confirmed, raises BatchPublishError saying which.
         """
         envelopes = [self.prepare(job, args, delay=delay, run_at=run_at) for args in batch]
-        return await self.send_many(job, envelopes)
+        if job.unique is None:
+            return await self.send_many(job, envelopes)
+        holders = [await self._claim_unique(job, e) for e in envelopes]
+        won = [i for i, e in enumerate(envelopes) if holders[i] == e.job_id]
+        mine = [envelopes[i] for i in won]
+        try:
+            await self.send_many(job, mine)
+        except BatchPublishError as exc:
+            for index in exc.failed:
+                await self._release_unique(job, mine[index])
+            failed = {won[index]: error for index, error in exc.failed.items()}
+            raise BatchPublishError(holders, failed) from exc
+        if not self.events:
+            await asyncio.gather(*(self._record(e) for e in mine))
+        return holders
+
+    async def _claim_unique(self, job: Job[Any], envelope: Envelope) -> str:
+        """The id of the job that holds ``envelope``'s uniqueness key: its own if it
+        won (then it must be published), or a live one's."""
+        key = header_key(envelope.extra_headers)
+        if key is None:
+            raise ContractError(
+                f"unique job {job.name!r}: its {job.key} is None, so it has no key to be unique on"
+            )
+        if self._replies.store is None:
+            raise ContractError(
+                f"unique job {job.name!r} needs JobClient(store=...): the job log's store"
+                " holds which job has each key"
+            )
+        joblog = await self._replies.joblog()
+        assert job.unique is not None
+        return await joblog.store.claim_unique(
+            self.namespace,
+            f"{job.name}|{key}",
+            envelope.job_id,
+            period_ms=int(job.unique * 1000),
+            grace_ms=int(UNIQUE_GRACE * 1000),
+        )
+
+    async def _release_unique(self, job: Job[Any], envelope: Envelope) -> None:
+        key = header_key(envelope.extra_headers)
+        joblog = await self._replies.joblog()
+        try:
+            await joblog.store.release_unique(self.namespace, f"{job.name}|{key}", envelope.job_id)
+        except AmqpJobsError as exc:  # it frees itself after UNIQUE_GRACE
+            log.warning("could not give up unique key of job %s: %s", envelope.job_id, exc)
 
     async def send_prepared(self, job: Job[Any], envelope: Envelope) -> None:
         """Publish an envelope from ``prepare`` as ``enqueue`` does (middleware included)."""

@@ -29,6 +29,7 @@ from amqp_jobs.topology import (
     TopologySettings,
     dead_queue,
     namespace_plan,
+    scheduler_plan,
     work_queue,
 )
 from amqp_jobs.transport import transport_for
@@ -505,6 +506,9 @@ def cmd_topology_declare(args: argparse.Namespace) -> int:
                 await link.declare_queue(queue, jobs)
             await link.declare_cascade()
             await link.declare_events()
+            session = await broker.session()  # the scheduler's queues (schedulers
+            for token in scheduler_plan(ctx.namespace).queues:  # declare them too)
+                await session.declare_queue(token.name, token.arguments)
         finally:
             await link.close()
 

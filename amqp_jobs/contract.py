@@ -148,6 +148,7 @@ class Job(Generic[ArgsT]):
         "result_model",
         "retry",
         "timeout",
+        "unique",
     )
 
     def __init__(
@@ -162,6 +163,7 @@ class Job(Generic[ArgsT]):
         result_model: type[pydantic.BaseModel] | None = None,
         exclusive: str | None = None,
         exclusive_limit: int = 1,
+        unique: timedelta | float | None = None,
     ) -> None:
         """``key``: an args field that names what the job is about (``"user_id"``); its
         value travels in the ``job-key`` header, the job log indexes it, and per-key
@@ -173,6 +175,12 @@ class Job(Generic[ArgsT]):
         ``exclusive_limit`` jobs of the group run at once per value of their ``key``,
         across every worker; jobs of several types share a section by naming the same
         group. A job that finds its section full is deferred (README: Critical sections).
+
+        ``unique``: enqueueing this job while one with the same ``key`` value is live
+        (queued, delayed, retrying or running), or ended less than ``unique`` seconds
+        ago (0: only while live), publishes nothing and returns the live job's id. It
+        needs the job log: ``JobClient(store=...)``, and a recorder (README: Unique
+        jobs).
         """
         if not isinstance(name, str) or not _JOB_NAME.match(name):
             raise ContractError(
@@ -229,6 +237,14 @@ class Job(Generic[ArgsT]):
             )
         self.exclusive = exclusive
         self.exclusive_limit = exclusive_limit
+        if unique is not None:
+            unique = seconds(unique, f"job {name!r} unique")
+            if key is None:
+                raise ContractError(
+                    f"job {name!r}: unique= needs key= (the args field whose value makes a"
+                    " job the same as another)"
+                )
+        self.unique: float | None = unique
 
     def __repr__(self) -> str:
         return f"Job({self.name!r}, {self.args_model.__name__}, queue={self.queue!r})"

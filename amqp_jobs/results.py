@@ -259,7 +259,7 @@ class Replies:
         if self.store is None or not self._waiting:
             return
         try:
-            joblog = await self._joblog()
+            joblog = await self.joblog()
             for job_id in list(self._waiting):
                 record = await joblog.get(job_id)
                 if record is not None and record.is_final:
@@ -304,7 +304,7 @@ class Replies:
                 f"job {job_id} was not enqueued by this client with reply=True, and the"
                 " client has no job log to ask (JobClient(store=...))"
             )
-        joblog = await self._joblog()
+        joblog = await self.joblog()
         pause = LOG_FIRST_PAUSE
         while True:
             record = await joblog.get(job_id)
@@ -316,7 +316,8 @@ class Replies:
                 return await asyncio.wait_for(asyncio.shield(future), pause)
             pause = min(pause * 2, LOG_MAX_PAUSE)
 
-    async def _joblog(self) -> JobLog:
+    async def joblog(self) -> JobLog:
+        """The client's job log, opened on first use (``store`` must be set)."""
         if self._log is None:
             from amqp_jobs.joblog.log import JobLog
 

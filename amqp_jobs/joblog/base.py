@@ -301,6 +301,14 @@ SCHEMA = (
         stream_offset BIGINT NOT NULL,
         updated_at BIGINT NOT NULL
     )""",
+    # unique jobs: which job holds each uniqueness key (see unique_is_live)
+    """CREATE TABLE IF NOT EXISTS amqp_jobs_unique (
+        ns TEXT NOT NULL,
+        ukey TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        claimed_at BIGINT NOT NULL,
+        PRIMARY KEY (ns, ukey)
+    )""",
 )
 
 JOB_COLUMNS = (
@@ -413,6 +421,17 @@ _PRUNABLE = (
     "SELECT id FROM amqp_jobs WHERE ns = {1} AND state = {2} AND updated_at < {3}"
     " ORDER BY updated_at LIMIT {4}"
 )
+_CLAIM_UNIQUE = (
+    "INSERT INTO amqp_jobs_unique (ns, ukey, job_id, claimed_at) VALUES ({1}, {2}, {3}, {4})"
+    " ON CONFLICT (ns, ukey) DO NOTHING"
+)
+_UNIQUE_OWNER = "SELECT job_id, claimed_at FROM amqp_jobs_unique WHERE ns = {1} AND ukey = {2}"
+_JOB_STATE = "SELECT state, updated_at FROM amqp_jobs WHERE ns = {1} AND id = {2}"
+_TAKE_UNIQUE = (
+    "UPDATE amqp_jobs_unique SET job_id = {1}, claimed_at = {2}"
+    " WHERE ns = {3} AND ukey = {4} AND job_id = {5}"
+)
+_RELEASE_UNIQUE = "DELETE FROM amqp_jobs_unique WHERE ns = {1} AND ukey = {2} AND job_id = {3}"
 #: Checks that an existing table is ours (a missing column fails it).
 _PROBE = f"SELECT {JOB_COLUMNS} FROM amqp_jobs WHERE 1 = 0"
 
@@ -439,6 +458,11 @@ class Statements:
     get_attempts: str
     prunable: str
     probe: str
+    claim_unique: str
+    unique_owner: str
+    job_state: str
+    take_unique: str
+    release_unique: str
 
     @classmethod
     def of(cls, style: Style) -> Statements:
@@ -454,7 +478,30 @@ class Statements:
             get_attempts=_render(_GET_ATTEMPTS, style, 2),
             prunable=_render(_PRUNABLE, style, 4),
             probe=_PROBE,
+            claim_unique=_render(_CLAIM_UNIQUE, style, 4),
+            unique_owner=_render(_UNIQUE_OWNER, style, 2),
+            job_state=_render(_JOB_STATE, style, 2),
+            take_unique=_render(_TAKE_UNIQUE, style, 5),
+            release_unique=_render(_RELEASE_UNIQUE, style, 3),
         )
+
+
+def unique_is_live(
+    claimed_at: int,
+    job: Sequence[Any] | None,
+    now_ms: int,
+    period_ms: int,
+    grace_ms: int,
+) -> bool:
+    """Whether the job holding a uniqueness key still holds it: it is in the log and not
+    ended, or ended less than ``period_ms`` ago; or it is not in the log yet but was
+    claimed less than ``grace_ms`` ago (its publisher is publishing, or the recorder has
+    not written its ``enqueued`` event yet). A claim older than that with no row was
+    never published (its publisher died): the key is free."""
+    if job is None:
+        return claimed_at >= now_ms - grace_ms
+    state, updated_at = job[0], int(job[1])
+    return state not in FINAL_STATES or updated_at > now_ms - period_ms
 
 
 def list_sql(namespace: str, query: Query, style: Style) -> tuple[str, list[Any]]:

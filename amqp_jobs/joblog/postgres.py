@@ -33,6 +33,7 @@ from amqp_jobs.joblog.base import (
     rows_of,
     secrets_of,
     store_error,
+    unique_is_live,
 )
 
 T = TypeVar("T")
@@ -42,6 +43,9 @@ SCHEMES = ("postgresql://", "postgres://")
 #: EXISTS can fail on PostgreSQL's catalog).
 _SCHEMA_LOCK = 0x616D71705F6A6F62  # "amqp_job"
 #: One statement (atomic on its own): the oldest ``batch`` jobs, then their attempts.
+_UNIQUE_OWNER_FOR_UPDATE = (
+    "SELECT job_id, claimed_at FROM amqp_jobs_unique WHERE ns = $1 AND ukey = $2 FOR UPDATE"
+)
 _PRUNE = """
 WITH gone AS (
     DELETE FROM amqp_jobs WHERE ns = $1 AND state = $2 AND updated_at < $3 AND id IN (
@@ -207,3 +211,38 @@ class PostgresStore:
             return int(await connection.fetchval(_PRUNE, namespace, state, before_ms, batch))
 
         return await self._call(f"pruning {state} jobs", delete)
+
+    async def claim_unique(
+        self, namespace: str, ukey: str, job_id: str, *, period_ms: int, grace_ms: int
+    ) -> str:
+        async def claim(connection: Any) -> str:
+            while True:  # again only if the holder gave the key up in between
+                owner = await claim_once(connection)
+                if owner is not None:
+                    return owner
+
+        async def claim_once(connection: Any) -> str | None:
+            async with connection.transaction():
+                now = int(time.time() * 1000)
+                status = await connection.execute(SQL.claim_unique, namespace, ukey, job_id, now)
+                if status.endswith(" 1"):
+                    return job_id
+                # the row lock queues rival takers behind this transaction
+                row = await connection.fetchrow(_UNIQUE_OWNER_FOR_UPDATE, namespace, ukey)
+                if row is None:
+                    return None
+                owner, claimed_at = row[0], int(row[1])
+                job = await connection.fetchrow(SQL.job_state, namespace, owner)
+                job_row = None if job is None else tuple(job)
+                if unique_is_live(claimed_at, job_row, now, period_ms, grace_ms):
+                    return str(owner)
+                await connection.execute(SQL.take_unique, job_id, now, namespace, ukey, owner)
+                return job_id
+
+        return await self._call("claiming a unique key", claim)
+
+    async def release_unique(self, namespace: str, ukey: str, job_id: str) -> None:
+        async def release(connection: Any) -> None:
+            await connection.execute(SQL.release_unique, namespace, ukey, job_id)
+
+        await self._call("releasing a unique key", release)

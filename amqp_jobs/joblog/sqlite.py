@@ -36,6 +36,7 @@ from amqp_jobs.joblog.base import (
     record_of,
     rows_of,
     store_error,
+    unique_is_live,
 )
 
 T = TypeVar("T")
@@ -242,3 +243,28 @@ class SqliteStore:
             return len(ids)
 
         return await self._call(f"pruning {state} jobs", delete)
+
+    async def claim_unique(
+        self, namespace: str, ukey: str, job_id: str, *, period_ms: int, grace_ms: int
+    ) -> str:
+        def claim(db: sqlite3.Connection) -> str:
+            db.execute("BEGIN IMMEDIATE")  # the write lock: callers take turns
+            now = int(time.time() * 1000)
+            if db.execute(SQL.claim_unique, (namespace, ukey, job_id, now)).rowcount == 1:
+                db.execute("COMMIT")
+                return job_id
+            owner, claimed_at = db.execute(SQL.unique_owner, (namespace, ukey)).fetchone()
+            job = db.execute(SQL.job_state, (namespace, owner)).fetchone()
+            if not unique_is_live(claimed_at, job, now, period_ms, grace_ms):
+                db.execute(SQL.take_unique, (job_id, now, namespace, ukey, owner))
+                owner = job_id
+            db.execute("COMMIT")
+            return str(owner)
+
+        return await self._call("claiming a unique key", claim)
+
+    async def release_unique(self, namespace: str, ukey: str, job_id: str) -> None:
+        def release(db: sqlite3.Connection) -> None:
+            db.execute(SQL.release_unique, (namespace, ukey, job_id))
+
+        await self._call("releasing a unique key", release)

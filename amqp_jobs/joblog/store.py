@@ -82,6 +82,16 @@ class Store(Protocol):
         """Delete up to ``batch`` jobs in ``state`` last updated before ``before_ms``
         (with their attempts); returns how many."""
 
+    async def claim_unique(
+        self, namespace: str, ukey: str, job_id: str, *, period_ms: int, grace_ms: int
+    ) -> str:
+        """Make ``job_id`` the holder of uniqueness key ``ukey`` unless a live job holds
+        it (``unique_is_live``); returns the holder's id, ``job_id`` if it won. Exact
+        under concurrent callers: one wins, the others get its id."""
+
+    async def release_unique(self, namespace: str, ukey: str, job_id: str) -> None:
+        """Give ``ukey`` up if ``job_id`` holds it (its publish failed)."""
+
 
 def open_store(url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Store:
     """The store a URL names, not yet opened: ``sqlite:///relative/path.db``,
