@@ -25,9 +25,12 @@ from amqp_jobs.events import EventKind, header_key
 from amqp_jobs.lifecycle import job_event
 from amqp_jobs.message import (
     H_KEY,
+    H_PRIORITY,
     H_REPLY_TO,
+    HIGH,
     MAX_ETA_AHEAD_MS,
     NO_ID_PREFIX,
+    NORMAL,
     Envelope,
     check_headers,
 )
@@ -215,6 +218,7 @@ class JobClient:
         run_at: datetime | None = None,
         job_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
+        priority: str | None = None,
     ) -> Envelope:
         """Validate and encode one job without sending it."""
         if not isinstance(job, Job):
@@ -223,6 +227,10 @@ class JobClient:
             _check_job_id(job_id)
         if headers:
             check_headers(headers)
+        if priority is not None and priority != NORMAL:
+            if priority != HIGH:
+                raise ContractError(f"priority must be {HIGH!r} or {NORMAL!r}, got {priority!r}")
+            headers = {**(headers or {}), H_PRIORITY: HIGH}
         if job.key is not None:
             model = job.validate(args)
             key = job.key_of(model)
@@ -248,18 +256,23 @@ class JobClient:
         job_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
         reply: bool = False,
+        priority: str | None = None,
     ) -> str:
         """Publish one job, confirmed; returns its job id.
 
         ``reply``: the worker that ends the job sends its outcome to this client, for
         ``result()`` to hear (pushed, not polled).
 
+        ``priority``: ``"high"`` goes ahead of queued normal jobs of its queue (README:
+        Priorities); ``"normal"`` (or None) is the default.
+
         Raises ArgsValidationError (naming the field) before publishing, and a
         PublishError or BrokerUnavailableError if the broker did not take it.
         """
         envelope = self.prepare(
-            job, args, delay=delay, run_at=run_at, job_id=job_id, headers=headers
-        )
+            job, args, delay=delay, run_at=run_at, job_id=job_id, headers=headers,
+            priority=priority,
+        )  # fmt: skip
         if job.unique is not None:
             holder = await self._claim_unique(job, envelope)
             if holder != envelope.job_id:
@@ -380,13 +393,16 @@ class JobClient:
         *,
         delay: timedelta | float | None = None,
         run_at: datetime | None = None,
+        priority: str | None = None,
     ) -> list[str]:
         """Publish many jobs with pipelined confirms; returns their ids in input order.
 
         Every item is validated before the first is published. If some are not
         confirmed, raises BatchPublishError saying which.
         """
-        envelopes = [self.prepare(job, args, delay=delay, run_at=run_at) for args in batch]
+        envelopes = [
+            self.prepare(job, args, delay=delay, run_at=run_at, priority=priority) for args in batch
+        ]
         if job.unique is None:
             return await self.send_many(job, envelopes)
         holders = [await self._claim_unique(job, e) for e in envelopes]

@@ -207,10 +207,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     result = ctx.run(lambda b: ops.status(b, queues, management))
     rows = [
-        (q.queue, q.ready, q.unacked, q.consumers, q.due, q.quarantined, q.dead)
+        (q.queue, q.high, q.ready, q.unacked, q.consumers, q.due, q.quarantined, q.dead)
         for q in result.queues
     ]
-    text = table(("queue", "ready", "unacked", "consumers", "due", "quarantine", "dead"), rows)
+    headers = ("queue", "ready high", "ready normal", "unacked", "consumers", "due")
+    text = table((*headers, "quarantine", "dead"), rows)
     text += f"\n\ndelay cascade: {result.delayed} waiting   unroutable: {result.unroutable}"
     if management is None:
         text += "\n(unacked needs the management API: --management-url http://host:15672)"

@@ -45,6 +45,9 @@ H_REPLAYS = "job-replays"
 H_DEFERRALS = "job-deferrals"
 #: The queue a waiting client reads outcomes from (a header: it survives retries).
 H_REPLY_TO = "job-reply-to"
+#: ``high`` for a job published to the high-priority exchange (absent: normal).
+H_PRIORITY = "job-priority"
+HIGH, NORMAL = "high", "normal"
 
 #: Headers of the previous failure; replaced on every republish.
 ERROR_HEADERS = (H_ERROR_TYPE, H_ERROR_MESSAGE, H_ERROR_TRACEBACK, H_FAILED_AT, H_DEAD_REASON)

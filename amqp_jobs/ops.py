@@ -39,6 +39,7 @@ from amqp_jobs.topology import (
     dead_queue,
     delay_queue,
     due_queue,
+    high_queue,
     namespace_plan,
     quarantine_queue,
     scheduler_status_queue,
@@ -112,6 +113,8 @@ class QueueStatus:
     due: int
     quarantined: int
     dead: int
+    #: ready in the high-priority twin (``ready`` counts normal priority)
+    high: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,8 @@ class Management:
     def work_queues(self, namespace: str) -> list[str]:
         prefix = work_queue(namespace, "")
         data = self._get(f"/api/queues/{self.vhost}?columns=name") or []
-        return sorted(q["name"][len(prefix) :] for q in data if q["name"].startswith(prefix))
+        names = (q["name"][len(prefix) :] for q in data if q["name"].startswith(prefix))
+        return sorted(n for n in names if "." not in n)  # not the high-priority twins
 
 
 async def status(
@@ -224,6 +228,7 @@ async def status(
         due = await counts(due_queue(namespace, q))
         quarantined = await counts(quarantine_queue(namespace, q))
         dead = await counts(dead_queue(namespace, q))
+        high = await counts(high_queue(namespace, q))
         unacked = management.unacked(work_queue(namespace, q)) if management else None
         rows.append(
             QueueStatus(
@@ -234,6 +239,7 @@ async def status(
                 due[0] if due else 0,
                 quarantined[0] if quarantined else 0,
                 dead[0] if dead else 0,
+                high[0] if high else 0,
             )
         )
     delayed = 0

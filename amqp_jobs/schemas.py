@@ -28,11 +28,13 @@ from amqp_jobs.message import (
     H_ETA,
     H_FAILED_AT,
     H_KEY,
+    H_PRIORITY,
     H_PROTOCOL,
     H_QUEUE,
     H_REPLAYS,
     H_REPLY_TO,
     H_TRACEPARENT,
+    HIGH,
     MAX_ATTEMPT,
     PROTOCOL_VERSION,
     DeadReason,
@@ -137,6 +139,11 @@ def envelope_schema() -> dict[str, Any]:
                         "type": "string",
                         "description": "a queue that gets the job's final lifecycle event"
                         " (JSON, type job-event) before the job is acked",
+                    },
+                    H_PRIORITY: {
+                        "enum": [HIGH],
+                        "description": "on a job published to the {ns}.jobs.high exchange;"
+                        " absent: normal priority",
                     },
                     H_REPLAYS: {
                         "type": "integer",

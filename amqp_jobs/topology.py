@@ -40,6 +40,7 @@ from amqp_jobs.contract import (
     TopologySettings as TopologySettings,
 )
 from amqp_jobs.contract import check_queue_name
+from amqp_jobs.message import H_PRIORITY, HIGH, Envelope
 
 #: Quorum queues' leaders spread over a cluster's nodes instead of all landing on the node
 #: the declaring client happens to use (a no-op on a single node).
@@ -53,8 +54,27 @@ def jobs_exchange(ns: str) -> str:
     return f"{ns}.jobs"
 
 
+def jobs_high_exchange(ns: str) -> str:
+    """Where high-priority jobs are published, keyed by job name like the jobs exchange."""
+    return f"{ns}.jobs.high"
+
+
 def work_queue(ns: str, queue: str) -> str:
     return f"{ns}.q.{queue}"
+
+
+def high_queue(ns: str, queue: str) -> str:
+    """A work queue's high-priority twin (quorum queues before RabbitMQ 4.0 refuse
+    x-max-priority): the worker gives its jobs the next free slot, two times in three
+    while normal jobs wait too. Queue names hold no dot, so this is no user's queue."""
+    return f"{ns}.q.{queue}.high"
+
+
+def fresh_route(ns: str, envelope: Envelope) -> tuple[str, str]:
+    """Exchange and routing key of a job due now: its priority's jobs exchange, by name."""
+    if envelope.extra_headers.get(H_PRIORITY) == HIGH:
+        return jobs_high_exchange(ns), envelope.job_name
+    return jobs_exchange(ns), envelope.job_name
 
 
 def due_queue(ns: str, queue: str) -> str:
@@ -268,6 +288,7 @@ def base_plan(ns: str, s: TopologySettings) -> Plan:
     return Plan(
         exchanges=(
             Exchange(jobs_exchange(ns), "direct"),
+            Exchange(jobs_high_exchange(ns), "direct"),
             Exchange(dead_exchange(ns), "direct"),
             Exchange(unroutable(ns), "fanout"),
             Exchange(deliver_exchange(ns), "topic", {"alternate-exchange": unroutable(ns)}),
@@ -309,6 +330,7 @@ def queue_plan(ns: str, queue: str, job_names: Iterable[str], s: TopologySetting
     return Plan(
         queues=(
             Queue(work_queue(ns, queue), args),
+            Queue(high_queue(ns, queue), args),
             Queue(due_queue(ns, queue), args),
             Queue(quarantine_queue(ns, queue), args),
             Queue(dead_queue(ns, queue), parking_queue_arguments(s)),
@@ -317,6 +339,7 @@ def queue_plan(ns: str, queue: str, job_names: Iterable[str], s: TopologySetting
             Binding(deliver_exchange(ns), due_queue(ns, queue), deliver_binding(queue, s)),
             Binding(dead_exchange(ns), dead_queue(ns, queue), queue),
             *(Binding(jobs_exchange(ns), work_queue(ns, queue), n) for n in sorted(job_names)),
+            *(Binding(jobs_high_exchange(ns), high_queue(ns, queue), n) for n in sorted(job_names)),
         ),
     )
 

@@ -107,9 +107,11 @@ from amqp_jobs.settle import (
     action_for,
     settle,
 )
+from amqp_jobs.slots import Slots
 from amqp_jobs.topology import (
     delay_queue,
     due_queue,
+    high_queue,
     quarantine_queue,
     work_queue,
 )
@@ -163,6 +165,7 @@ class Source(enum.Enum):
     """Which of a work queue's three queues a delivery came from."""
 
     WORK = "work"
+    HIGH = "high"  # the work queue's high-priority twin
     DUE = "due"
     QUARANTINE = "quarantine"
 
@@ -311,7 +314,7 @@ class Worker:
         self._starting: dict[asyncio.Task[Any], tuple[float, Envelope, str, int, str | None]] = {}
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
-        self._sem: asyncio.Semaphore | None = None
+        self._sem: Slots | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._threads = HandlerThreads()
         self._consumers: list[_Consumer] = []
@@ -333,6 +336,9 @@ class Worker:
             # deliveries let jobs settle while as many others run (the slots still
             # bound the handlers to ``concurrency``).
             Source.WORK: concurrency * 2 if self.events else concurrency,
+            # high-priority deliveries wait for slots here, not behind normal ones: twice
+            # as many as run, so that some wait while high-priority jobs fill the slots
+            Source.HIGH: concurrency * 2,
             Source.DUE: DUE_PREFETCH,
             Source.QUARANTINE: 1,
         }
@@ -368,7 +374,7 @@ class Worker:
         # what wraps attempts, from the middleware as they are now (a test harness may
         # have added one since the worker was made)
         self._wrapping = wrapping_attempts(self.middleware)
-        self._sem = asyncio.Semaphore(self.concurrency)
+        self._sem = Slots(self.concurrency)
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqp-jobs")
         session: Session | None = None
         lost: asyncio.Event
@@ -471,7 +477,7 @@ class Worker:
         for q in self.queues:
             await self.link.declare_queue(q, self.registry.jobs_for(q))
         self._consumers = []
-        for source in (Source.WORK, Source.DUE, Source.QUARANTINE):
+        for source in (Source.WORK, Source.HIGH, Source.DUE, Source.QUARANTINE):
             channel = await session.channel(self._prefetch[source])
             for q in self.queues:
                 await self._consume(channel, q, source)
@@ -480,6 +486,7 @@ class Worker:
     async def _consume(self, channel: Channel, queue: str, source: Source) -> None:
         name = {
             Source.WORK: work_queue,
+            Source.HIGH: high_queue,
             Source.DUE: due_queue,
             Source.QUARANTINE: quarantine_queue,
         }[source](self.namespace, queue)
@@ -625,7 +632,9 @@ class Worker:
             elif self._suspect(msg):
                 await self._quarantine(msg, queue)
             else:
-                await self._pipeline(msg, queue, is_due=source is Source.DUE)
+                await self._pipeline(
+                    msg, queue, is_due=source is Source.DUE, high=source is Source.HIGH
+                )
         except asyncio.CancelledError:
             if self._stop.is_set() and msg not in self._decided:
                 # cut off by a stop after its grace period: this process did not die
@@ -716,7 +725,9 @@ class Worker:
                 # the channel is going away; the reconnect starts every consumer afresh
                 log.debug("resuming consumer on %s: %s", consumer.queue, describe(exc))
 
-    async def _pipeline(self, msg: Delivery, queue: str, is_due: bool) -> None:
+    async def _pipeline(
+        self, msg: Delivery, queue: str, is_due: bool, *, high: bool = False
+    ) -> None:
         """One delivery: decode → admit (ETA) → a slot → the attempt → decide → settle."""
         try:
             env = decode(msg, max_body=self.max_body)
@@ -750,7 +761,7 @@ class Worker:
             await self._settle(msg, Release(), queue)
             return
 
-        if not await self._acquire_slot():
+        if not await self._acquire_slot(high):
             await self._settle(msg, Release(), queue)
             return
         ctx = JobContext(
@@ -935,15 +946,16 @@ class Worker:
             stop.cancel()
         return not self._stop.is_set()
 
-    async def _acquire_slot(self) -> bool:
-        """Take one of ``concurrency`` slots; False if the worker is stopping first."""
+    async def _acquire_slot(self, high: bool = False) -> bool:
+        """Take one of ``concurrency`` slots (``high``: ahead of normal work, slots.py);
+        False if the worker is stopping first."""
         assert self._sem is not None
         if self._stop.is_set():
             return False
         if not self._sem.locked():
-            await self._sem.acquire()
+            await self._sem.acquire(high)
             return True
-        acquire = asyncio.ensure_future(self._sem.acquire())
+        acquire = asyncio.ensure_future(self._sem.acquire(high))
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()

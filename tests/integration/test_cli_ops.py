@@ -489,7 +489,7 @@ def test_topology_delete_removes_one_namespace(
         run(park(namespace, "mail", [("d1", "mail.send")]))
         everything = run(present(namespace, {"mail", *QUEUES}))
         plan = namespace_plan(namespace.name, {"mail", *QUEUES}, namespace.settings)
-        assert len(everything[1]) == len(plan.exchanges) == 34
+        assert len(everything[1]) == len(plan.exchanges) == 35
         assert {work_queue(namespace.name, q) for q in QUEUES} <= everything[0]
         queues = len(everything[0])
 
@@ -506,7 +506,7 @@ def test_topology_delete_removes_one_namespace(
         [question] = questions
         assert question.startswith(f"Delete namespace {namespace.name} (work queues billing,")
         assert (
-            f"{queues} queues holding 1 job, which would be discarded, and its 34 exchanges"
+            f"{queues} queues holding 1 job, which would be discarded, and its 35 exchanges"
             in question
         )
         assert run(present(namespace, {"mail", *QUEUES})) == everything
@@ -516,11 +516,11 @@ def test_topology_delete_removes_one_namespace(
         )
         assert code == 0, err
         assert f"deleted namespace {namespace.name}" in out
-        assert f"{queues} queues (1 job discarded), and its 34 exchanges" in out
+        assert f"{queues} queues (1 job discarded), and its 35 exchanges" in out
         assert run(present(namespace, {"mail", *QUEUES})) == (set(), set())
         # the other namespace is untouched
         assert run(present(other, {"mail"})) == theirs
-        assert len(theirs[0]) > 4 and len(theirs[1]) == 34
+        assert len(theirs[0]) > 4 and len(theirs[1]) == 35
         # again: nothing left, and it says so
         code, out, _ = cli(capsys, namespace, "topology", "delete", "-q", "mail", "-y", "--json")
         assert code == 0 and json.loads(out)["queues"] == {}
@@ -587,6 +587,7 @@ async def test_status_unacked_and_discovery_from_the_management_api(namespace: N
                         "due": 0,
                         "quarantined": 0,
                         "dead": 0,
+                        "high": 0,
                     }
                 ]
             )

@@ -49,6 +49,7 @@ LAYERS = [
     "registry",
     "middleware",
     "attempt",
+    "slots",
     "sections",
     "worker",
     "client",

@@ -41,7 +41,7 @@ from amqp_jobs.topology import (
     dead_exchange,
     delayed_route,
     events_exchange,
-    jobs_exchange,
+    fresh_route,
     quarantine_queue,
     route_levels,
 )
@@ -272,7 +272,7 @@ class Link:
                     self._ready.add((queue, job))
                 delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - clock.now_ms()
         if delay_ms <= 0 and via_jobs_exchange:
-            exchange, key = jobs_exchange(self.namespace), envelope.job_name
+            exchange, key = fresh_route(self.namespace, envelope)
         else:
             exchange, key = delayed_route(self.namespace, queue, delay_ms, s)
         await self.publisher.publish(exchange, key, envelope.body, envelope_properties(envelope))

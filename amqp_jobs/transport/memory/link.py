@@ -24,7 +24,7 @@ from amqp_jobs.topology import (
     delayed_route,
     events_exchange,
     events_plan,
-    jobs_exchange,
+    fresh_route,
     quarantine_queue,
     queue_plan,
 )
@@ -151,7 +151,7 @@ class MemoryLink:
                 self._declare_cascade()
         delay_ms = 0 if envelope.eta_ms is None else envelope.eta_ms - now_ms()
         if delay_ms <= 0 and via_jobs_exchange:
-            exchange, key = jobs_exchange(self.namespace), envelope.job_name
+            exchange, key = fresh_route(self.namespace, envelope)
         else:
             exchange, key = delayed_route(self.namespace, queue, delay_ms, self.settings)
         self.broker.publish(exchange, key, envelope.to_message(), fresh=via_jobs_exchange)

@@ -1,0 +1,90 @@
+"""Priorities on quorum queues: a high-priority job starts ahead of queued normal work,
+normal work still gets its share under a flood of high-priority jobs, and status shows
+each level. On RabbitMQ and memory:// alike."""
+
+import asyncio
+
+import pytest
+from pydantic import BaseModel
+
+from amqp_jobs import Job, JobContext
+from amqp_jobs import ops as ops_
+from amqp_jobs.errors import ContractError
+from amqp_jobs.testing import Namespace
+from amqp_jobs.transport import transport_for
+from tests.support import eventually
+
+
+class Work(BaseModel):
+    n: int
+    seconds: float = 0.0
+
+
+WORK = Job("t.work", Work, queue="prio")
+
+
+async def test_a_high_priority_job_starts_ahead_of_queued_normal_work(
+    namespace: Namespace,
+) -> None:
+    started: list[tuple[int, str]] = []
+    app = namespace.app()
+
+    @app.handler(WORK)
+    async def work(args: Work, ctx: JobContext) -> None:
+        started.append((args.n, "high" if args.n < 0 else "normal"))
+        await asyncio.sleep(args.seconds)  # the job's work
+
+    worker = namespace.worker(app, concurrency=2)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), 10)
+        async with namespace.client() as client:
+            await client.enqueue_many(WORK, [{"n": n, "seconds": 0.2} for n in range(20)])
+            await eventually(lambda: len(started) >= 2, timeout=10, what="2 running")
+            await client.enqueue(WORK, {"n": -1}, priority="high")
+            await eventually(lambda: len(started) == 21, timeout=60, what="every job")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 20)
+    position = [n for n, _ in started].index(-1)
+    assert position <= 3, started  # the next slot that freed, not after 18 queued jobs
+
+
+async def test_normal_work_gets_its_share_under_a_flood_of_high(namespace: Namespace) -> None:
+    started: list[str] = []
+    app = namespace.app()
+
+    @app.handler(WORK)
+    async def work(args: Work, ctx: JobContext) -> None:
+        started.append("high" if args.n < 0 else "normal")
+        await asyncio.sleep(0.01)
+
+    async with namespace.client() as client:
+        namespace.track(WORK)
+        await client.enqueue_many(WORK, [{"n": n} for n in range(60)])
+        await client.enqueue_many(WORK, [{"n": -1 - n} for n in range(60)], priority="high")
+    worker = namespace.worker(app, concurrency=3)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: len(started) >= 60, timeout=60, what="60 jobs")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 20)
+    first = started[:60]
+    share = first.count("normal") / len(first)
+    assert share >= 0.25, first  # about 1 in NORMAL_EVERY while both wait
+    assert first.count("high") > first.count("normal")  # and high goes first
+
+
+async def test_status_shows_each_level(namespace: Namespace) -> None:
+    namespace.track(WORK)
+    async with namespace.client() as client:
+        await client.enqueue_many(WORK, [{"n": n} for n in range(3)])
+        await client.enqueue_many(WORK, [{"n": -n - 1} for n in range(2)], priority="high")
+        with pytest.raises(ContractError, match="priority must be"):
+            await client.enqueue(WORK, {"n": 9}, priority="urgent")
+    transport = transport_for(namespace.url)
+    async with ops_.Broker(transport, namespace.name, namespace.settings) as broker:
+        status = await ops_.status(broker, ["prio"])
+    (row,) = status.queues
+    assert (row.high, row.ready) == (2, 3)

@@ -1,0 +1,27 @@
+"""The worker's slots: high priority first, and a share kept for normal work."""
+
+import asyncio
+
+from amqp_jobs.slots import NORMAL_EVERY, Slots
+
+
+async def test_slots_prefer_high_and_keep_a_share_for_normal() -> None:
+    slots = Slots(1)
+    await slots.acquire()
+    order: list[str] = []
+
+    async def take(high: bool) -> None:
+        await slots.acquire(high)
+        order.append("high" if high else "normal")
+        slots.release()
+
+    tasks = [asyncio.create_task(take(high)) for high in [False] * 4 + [True] * 8]
+    await asyncio.sleep(0)  # they all queue up
+    cancelled = tasks[5]
+    cancelled.cancel()  # a waiter that gives up is skipped, its turn not lost
+    slots.release()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert len(order) == 11
+    # while both wait, every NORMAL_EVERY-th grant is normal work
+    assert order[:NORMAL_EVERY] == ["high"] * (NORMAL_EVERY - 1) + ["normal"]
+    assert order.count("normal") == 4 and slots.granted[True] == 7
