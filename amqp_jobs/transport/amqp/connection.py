@@ -203,11 +203,25 @@ async def connect(
                 )
                 if len(brokers) > 1:
                     log.info("%s connected to %s", name, mask_url(tried))
+                _never_drop_frames(connection)
                 return connection
     except (*TRANSIENT, aiormq.exceptions.InvalidFrameError) as exc:
         # authentication errors included (aiormq's are ConnectionErrors)
         raise BrokerUnavailableError(_why_not_connected(tried, exc, brokers)) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _never_drop_frames(connection: AbstractConnection) -> None:
+    """Lift the bound (10 frames) of aiormq's write queue. Answering the broker's
+    channel.close, aiormq drops its close-ok when that queue is full; the next channel
+    opened on the same number then makes RabbitMQ close the whole connection
+    ("CHANNEL_ERROR - second 'channel.open' seen"), as seen under heavy lock contention
+    (a claim found taken closes its channel). Our own frames wait for their confirms
+    or acks; the writer drains the queue as fast as the socket takes it."""
+    underlay = getattr(getattr(connection, "transport", None), "connection", None)
+    queue = getattr(underlay, "write_queue", None)
+    if isinstance(queue, asyncio.Queue) and hasattr(queue, "_maxsize"):
+        queue._maxsize = 0  # asyncio.Queue: 0 is unbounded
 
 
 class Publisher:
