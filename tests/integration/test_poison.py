@@ -150,7 +150,9 @@ async def test_no_generated_message_escapes_the_worker(
             await put(namespace.url, work_queue(namespace.name, "gen"), message)
         await client.enqueue(job, {"n": -2})  # still served after all of them
     stats = await run_until_idle(namespace.worker(app), timeout=60)
-    assert ran[0] == -1 and ran[-1] == -2
+    # -2, enqueued last, is still served; a generated job that claims to have been
+    # delivered before (x-delivery-count) is quarantined and may run after it
+    assert ran[0] == -1 and -2 in ran
     assert stats.succeeded + stats.dead == len(batch) + 2
     dead = await drain(namespace.url, dead_queue(namespace.name, "gen"), stats.dead)
     assert all(m.headers.get("job-dead-reason") or m.headers.get("x-death") for m in dead)
