@@ -141,19 +141,35 @@ class SqliteStore:
             db = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
         except sqlite3.Error as exc:
             raise store_error(self.url, (), "opening", exc) from exc
-        try:
-            db.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            db.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA:
-                db.execute(statement)
-            db.execute("COMMIT")
-            db.execute(SQL.probe)
-        except sqlite3.Error as exc:
-            db.close()
-            raise store_error(self.url, (), "opening (is it a job log?)", exc) from exc
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                self._prepare(db)
+                break
+            except sqlite3.OperationalError as exc:
+                # Switching to WAL takes the file alone and does not wait for the busy
+                # timeout: several processes opening one file at once see "locked".
+                if db.in_transaction:
+                    db.rollback()
+                if "locked" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                db.close()
+                raise store_error(self.url, (), "opening (is it a job log?)", exc) from exc
+            except sqlite3.Error as exc:
+                db.close()
+                raise store_error(self.url, (), "opening (is it a job log?)", exc) from exc
         self._db = db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        db.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("BEGIN IMMEDIATE")
+        for statement in SCHEMA:
+            db.execute(statement)
+        db.execute("COMMIT")
+        db.execute(SQL.probe)
 
     async def close(self) -> None:
         executor, self._executor = self._executor, None

@@ -66,7 +66,9 @@ class Harness:
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         if not self.log_path.exists():
             return []
-        lines = self.log_path.read_text().splitlines()
+        text = self.log_path.read_text()
+        # a worker may be writing the last line right now: only whole lines count
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
         events = [json.loads(line) for line in lines if line.strip()]
         return [e for e in events if kind is None or e["event"] == kind]
 
