@@ -157,10 +157,6 @@ class stop_when(stop_base):
         return self.condition()
 
 
-class _Stopping(Exception):
-    """The worker was asked to stop while it connected."""
-
-
 class Source(enum.Enum):
     """Which of a work queue's three queues a delivery came from."""
 
@@ -388,7 +384,7 @@ class Worker:
             while not self._stop.is_set():
                 try:
                     session, lost = await self._reconnects()(self._connect)
-                except (ConnectionLostError, _Stopping):
+                except (ConnectionLostError, Stopped):
                     if self._stop.is_set():
                         break  # asked to stop while reconnecting
                     raise
@@ -454,10 +450,7 @@ class Worker:
         opening = self.transport.session(
             name=self.name, give_up_after=self.connect_timeout if first else None
         )
-        try:
-            session = await unless_stopped(opening, self._stop)
-        except Stopped:
-            raise _Stopping("asked to stop while connecting") from None
+        session = await unless_stopped(opening, self._stop)  # Stopped: asked to stop
         self.stats.connections += 1
         if self.sections is not None:
             self.sections.attach(session)  # locks live as long as this connection

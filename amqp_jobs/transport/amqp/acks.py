@@ -38,11 +38,6 @@ class Acks:
         #: frames waiting for room in a full write queue (kept so they are not collected)
         self._spilled: set[asyncio.Task[None]] = set()
 
-    @property
-    def unsettled(self) -> int:
-        """Deliveries handed out and neither acked nor nacked yet."""
-        return sum(1 for acked in self._open.values() if not acked)
-
     def delivered(self, tag: int) -> None:
         self._open[tag] = False
 
