@@ -229,7 +229,7 @@ def _add_job_log(sub: Any, **common: argparse.ArgumentParser) -> None:
         description=(
             "Consume the namespace's events stream into the store: one row per job, with its"
             " attempts. Run as many as you like: one leads per namespace (it holds the"
-            " exclusive queue {ns}.recorder), the others take over within a second of its"
+            " lock {ns}.recorder), the others take over within a second of its"
             " connection closing. Workers must run with --events (or --store)."
         ),
     )

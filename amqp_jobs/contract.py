@@ -31,7 +31,7 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _GROUP = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-#: Jobs of one key a critical section lets in at once, at most (one lock queue each).
+#: Jobs of one key a critical section lets in at once, at most (one lock each).
 MAX_EXCLUSIVE_LIMIT = 100
 _MAX_AGE = re.compile(r"^[1-9][0-9]{0,8}[YMDhms]$")
 

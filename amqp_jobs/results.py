@@ -207,7 +207,7 @@ class Replies:
                     self._consuming.clear()
                     if self._closed:  # a clean close: nobody reads this queue again
                         with contextlib.suppress(AmqpJobsError, OSError):
-                            await session.release(self.queue)
+                            await session.delete_queue(self.queue)
                     with contextlib.suppress(AmqpJobsError, OSError):
                         await session.close()
         except Exception as exc:

@@ -1,11 +1,11 @@
 """Critical sections: at most N jobs per (group, key) run at once, across every worker.
 
 A job whose contract says ``exclusive="finance"`` (and ``key="user_id"``) takes a lock
-before its handler runs: an exclusive queue ``{ns}.lock.{digest}.{slot}``, declared by
-the worker's own consuming connection (``Session.claim``). A second connection gets
-RESOURCE_LOCKED, and the broker deletes the queue the instant the holder's connection
-closes: a killed worker frees its sections at once, with no TTL to tune and nothing to
-reap. With ``exclusive_limit=N`` there are N such queues per key; any free one will do.
+before its handler runs: ``Session.claim`` of ``{ns}.lock.{digest}.{slot}``, on RabbitMQ
+an exclusive consumer on that queue. A second taker is refused, and the broker drops the
+consumer the instant the holder's connection closes: a killed worker frees its sections
+at once, with no TTL to tune and nothing to reap. With ``exclusive_limit=N`` there are N
+such locks per key; any free one will do.
 
 A job that finds every slot taken is deferred (``Defer``) by a short random delay: no
 attempt is counted, and no worker slot is held while it waits in the broker.
@@ -32,7 +32,7 @@ RETRY_AFTER = (0.05, 0.5)
 
 
 def lock_names(namespace: str, group: str, key: str, limit: int) -> list[str]:
-    """The lock queues of one section: ``limit`` of them, the same for every worker."""
+    """The locks of one section: ``limit`` of them, the same for every worker."""
     digest = hashlib.sha256(f"{group}\0{key}".encode()).hexdigest()[:24]
     return [f"{namespace}.lock.{digest}.{slot}" for slot in range(limit)]
 
@@ -45,14 +45,15 @@ class CriticalSections(Middleware):
         self.namespace = namespace
         self.retry_after = retry_after
         self._session: Session | None = None
-        #: lock queues this process holds or is taking: the broker's exclusivity is per
-        #: connection, and every job of this worker shares one
+        #: locks this process holds or is taking: asking the broker for one it holds
+        #: already would only cost a refusal
         self._held: set[str] = set()
         #: sections entered and turned away, since start (read by tests and metrics)
         self.entered = 0
         self.turned_away = 0
         #: what taking and freeing a section cost, per job let in (ms; the newest 10,000)
         self.lock_ms: deque[float] = deque(maxlen=10_000)
+        self.take_ms: deque[float] = deque(maxlen=10_000)
 
     def attach(self, session: Session | None) -> None:
         """The session locks are taken on (the worker's current one; None: none now)."""
@@ -94,6 +95,7 @@ class CriticalSections(Middleware):
             raise Defer(self._pause(), reason=f"section {job.exclusive}/{ctx.key} is taken")
         self.entered += 1
         took = time.perf_counter() - began
+        self.take_ms.append(took * 1000)
         try:
             return await call_next()
         finally:
@@ -112,7 +114,7 @@ class CriticalSections(Middleware):
                     describe(exc),
                 )
             finally:
-                self._held.discard(held)  # only now: a claim meanwhile would be deleted
+                self._held.discard(held)  # only now: a claim meanwhile would be refused
                 self.lock_ms.append((took + time.perf_counter() - began) * 1000)
 
     def summary(self) -> str:
@@ -124,6 +126,9 @@ class CriticalSections(Middleware):
             if costs
             else ""
         )
+        takes = sorted(self.take_ms)
+        if takes:
+            cost += f"; taking alone p50 {takes[len(takes) // 2]:.1f} ms"
         return f"critical sections: {self.entered} let in, {self.turned_away} turned away{cost}"
 
     def _pause(self) -> float:

@@ -2,9 +2,10 @@
 
     python -m bench.sections_cost [--jobs N] [--runs R]
 
-One worker in this process drains N short jobs (5 ms of work each, every job its own
-key, so no job waits for another) with and without ``exclusive=``, at concurrency 1 and
-at the default, alternating. Prints the drain rate of each and the ratio, and the
+One worker in this process drains N short jobs (5 ms of work each) with and without
+``exclusive=``, alternating: every job its own key (each lock used once) at
+concurrency 1 and at the default, and 100 keys in turn (each lock used again, and
+rarely by two jobs at once) at the default. Prints the drain rate of each and the ratio, and the
 worker's own figures for taking and freeing a section (p50, p99). At concurrency 1 the
 lock's round trips show alone; at the default, with the broker's queueing.
 """
@@ -31,7 +32,9 @@ PLAIN = Job("bench.plain", Account, queue="sections", key="account")
 LOCKED = Job("bench.locked", Account, queue="sections", key="account", exclusive="bench")
 
 
-async def drain(job: Job[Account], n: int, concurrency: int) -> tuple[float, list[float]]:
+async def drain(
+    job: Job[Account], n: int, concurrency: int, keys: int
+) -> tuple[float, list[float]]:
     """Jobs per second, and what each section cost (ms) if the job has one."""
     ns = namespace("sections")
     app = JobApp(ns)
@@ -51,7 +54,7 @@ async def drain(job: Job[Account], n: int, concurrency: int) -> tuple[float, lis
     try:
         await asyncio.wait_for(worker.started(), 30)
         async with JobClient(URL, namespace=ns) as client:
-            await client.enqueue_many(job, [{"account": i} for i in range(n)])
+            await client.enqueue_many(job, [{"account": i % keys} for i in range(n)])
             began = time.perf_counter()
             await asyncio.wait_for(done.wait(), 600)
             took = time.perf_counter() - began
@@ -64,19 +67,20 @@ async def drain(job: Job[Account], n: int, concurrency: int) -> tuple[float, lis
 
 
 async def main_async(jobs: int, runs: int) -> None:
-    for concurrency in (1, DEFAULT_CONCURRENCY):
+    for concurrency, keys in ((1, jobs), (DEFAULT_CONCURRENCY, jobs), (DEFAULT_CONCURRENCY, 100)):
         rates: dict[str, list[float]] = {"plain": [], "locked": []}
         costs: list[float] = []
         for run in range(runs):
             order = [PLAIN, LOCKED] if run % 2 == 0 else [LOCKED, PLAIN]
             for job in order:
-                rate, cost = await drain(job, jobs, concurrency)
+                rate, cost = await drain(job, jobs, concurrency, keys)
                 rates["locked" if job is LOCKED else "plain"].append(rate)
                 costs += cost
         plain, locked = statistics.median(rates["plain"]), statistics.median(rates["locked"])
         costs.sort()
+        which = "own keys" if keys == jobs else f"{keys} keys in turn"
         print(
-            f"concurrency {concurrency}: {jobs:,} jobs of 5 ms, own keys: plain {plain:,.0f}"
+            f"concurrency {concurrency}: {jobs:,} jobs of 5 ms, {which}: plain {plain:,.0f}"
             f" jobs/s, exclusive {locked:,.0f} jobs/s ({locked / plain:.2f}x); taking and"
             f" freeing a section p50 {costs[len(costs) // 2]:.1f} ms,"
             f" p99 {costs[len(costs) * 99 // 100]:.1f} ms"

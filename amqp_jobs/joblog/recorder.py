@@ -1,12 +1,12 @@
 """The recorder: keeps the job log by consuming a namespace's events stream.
 
-However many run, one leads per namespace: it holds the exclusive queue
-``{ns}.recorder``, which the broker frees the instant its connection closes; the others
-try to take it every ``poll`` seconds. The leader reads the stream from the position the
-store holds, and writes each batch of events and the new position in one transaction,
-fenced on the position it read: a recorder killed at any point and restarted (or
-replaced) neither loses nor doubles an event, and one that lost its lock without
-knowing cannot write over its successor's work. Rows are keyed by job and guarded by
+However many run, one leads per namespace: it holds the lock ``{ns}.recorder``
+(``Session.claim``), which the broker frees the instant its connection closes; the
+others try to take it every ``poll`` seconds. The leader reads the stream from the
+position the store holds, and writes each batch of events and the new position in one
+transaction, fenced on the position it read: a recorder killed at any point and
+restarted (or replaced) neither loses nor doubles an event, and one that lost its lock
+without knowing cannot write over its successor's work. Rows are keyed by job and guarded by
 each event's place in its job's life, so redelivered or late events never move a job
 backwards.
 
@@ -71,7 +71,7 @@ PRUNABLE = frozenset(DEFAULT_RETENTION)
 
 
 def recorder_lock(ns: str) -> str:
-    """The exclusive queue the leading recorder of a namespace holds."""
+    """The lock the leading recorder of a namespace holds."""
     return f"{ns}.recorder"
 
 

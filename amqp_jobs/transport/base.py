@@ -101,14 +101,17 @@ class Session(Protocol):
     async def channel(self, prefetch: int) -> Channel: ...
 
     async def claim(self, name: str) -> bool:
-        """Take the exclusive queue ``name`` as a lock held for this session's life:
-        True if this session holds it now, False if another connection does. The broker
-        frees it the instant the holder's connection closes: a lock with no TTL to tune
-        and nothing to reap."""
+        """Take the lock ``name``, held while this session lives or until ``release``:
+        True if this session holds it now, False if another does. The broker frees it
+        the instant the holder's connection closes: a lock with no TTL to tune and
+        nothing to reap."""
 
     async def release(self, name: str) -> None:
-        """Delete a queue of this session's: a lock taken with ``claim`` (given back),
-        or a reply queue the client is done with. Missing: nothing happens."""
+        """Give back a lock taken with ``claim``. Not held: nothing happens."""
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue (a reply queue the client is done with). Missing: nothing
+        happens."""
 
     async def declare_reply_queue(self, name: str, *, expires_ms: int) -> None:
         """A client's reply queue: classic and durable (a broker restart keeps its

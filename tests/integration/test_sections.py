@@ -145,6 +145,35 @@ async def test_a_closed_holder_frees_its_section_at_once(namespace: Namespace) -
         await asyncio.wait_for(task, 20)
 
 
+async def test_locks_hold_through_refusals_and_come_back_when_their_queue_is_gone(
+    namespace: Namespace,
+) -> None:
+    """The transport's lock: a refused claim costs the refused session nothing it holds
+    (on RabbitMQ the refusal closes a channel), a release lets the other in, and a lock
+    whose queue vanished (expired, or deleted) is taken again."""
+    transport = transport_for(namespace.url)
+    a = await transport.session(name="a", give_up_after=10)
+    b = await transport.session(name="b", give_up_after=10)
+    x, y = lock_names(namespace.name, "locks", "x", 2)
+    try:
+        assert await a.claim(x)
+        assert await a.claim(y)
+        assert await a.claim(x), "a holder claiming again holds it still"
+        assert not await b.claim(x)
+        assert not await b.claim(y), "a session still claims after a refusal"
+        await a.release(x)
+        await eventually(lambda: b.claim(x), timeout=5, what="b taking x once a let go")
+        assert not await a.claim(x)
+        assert not await b.claim(y), "a's other lock outlived the refusals"
+        await a.release(y)
+        await a.delete_queue(y)
+        assert await a.claim(y), "a lock whose queue is gone is taken on a new one"
+        assert not await b.claim(y)
+    finally:
+        await a.close()
+        await b.close()
+
+
 def test_a_section_needs_a_key_and_a_sane_limit() -> None:
     with pytest.raises(ContractError, match="needs key="):
         Job("t.x", UserArgs, exclusive="finance")

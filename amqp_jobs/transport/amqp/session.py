@@ -13,6 +13,8 @@ import contextlib
 import logging
 import re
 import ssl
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -98,8 +100,13 @@ class AmqpChannel:
             raise ours(f"cancelling consumer {tag}", exc) from exc
 
 
-#: Idle channels a session keeps for lock operations.
-MAX_SPARES = 8
+#: Idle channels a session keeps for lock operations (a held lock keeps its own).
+MAX_SPARES = 64
+#: How long a lock queue nobody holds lasts before the broker deletes it (ms): a key
+#: used again within it costs no declaration.
+LOCK_EXPIRES_MS = 60_000
+#: Lock queues a session remembers having used, at most.
+MAX_RECENT = 10_000
 #: How long a transaction's commit may take before the channel counts as lost.
 COMMIT_TIMEOUT = 10.0
 
@@ -146,6 +153,12 @@ class AmqpSession:
         self._channels: list[AmqpChannel] = []
         #: idle channels for taking and freeing locks
         self._spares: list[tuple[AbstractChannel, aiormq.Channel]] = []
+        #: locks held: the channel each one's consumer lives on, and its tag
+        self._locks: dict[str, tuple[tuple[AbstractChannel, aiormq.Channel], str]] = {}
+        self._opening = False
+        #: lock queues this session used lately, and when (the newest MAX_RECENT)
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        self._background: set[asyncio.Future[None]] = set()
         self._reported = False
         connection.close_callbacks.add(self._connection_closed)
 
@@ -196,17 +209,18 @@ class AmqpSession:
         self._channels.append(opened)
         return opened
 
-    async def _spare(self) -> tuple[AbstractChannel, aiormq.Channel]:
+    async def _spare(self, *, fresh: bool = False) -> tuple[AbstractChannel, aiormq.Channel]:
         """A channel for one lock operation: an idle one if any, else a new one. Locks
         are taken and freed around every exclusive job: opening and closing a channel
         each time doubled the round trips."""
-        while self._spares:
+        while self._spares and not fresh:
             spare = self._spares.pop()
             if not spare[1].is_closed:
                 return spare
         opened = await open_channel(self._connection, publisher_confirms=False)
         underlay = await opened.get_underlay_channel()
         assert isinstance(underlay, aiormq.Channel)
+        opened.close_callbacks.add(self._lock_channel_closed)
         return opened, underlay
 
     def _done_with(self, spare: tuple[AbstractChannel, aiormq.Channel]) -> None:
@@ -216,23 +230,106 @@ class AmqpSession:
             task = asyncio.ensure_future(spare[0].close())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
+    def _replenish(self) -> None:
+        """Open a spare in the background for the one a refused claim cost: the next
+        claim then takes one round trip, not two."""
+        if self._opening or len(self._spares) >= MAX_SPARES or self._connection.is_closed:
+            return
+        self._opening = True
+
+        async def open_one() -> None:
+            try:
+                self._done_with(await self._spare(fresh=True))
+            except Exception as exc:
+                log.debug("opening a spare channel: %s", describe(exc))
+            finally:
+                self._opening = False
+
+        self._background.add(task := asyncio.ensure_future(open_one()))
+        task.add_done_callback(self._background.discard)
+
+    def _lock_channel_closed(self, channel: object, exc: BaseException | None = None) -> None:
+        """A held lock's channel closed under it: the lock is free for others while its
+        holder still runs. Our own channels close only with the connection (reported)
+        or by a call on them, and a held lock's channel takes none: say so if it does."""
+        for name, (spare, _) in list(self._locks.items()):
+            if spare[0] is channel:
+                del self._locks[name]
+                if not self._connection.is_closed:
+                    log.error("lock %s was lost with its channel: %s", name, describe(exc))
+
     async def claim(self, name: str) -> bool:
+        """The lock is an exclusive consumer on the queue ``name`` (a transient classic
+        queue, deleted once unused for LOCK_EXPIRES_MS). Consuming and cancelling are
+        the queue's own work; declaring and deleting an exclusive queue per job, as
+        before, went through the broker's schema database, one at a time for every
+        connection, and cost tens of ms under load. The consumer lives on a channel of
+        its own: a refused claim closes the channel it was tried on."""
+        if name in self._locks:
+            return True
         try:
-            spare = await self._spare()
+            if not self._known(name):
+                await self._declare_lock(name)
+            for _ in range(2):
+                spare = await self._spare()
+                try:
+                    ok = await spare[1].basic_consume(name, _nothing, exclusive=True, no_ack=True)
+                except (
+                    aiormq.exceptions.ChannelAccessRefused,  # another's consumer holds it
+                    aiormq.exceptions.ChannelLockedResource,  # an exclusive queue (<= 0.13)
+                ):
+                    self._used(name)
+                    self._replenish()
+                    return False  # and the broker closed the channel
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    await self._declare_lock(name)  # expired after all: then again
+                    continue
+                assert ok.consumer_tag is not None
+                self._locks[name] = (spare, ok.consumer_tag)
+                return True
         except (*TRANSIENT, *LOST) as exc:
             raise ours(f"claiming {name}", exc) from exc
+        raise ConnectionLostError(f"claiming {name}: its queue vanished as it was declared")
+
+    def _known(self, name: str) -> bool:
+        """Whether ``name`` was used so recently that it cannot have expired: then it
+        needs no declaration (a refused consume costs its channel)."""
+        used = self._recent.get(name)
+        return used is not None and time.monotonic() - used < LOCK_EXPIRES_MS / 2000
+
+    def _used(self, name: str) -> None:
+        self._recent[name] = time.monotonic()
+        self._recent.move_to_end(name)
+        while len(self._recent) > MAX_RECENT:
+            self._recent.popitem(last=False)
+
+    async def _declare_lock(self, name: str) -> None:
+        spare = await self._spare()
         try:
-            # the queue lives as long as the connection, whatever becomes of the channel
-            await spare[1].queue_declare(name, exclusive=True, auto_delete=False, durable=False)
-        except aiormq.exceptions.ChannelLockedResource:
-            return False  # the broker closed the channel: another connection holds it
-        except (*TRANSIENT, *LOST) as exc:
-            raise ours(f"claiming {name}", exc) from exc
+            arguments: dict[str, Any] = {"x-expires": LOCK_EXPIRES_MS}
+            await spare[1].queue_declare(name, durable=False, arguments=arguments)
+            self._used(name)
         finally:
             self._done_with(spare)
-        return True
 
     async def release(self, name: str) -> None:
+        held = self._locks.pop(name, None)
+        if held is None:
+            return
+        spare, tag = held
+        self._used(name)
+        if spare[1].is_closed:
+            return  # the lock went with its channel
+        try:
+            # nowait: the lock outlives its holder by the time the broker takes to read
+            # this, never the other way round, and the job need not wait for an answer
+            await spare[1].basic_cancel(tag, nowait=True)
+        except (*TRANSIENT, *LOST) as exc:
+            raise ours(f"releasing {name}", exc) from exc
+        finally:
+            self._done_with(spare)
+
+    async def delete_queue(self, name: str) -> None:
         try:
             spare = await self._spare()
             try:
@@ -240,7 +337,7 @@ class AmqpSession:
             finally:
                 self._done_with(spare)
         except (*TRANSIENT, *LOST) as exc:
-            raise ours(f"releasing {name}", exc) from exc
+            raise ours(f"deleting {name}", exc) from exc
 
     async def declare_reply_queue(self, name: str, *, expires_ms: int) -> None:
         try:
@@ -294,6 +391,10 @@ class AmqpSession:
             await self._connection.close()
         except Exception as exc:
             log.debug("closing connection: %s", describe(exc))
+
+
+async def _nothing(_: object) -> None:
+    """A lock queue's consumer: nothing is ever published to it."""
 
 
 #: How long closing a session waits for queued acks to be written.

@@ -347,6 +347,11 @@ class MemorySession:
             raise ConnectionLostError(f"releasing {name}: the connection is closed")
         self._broker.release(name, self)
 
+    async def delete_queue(self, name: str) -> None:
+        if self._closed:
+            raise ConnectionLostError(f"deleting {name}: the connection is closed")
+        self._broker.release(name, self)
+
     async def declare_reply_queue(self, name: str, *, expires_ms: int) -> None:
         if self._closed:
             raise ConnectionLostError(f"declaring {name}: the connection is closed")
