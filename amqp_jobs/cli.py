@@ -20,7 +20,9 @@ from amqp_jobs import __version__, commands
 from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when, plural, scrub
 from amqp_jobs.contract import Namespace
 from amqp_jobs.errors import AmqpJobsError, ContractError
-from amqp_jobs.serving import serve
+from amqp_jobs.serving import serve, serve_supervisor
+from amqp_jobs.supervised import RECYCLE_EXIT, SUPERVISOR_FD, Limits, Supervised
+from amqp_jobs.supervisor import Supervisor
 from amqp_jobs.urls import DEFAULT_URL, BrokerURLs, resolve
 from amqp_jobs.worker import (
     BROKER_CONSUMER_TIMEOUT,
@@ -203,6 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="also run a job-log recorder in this process, into this store (implies"
         " --events); see `amqp-jobs recorder`",
+    )
+    worker.add_argument(
+        "--processes",
+        "-p",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run N worker processes under a supervisor, which restarts one that dies and"
+        " passes signals on (default 1: this process is the worker)",
+    )
+    worker.add_argument(
+        "--max-jobs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="recycle a worker process after N jobs: it drains and a fresh one takes over"
+        " (runs the supervisor, even for one process)",
+    )
+    worker.add_argument(
+        "--max-memory",
+        type=_positive_int,
+        default=None,
+        metavar="MIB",
+        help="recycle a worker process once its resident memory passes MIB mebibytes"
+        " (runs the supervisor, even for one process)",
     )
     worker.set_defaults(handler=run_worker_command)
     app = _option(
@@ -550,18 +577,26 @@ def run_worker_command(args: argparse.Namespace) -> int:
         level=args.log_level,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    supervising = args.processes > 1 or args.max_jobs or args.max_memory
+    if supervising and SUPERVISOR_FD not in os.environ:
+        return _supervise(args)
     app = load_app(args.app)
     try:
         urls = resolve(args.url)
     except ContractError as exc:
         raise UsageError(str(exc)) from None
     namespace = Namespace(args.namespace, app.settings) if args.namespace else app.ns
+    limits = Limits(args.max_jobs, args.max_memory * 2**20 if args.max_memory else None)
+    supervised = Supervised(lambda: worker.stop(), limits, shorten_grace=lambda s: shorten(s))
+    middleware = [*app.worker_middleware]
+    if limits.max_jobs is not None:
+        middleware.append(supervised.counting())
     worker = Worker(
         app.registry,
         namespace=namespace,
         url=urls,
         hooks=app.hooks,
-        middleware=app.worker_middleware,
+        middleware=middleware,
         queues=args.queues,
         concurrency=args.concurrency,
         grace=args.grace,
@@ -573,9 +608,13 @@ def run_worker_command(args: argparse.Namespace) -> int:
         started_after=args.started_after,
         scheduler=not args.no_scheduler,
     )
+
+    def shorten(most: float) -> None:
+        worker.grace = min(worker.grace, most)
+
     log.info("starting worker for %s on %s", args.app, urls)
     if args.store is None:
-        asyncio.run(serve(worker.run(), worker.stop))
+        asyncio.run(serve(worker.run(), worker.stop, supervised))
     else:
         from amqp_jobs.joblog.recorder import Recorder
         from amqp_jobs.log_commands import store_url
@@ -586,9 +625,34 @@ def run_worker_command(args: argparse.Namespace) -> int:
             url=urls,
             connect_timeout=args.connect_timeout,
         )
-        asyncio.run(serve(_together(worker, recorder), worker.stop))
-    _exit_if_handlers_linger(worker)
-    return 0
+        asyncio.run(serve(_together(worker, recorder), worker.stop, supervised))
+    _exit_if_handlers_linger(worker, RECYCLE_EXIT if supervised.recycling else 0)
+    return RECYCLE_EXIT if supervised.recycling else 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``--processes N`` (or a recycling limit): a supervisor of N children, each an
+    ``amqp-jobs worker`` of one process given the same options. The broker URLs reach
+    them through the environment, not their command lines."""
+    try:
+        urls = resolve(args.url)
+    except ContractError as exc:
+        raise UsageError(str(exc)) from None
+    argv = ["worker", args.app, "--concurrency", str(args.concurrency)]
+    argv += ["--grace", repr(args.grace), "--consumer-timeout", repr(args.consumer_timeout)]
+    argv += ["--connect-timeout", repr(args.connect_timeout), "--log-level", args.log_level]
+    argv += ["--started-after", repr(args.started_after)]
+    argv += [x for q in args.queues or () for x in ("--queue", q)]
+    argv += ["--namespace", args.namespace] if args.namespace else []
+    argv += [] if args.log_success else ["--no-success-log"]
+    argv += ["--events"] if args.events else []
+    argv += ["--no-scheduler"] if args.no_scheduler else []
+    argv += ["--store", args.store] if args.store else []
+    argv += ["--max-jobs", str(args.max_jobs)] if args.max_jobs else []
+    argv += ["--max-memory", str(args.max_memory)] if args.max_memory else []
+    env = {**os.environ, "AMQP_URL": ",".join(urls.urls)}
+    supervisor = Supervisor(argv, args.processes, grace=args.grace, env=env)
+    return asyncio.run(serve_supervisor(supervisor))
 
 
 async def _together(worker: Worker, recorder: Any) -> None:
@@ -601,7 +665,7 @@ async def _together(worker: Worker, recorder: Any) -> None:
         await recording
 
 
-def _exit_if_handlers_linger(worker: Worker) -> None:
+def _exit_if_handlers_linger(worker: Worker, status: int = 0) -> None:
     """A plain handler still running once the worker stopped (past its job's timeout, or
     cut off by the grace period) cannot be stopped, and Python would wait for its thread
     at exit: run the atexit hooks (exporters flush), then exit without it. Otherwise
@@ -621,7 +685,7 @@ def _exit_if_handlers_linger(worker: Worker) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":

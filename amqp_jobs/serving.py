@@ -1,4 +1,5 @@
-"""Running a long-lived command (a worker, a recorder) under SIGTERM and SIGINT."""
+"""Running a long-lived command (a worker, a recorder, a supervisor) under SIGTERM and
+SIGINT."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from amqp_jobs.supervised import Supervised
+    from amqp_jobs.supervisor import Supervisor
 
 log = logging.getLogger("amqp_jobs.cli")
 
 
-async def serve(main: Awaitable[None], stop: Callable[[], None]) -> None:
+async def serve(
+    main: Awaitable[None], stop: Callable[[], None], supervised: Supervised | None = None
+) -> None:
     """Run ``main``; the first SIGTERM/SIGINT calls ``stop`` (a graceful stop), the
-    second exits at once."""
+    second exits at once. ``supervised`` watches for a supervisor's end and for
+    recycling limits while it runs."""
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -30,4 +39,24 @@ async def serve(main: Awaitable[None], stop: Callable[[], None]) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await main
+    if supervised is not None:
+        supervised.start()
+    try:
+        await main
+    finally:
+        if supervised is not None:
+            supervised.close()
+
+
+async def serve_supervisor(supervisor: Supervisor) -> int:
+    """Run a supervisor; every SIGTERM/SIGINT is passed on to its children (the first
+    stops them gracefully, the next at once). Returns its exit status."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        log.info("%s received: passing it on to the worker processes", signal.Signals(signum).name)
+        supervisor.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return await supervisor.run()

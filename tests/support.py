@@ -224,6 +224,18 @@ class WorkerProcess:
             self.proc.wait(10)
 
 
+def ledger_write(line: dict[str, object]) -> None:
+    """Append ``line`` to the ledger file ``$REL_LOG`` of a worker process's handler, in
+    one unbuffered write: a process killed at any moment leaves every line it wrote."""
+    import json
+
+    fd = os.open(os.environ["REL_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def read_log(path: Path) -> list[dict[str, Any]]:
     import json
 

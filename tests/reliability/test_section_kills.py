@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from amqp_jobs import Job, JobApp, JobContext
 from amqp_jobs.testing import Namespace
 from tests.reliability.harness import REPORTS
-from tests.support import WorkerProcess, eventually
+from tests.support import WorkerProcess, eventually, ledger_write
 
 SOAK = os.environ.get("AMQP_JOBS_SOAK", "").lower() in ("1", "true", "yes")
 FULL = {"workers": 4, "concurrency": 32, "jobs": 10_000, "keys": 100, "kills": 10}
@@ -56,20 +56,12 @@ POST = Job("ledger.post", Entry, queue="ledger", key="account", exclusive="ledge
 app = JobApp(os.environ.get("REL_NS", "rel"))
 
 
-def _ledger_write(line: dict[str, object]) -> None:
-    fd = os.open(os.environ["REL_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, (json.dumps(line) + "\n").encode())
-    finally:
-        os.close(fd)
-
-
 @app.handler(POST)
 async def post(args: Entry, ctx: JobContext) -> None:
     pid = os.getpid()
-    _ledger_write({"e": "start", "n": args.n, "key": args.account, "t": time.time(), "pid": pid})
+    ledger_write({"e": "start", "n": args.n, "key": args.account, "t": time.time(), "pid": pid})
     await asyncio.sleep(random.uniform(0.002, 0.01))  # the work
-    _ledger_write({"e": "end", "n": args.n, "key": args.account, "t": time.time(), "pid": pid})
+    ledger_write({"e": "end", "n": args.n, "key": args.account, "t": time.time(), "pid": pid})
 
 
 def read_ledgers(paths: list[Path]) -> list[dict[str, object]]:

@@ -57,6 +57,8 @@ LAYERS = [
     "app",
     "ops",
     "schemas",
+    "supervised",
+    "supervisor",
     "serving",
     "commands",
     "log_commands",
