@@ -12,8 +12,10 @@ import atexit
 import functools
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from amqp_jobs import __version__, commands
@@ -21,7 +23,14 @@ from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when,
 from amqp_jobs.contract import Namespace
 from amqp_jobs.errors import AmqpJobsError, ContractError
 from amqp_jobs.serving import serve, serve_supervisor
-from amqp_jobs.supervised import RECYCLE_EXIT, SUPERVISOR_FD, Limits, Supervised
+from amqp_jobs.supervised import (
+    CHILD_SLOT,
+    METRICS_CHILD,
+    RECYCLE_EXIT,
+    SUPERVISOR_FD,
+    Limits,
+    Supervised,
+)
 from amqp_jobs.supervisor import Supervisor
 from amqp_jobs.urls import DEFAULT_URL, BrokerURLs, resolve
 from amqp_jobs.worker import (
@@ -230,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="recycle a worker process once its resident memory passes MIB mebibytes"
         " (runs the supervisor, even for one process)",
+    )
+    worker.add_argument(
+        "--metrics",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (host default"
+        " 127.0.0.1; with --processes, the supervisor serves every process's); needs"
+        " amqp-jobs[metrics]",
     )
     worker.set_defaults(handler=run_worker_command)
     app = _option(
@@ -591,6 +608,9 @@ def run_worker_command(args: argparse.Namespace) -> int:
     middleware = [*app.worker_middleware]
     if limits.max_jobs is not None:
         middleware.append(supervised.counting())
+    metrics = _worker_metrics(args.metrics)
+    if metrics is not None:
+        middleware.insert(0, metrics)
     worker = Worker(
         app.registry,
         namespace=namespace,
@@ -614,7 +634,7 @@ def run_worker_command(args: argparse.Namespace) -> int:
 
     log.info("starting worker for %s on %s", args.app, urls)
     if args.store is None:
-        asyncio.run(serve(worker.run(), worker.stop, supervised))
+        asyncio.run(serve(_sampling(worker.run(), worker, metrics), worker.stop, supervised))
     else:
         from amqp_jobs.joblog.recorder import Recorder
         from amqp_jobs.log_commands import store_url
@@ -625,9 +645,62 @@ def run_worker_command(args: argparse.Namespace) -> int:
             url=urls,
             connect_timeout=args.connect_timeout,
         )
-        asyncio.run(serve(_together(worker, recorder), worker.stop, supervised))
+        main = _sampling(_together(worker, recorder), worker, metrics)
+        asyncio.run(serve(main, worker.stop, supervised))
     _exit_if_handlers_linger(worker, RECYCLE_EXIT if supervised.recycling else 0)
     return RECYCLE_EXIT if supervised.recycling else 0
+
+
+def _worker_metrics(address: str | None) -> Any:
+    """The Metrics middleware of a worker process, if asked for: served here when this
+    process is the only one; written for the supervisor to serve when it is a child."""
+    child = os.environ.get(METRICS_CHILD) == "1"
+    if address is None and not child:
+        return None
+    try:
+        from amqp_jobs import metrics as m
+    except ImportError:
+        raise UsageError(
+            "--metrics needs prometheus-client: pip install 'amqp-jobs[metrics]'"
+        ) from None
+    if child:
+        return m.Metrics()
+    assert address is not None
+    from prometheus_client import REGISTRY
+
+    found = m.Metrics(REGISTRY)  # with the process's own CPU and memory metrics
+    m.serve(_metrics_address(address), REGISTRY)
+    return found
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    from amqp_jobs.metrics import parse_address
+
+    try:
+        return parse_address(text)
+    except ContractError as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _sampling(main: Awaitable[None], worker: Worker, metrics: Any) -> None:
+    """``main``, and with metrics the queue depths sampled alongside it by one process:
+    the only worker, or a supervisor's first child."""
+    if metrics is None or os.environ.get(CHILD_SLOT, "0") != "0":
+        await main
+        return
+    link = worker.transport.link(
+        worker.namespace, worker.settings, name=f"{worker.name} (metrics)", declare=False
+    )
+    stop = asyncio.Event()
+    sampler = asyncio.ensure_future(
+        metrics.sample_depths(link, worker.namespace, worker.queues, stop)
+    )
+    try:
+        await main
+    finally:
+        stop.set()
+        await sampler
+        await link.close()
 
 
 def _supervise(args: argparse.Namespace) -> int:
@@ -651,8 +724,26 @@ def _supervise(args: argparse.Namespace) -> int:
     argv += ["--max-jobs", str(args.max_jobs)] if args.max_jobs else []
     argv += ["--max-memory", str(args.max_memory)] if args.max_memory else []
     env = {**os.environ, "AMQP_URL": ",".join(urls.urls)}
-    supervisor = Supervisor(argv, args.processes, grace=args.grace, env=env)
-    return asyncio.run(serve_supervisor(supervisor))
+    if args.metrics is None:
+        supervisor = Supervisor(argv, args.processes, grace=args.grace, env=env)
+        return asyncio.run(serve_supervisor(supervisor))
+    address = _metrics_address(args.metrics)
+    try:
+        from amqp_jobs import metrics as m
+    except ImportError:
+        raise UsageError(
+            "--metrics needs prometheus-client: pip install 'amqp-jobs[metrics]'"
+        ) from None
+    directory = tempfile.mkdtemp(prefix="amqp-jobs-metrics-")
+    try:
+        env |= {"PROMETHEUS_MULTIPROC_DIR": directory, METRICS_CHILD: "1"}
+        m.serve(address, m.multiprocess_registry(directory))
+        supervisor = Supervisor(
+            argv, args.processes, grace=args.grace, env=env, on_exit=[m.forget_process(directory)]
+        )
+        return asyncio.run(serve_supervisor(supervisor))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def _together(worker: Worker, recorder: Any) -> None:

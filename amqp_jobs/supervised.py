@@ -25,6 +25,8 @@ log = logging.getLogger("amqp_jobs.supervisor")
 SUPERVISOR_FD = "AMQP_JOBS_SUPERVISOR_FD"
 #: A child's slot (0..N-1), for its logs and its connection's name.
 CHILD_SLOT = "AMQP_JOBS_CHILD"
+#: Set (to 1) for a child whose metrics the supervisor serves.
+METRICS_CHILD = "AMQP_JOBS_METRICS_CHILD"
 #: A child that recycles itself exits with this status (EX_TEMPFAIL): start another.
 RECYCLE_EXIT = 75
 #: At most this long for an orphan's jobs to finish before it exits (seconds).

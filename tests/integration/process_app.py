@@ -7,7 +7,7 @@ import time
 
 from pydantic import BaseModel
 
-from amqp_jobs import Job, JobApp
+from amqp_jobs import Job, JobApp, JobContext, Outcome
 from tests.support import ledger_write
 
 
@@ -18,7 +18,13 @@ class Item(BaseModel):
 
 WORK = Job("proc.work", Item, queue="proc")
 
-app = JobApp(os.environ.get("REL_NS", "proc"))
+
+def _succeeded(outcome: Outcome, ctx: JobContext | None) -> None:
+    """After the broker confirmed the ack: the ledger the metrics tests count against."""
+    ledger_write({"e": "ok", "id": outcome.job_id, "pid": os.getpid()})
+
+
+app = JobApp(os.environ.get("REL_NS", "proc"), on_success=_succeeded)
 
 
 @app.handler(WORK)

@@ -51,6 +51,7 @@ LAYERS = [
     "attempt",
     "slots",
     "sections",
+    "metrics",
     "worker",
     "client",
     "sync_client",
