@@ -248,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         " 127.0.0.1; with --processes, the supervisor serves every process's); needs"
         " amqp-jobs[metrics]",
     )
+    worker.add_argument(
+        "--tracing",
+        action="store_true",
+        help="an OpenTelemetry CONSUMER span per attempt, through the global tracer"
+        " provider (configure an SDK, e.g. with opentelemetry-instrument); needs"
+        " amqp-jobs[tracing]",
+    )
     worker.set_defaults(handler=run_worker_command)
     app = _option(
         "--app",
@@ -611,6 +618,8 @@ def run_worker_command(args: argparse.Namespace) -> int:
     metrics = _worker_metrics(args.metrics)
     if metrics is not None:
         middleware.insert(0, metrics)
+    if args.tracing:
+        middleware.insert(0, _tracing())
     worker = Worker(
         app.registry,
         namespace=namespace,
@@ -673,6 +682,16 @@ def _worker_metrics(address: str | None) -> Any:
     return found
 
 
+def _tracing() -> Any:
+    try:
+        from amqp_jobs.tracing import Tracing
+    except ImportError:
+        raise UsageError(
+            "--tracing needs opentelemetry-api: pip install 'amqp-jobs[tracing]'"
+        ) from None
+    return Tracing()
+
+
 def _metrics_address(text: str) -> tuple[str, int]:
     from amqp_jobs.metrics import parse_address
 
@@ -723,6 +742,7 @@ def _supervise(args: argparse.Namespace) -> int:
     argv += ["--store", args.store] if args.store else []
     argv += ["--max-jobs", str(args.max_jobs)] if args.max_jobs else []
     argv += ["--max-memory", str(args.max_memory)] if args.max_memory else []
+    argv += ["--tracing"] if args.tracing else []
     env = {**os.environ, "AMQP_URL": ",".join(urls.urls)}
     if args.metrics is None:
         supervisor = Supervisor(argv, args.processes, grace=args.grace, env=env)

@@ -39,6 +39,9 @@ class JobContext:
     headers: Mapping[str, Any] = field(default_factory=dict)
     #: the value of the job's ``key`` field (None if the contract names none)
     key: str | None = None
+    #: headers the job's next copy (a retry, a deferral) carries: middleware may set
+    #: them (tracing links the next attempt to this one); they replace the job's own
+    carry: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_attempts(self) -> int:

@@ -812,7 +812,7 @@ class Worker:
         decision = decide(spec.job.retry, env.attempt, failure, result)
         action = action_for(
             decision,
-            env,
+            replace(env, extra_headers={**env.extra_headers, **ctx.carry}) if ctx.carry else env,
             msg,
             queue,
             self.clock,

@@ -52,6 +52,7 @@ LAYERS = [
     "slots",
     "sections",
     "metrics",
+    "tracing",
     "worker",
     "client",
     "sync_client",

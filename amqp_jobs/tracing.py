@@ -1,0 +1,102 @@
+"""OpenTelemetry tracing (``pip install amqp-jobs[tracing]``: the API only; bring your
+SDK and exporter).
+
+A PRODUCER span per enqueue injects ``traceparent`` into the message's headers; a
+CONSUMER span per attempt is that span's child, so one trace holds the enqueue and
+every attempt. Each attempt also leaves its own ``traceparent`` in the header
+``amqp-jobs-previous-attempt`` of the job's next copy (``JobContext.carry``), and the
+next attempt's span links to it. Attributes follow OpenTelemetry's messaging semantic
+conventions, plus the job's name, id and attempt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from amqp_jobs.errors import Defer
+from amqp_jobs.middleware import Middleware, Next, Publishing
+from amqp_jobs.outcome import JobContext
+
+#: The header a job's next copy carries: the traceparent of the attempt before it.
+PREVIOUS_ATTEMPT = "amqp-jobs-previous-attempt"
+
+_W3C = TraceContextTextMapPropagator()
+
+
+class Tracing(Middleware):
+    """Spans for enqueues and attempts: add it to ``JobClient(middleware=[...])`` and
+    ``JobApp(middleware=[...])`` (``amqp-jobs worker --tracing`` does the latter). Uses
+    the global tracer provider unless given one."""
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        from amqp_jobs import __version__
+
+        self.tracer = trace.get_tracer("amqp_jobs", __version__, tracer_provider=tracer_provider)
+
+    async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+        attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": publishing.queue,
+            "messaging.rabbitmq.destination.routing_key": publishing.queue,
+            "messaging.message.id": publishing.job_id,
+            "amqp_jobs.job.name": publishing.job.name,
+            "amqp_jobs.job.id": publishing.job_id,
+        }
+        if publishing.eta_ms is not None:
+            attributes["amqp_jobs.job.eta_ms"] = publishing.eta_ms
+        with self.tracer.start_as_current_span(
+            f"publish {publishing.queue}", kind=SpanKind.PRODUCER, attributes=attributes
+        ):
+            propagate.inject(publishing.headers)
+            return await call_next()
+
+    async def attempt(self, ctx: JobContext, call_next: Next) -> Any:
+        headers = {k: v for k, v in ctx.headers.items() if isinstance(v, str)}
+        parent = propagate.extract(headers)
+        links = []
+        previous = headers.get(PREVIOUS_ATTEMPT)
+        if previous:
+            before = trace.get_current_span(_W3C.extract({"traceparent": previous}))
+            if before.get_span_context().is_valid:
+                links.append(
+                    Link(before.get_span_context(), {"amqp_jobs.link": "previous attempt"})
+                )
+        attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": ctx.queue,
+            "messaging.message.id": ctx.job_id,
+            "amqp_jobs.job.name": ctx.job.name,
+            "amqp_jobs.job.id": ctx.job_id,
+            "amqp_jobs.job.attempt": ctx.attempt,
+            "amqp_jobs.job.max_attempts": ctx.max_attempts,
+        }
+        with self.tracer.start_as_current_span(
+            f"process {ctx.queue}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            carrier: dict[str, str] = {}
+            _W3C.inject(carrier)
+            if "traceparent" in carrier:
+                ctx.carry[PREVIOUS_ATTEMPT] = carrier["traceparent"]
+            try:
+                return await call_next()
+            except Defer as exc:
+                span.set_attribute("amqp_jobs.deferred_by", exc.delay)
+                raise
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                raise

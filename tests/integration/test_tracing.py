@@ -1,0 +1,86 @@
+"""OpenTelemetry tracing: one trace per job, from the enqueue (PRODUCER) through every
+attempt (CONSUMER, the enqueue's child, linked to the attempt before), with the
+messaging attributes and the job's id and attempt. On RabbitMQ and memory://, with the
+SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+import asyncio
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from pydantic import BaseModel
+
+from amqp_jobs import Defer, Job, JobContext, RetryPolicy
+from amqp_jobs.testing import Namespace
+from amqp_jobs.tracing import PREVIOUS_ATTEMPT, Tracing
+
+
+class N(BaseModel):
+    n: int
+
+
+FLAKY = Job("traced.flaky", N, queue="traced", retry=RetryPolicy(max_attempts=4, backoff=0.05))
+
+
+async def test_one_trace_holds_the_enqueue_and_every_attempt(namespace: Namespace) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    app = namespace.app(middleware=[tracing])
+    done = asyncio.Event()
+    seen: list[tuple[int, str | None]] = []
+
+    @app.handler(FLAKY)
+    async def flaky(args: N, ctx: JobContext) -> None:
+        seen.append((ctx.attempt, ctx.headers.get(PREVIOUS_ATTEMPT)))
+        if len(seen) == 2:
+            raise Defer(0.05, "a section is taken")  # the same attempt, again
+        if ctx.attempt < 3:
+            raise RuntimeError(f"attempt {ctx.attempt} fails")
+        done.set()
+
+    worker = namespace.worker(app)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), 15)
+        async with namespace.client(middleware=[tracing]) as client:
+            job_id = await client.enqueue(FLAKY, {"n": 1})
+        await asyncio.wait_for(done.wait(), 20)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 20)
+
+    spans = exporter.get_finished_spans()
+    (producer,) = [s for s in spans if s.kind is SpanKind.PRODUCER]
+    consumers = sorted(
+        (s for s in spans if s.kind is SpanKind.CONSUMER), key=lambda s: s.start_time or 0
+    )
+    assert [c.attributes["amqp_jobs.job.attempt"] for c in consumers] == [1, 2, 2, 3]
+    assert producer.name == "publish traced"
+    assert producer.attributes["messaging.system"] == "rabbitmq"
+    assert producer.attributes["messaging.message.id"] == job_id
+    trace_id = producer.context.trace_id
+    for before, span in zip([None, *consumers], consumers, strict=False):
+        assert span.name == "process traced"
+        assert span.context.trace_id == trace_id, "every attempt is in the enqueue's trace"
+        assert span.parent is not None and span.parent.span_id == producer.context.span_id
+        assert span.attributes["amqp_jobs.job.id"] == job_id
+        assert span.attributes["messaging.operation.type"] == "process"
+        if before is None:
+            assert not span.links
+        else:
+            (link,) = span.links
+            assert link.context.span_id == before.context.span_id, "linked to the one before"
+    assert [c.status.status_code for c in consumers] == [
+        StatusCode.ERROR,
+        StatusCode.UNSET,  # deferred: not a failure
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
+    assert consumers[1].attributes["amqp_jobs.deferred_by"] == 0.05
+    assert [a for a, _ in seen] == [1, 2, 2, 3]
+    assert seen[0][1] is None and all(previous for _, previous in seen[1:])
