@@ -34,6 +34,9 @@ from amqp_jobs.contract import (
     MAX_TTL_MS as MAX_TTL_MS,
 )
 from amqp_jobs.contract import (
+    PUBLISH_ALLOWANCE_MS as PUBLISH_ALLOWANCE_MS,
+)
+from amqp_jobs.contract import (
     QueueType as QueueType,
 )
 from amqp_jobs.contract import (
@@ -133,14 +136,15 @@ def events_stream(ns: str) -> str:
 def delay_units(delay_ms: int, s: TopologySettings) -> int:
     """How many units to route through the cascade for a job due in ``delay_ms``.
 
-    Rounds down, less an allowance per queue hop, so the job reaches the worker a little
-    before its ETA (the worker waits out the rest): never early, rarely late.
+    Rounds down, less an allowance per queue hop and one for the publish, so the job
+    reaches the worker a little before its ETA (the worker waits out the rest): never
+    early, rarely late.
     Capped at the cascade's maximum; the worker re-delays any remainder.
     """
     if delay_ms <= 0:
         return 0
     units = delay_ms // s.delay_unit_ms
-    lead = HOP_ALLOWANCE_MS * units.bit_count()
+    lead = PUBLISH_ALLOWANCE_MS + HOP_ALLOWANCE_MS * units.bit_count()
     units = max(0, delay_ms - lead) // s.delay_unit_ms
     return min(units, s.max_units)
 

@@ -1,6 +1,6 @@
 """Delay precision: lateness (start time minus ETA) of jobs delayed by 1 to 10 s.
 
-    python -m bench.delay_precision [--jobs 300] [--concurrency 16]
+    python -m bench.delay_precision [--jobs 1000] [--concurrency 16]
 
 Publishes ``--jobs`` jobs with delays spread evenly over 1-10 s through the broker's
 delay cascade, runs one in-process worker, and prints p50, p99 and max lateness.
@@ -76,7 +76,7 @@ async def measure(url: str, jobs: int, concurrency: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     url = resolve(None).first

@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5, help="alternating runs per comparison")
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per enqueue/drain run")
     parser.add_argument("--retry-jobs", type=int, default=1_000)
-    parser.add_argument("--delay-jobs", type=int, default=300)
+    parser.add_argument("--delay-jobs", type=int, default=1000)
     parser.add_argument("--memory-jobs", type=int, default=100_000)
     parser.add_argument("--joblog-rows", type=int, default=1_000_000, help="jobs in the job log")
     parser.add_argument(
