@@ -144,7 +144,9 @@ class Metrics(Middleware):
         #: the registry the metrics are in (serve it, or read it in tests)
         self.registry = registry if registry is not None else CollectorRegistry()
         self._m = _families(self.registry)
+        # a metric's child per label values, looked up once: labels() costs a lock
         self._children: dict[tuple[str, str], tuple[Gauge, Histogram]] = {}
+        self._ended: dict[tuple[str, str, OutcomeKind], tuple[Counter, Histogram]] = {}
 
     async def attempt(self, ctx: JobContext, call_next: Next) -> Any:
         running, wait = self._of(ctx.queue, ctx.job.name)
@@ -165,10 +167,15 @@ class Metrics(Middleware):
         return found
 
     async def settled(self, outcome: Outcome, ctx: JobContext | None) -> None:
-        job = outcome.job_name or "?"
-        self._m.jobs.labels(outcome.queue, job, outcome.kind.value).inc()
+        key = (outcome.queue, outcome.job_name or "?", outcome.kind)
+        found = self._ended.get(key)
+        if found is None:
+            queue, job, kind = key
+            found = self._m.jobs.labels(queue, job, kind.value), self._m.duration.labels(queue, job)
+            self._ended[key] = found
+        found[0].inc()
         if ctx is not None and outcome.kind in _RAN:
-            self._m.duration.labels(outcome.queue, job).observe(outcome.duration)
+            found[1].observe(outcome.duration)
 
     async def publish(self, publishing: Publishing, call_next: Next) -> Any:
         began = time.perf_counter()

@@ -812,7 +812,7 @@ class Worker:
         decision = decide(spec.job.retry, env.attempt, failure, result)
         action = action_for(
             decision,
-            replace(env, extra_headers={**env.extra_headers, **ctx.carry}) if ctx.carry else env,
+            _carrying(env, ctx, decision),
             msg,
             queue,
             self.clock,
@@ -1075,3 +1075,11 @@ async def _stop_scheduler(scheduler: Scheduler | None, task: asyncio.Future[None
 async def _close_quietly(session: Session | None) -> None:
     if session is not None:
         await session.close()
+
+
+def _carrying(env: Envelope, ctx: JobContext, decision: Decision) -> Envelope:
+    """The envelope a retry or deferral copies, with the headers middleware asked the
+    next copy to carry (``JobContext.carry``)."""
+    if not ctx.carry or not isinstance(decision, RetryIn | DeferBy):
+        return env
+    return replace(env, extra_headers={**env.extra_headers, **ctx.carry})

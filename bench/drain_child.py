@@ -1,9 +1,10 @@
 """Child process of the drain benchmark: consume N queued jobs, then print timings as JSON.
 
-    python -m bench.drain_child {worker|worker-events|raw} NAMESPACE N PREFETCH
+    python -m bench.drain_child {worker|worker-events|worker-observed|raw} NAMESPACE N PREFETCH
 
 ``worker`` runs an amqp-jobs Worker at the given concurrency with a no-op handler
-(``worker-events``: publishing lifecycle events);
+(``worker-events``: publishing lifecycle events; ``worker-observed``: with Prometheus
+metrics and OpenTelemetry tracing);
 ``raw`` consumes the same queue with plain aio-pika, manual acks, same prefetch.
 Both exit once N deliveries are acked.
 """
@@ -17,6 +18,7 @@ STARTED = time.time()  # before the imports: process start-up counts
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+from typing import Any  # noqa: E402
 
 import aio_pika  # noqa: E402
 from aio_pika.abc import AbstractIncomingMessage  # noqa: E402
@@ -26,10 +28,46 @@ from amqp_jobs.topology import work_queue  # noqa: E402
 from bench.common import URL, Signup, bench_job  # noqa: E402
 
 
+def observing() -> list[Any]:
+    """Metrics and tracing, as production runs them: a Prometheus registry, and an SDK
+    tracer provider batching spans to an exporter (one that drops them: exporting is
+    the collector's cost, not ours). ``$BENCH_OBSERVE`` picks: ``metrics``,
+    ``tracing``, ``sampled`` (tracing with 10 % of traces sampled), ``off`` (a tracer
+    that samples nothing), ``noproc`` (spans recorded, no processor); default
+    ``metrics,tracing``."""
+    import os
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from prometheus_client import CollectorRegistry
+
+    from amqp_jobs.metrics import Metrics
+    from amqp_jobs.tracing import Tracing
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    which = set((os.environ.get("BENCH_OBSERVE") or "metrics,tracing").split(","))
+    out: list[Any] = []
+    if which & {"tracing", "sampled", "off", "noproc"}:
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+        sampler = ParentBased(TraceIdRatioBased(0.1)) if "sampled" in which else None
+        provider = TracerProvider(sampler=ALWAYS_OFF if "off" in which else sampler)
+        if "noproc" not in which:
+            provider.add_span_processor(BatchSpanProcessor(Drop()))
+        out.append(Tracing(provider))
+    if "metrics" in which:
+        out.append(Metrics(CollectorRegistry()))
+    return out
+
+
 async def run_worker(
-    ns: str, n: int, concurrency: int, *, events: bool = False
+    ns: str, n: int, concurrency: int, *, events: bool = False, observed: bool = False
 ) -> dict[str, float]:
-    app = JobApp(ns)
+    app = JobApp(ns, middleware=observing() if observed else [])
     times: dict[str, float] = {}
     done = 0
 
@@ -81,7 +119,11 @@ def main() -> None:
     if mode == "raw":
         times = asyncio.run(run_raw(ns, n, prefetch))
     else:
-        times = asyncio.run(run_worker(ns, n, prefetch, events=mode == "worker-events"))
+        times = asyncio.run(
+            run_worker(
+                ns, n, prefetch, events=mode == "worker-events", observed=mode == "worker-observed"
+            )
+        )
     print(json.dumps({"started": STARTED, **times}))
 
 

@@ -68,7 +68,7 @@ async def test_one_trace_holds_the_enqueue_and_every_attempt(namespace: Namespac
         assert span.name == "process traced"
         assert span.context.trace_id == trace_id, "every attempt is in the enqueue's trace"
         assert span.parent is not None and span.parent.span_id == producer.context.span_id
-        assert span.attributes["amqp_jobs.job.id"] == job_id
+        assert span.attributes["messaging.message.id"] == job_id
         assert span.attributes["messaging.operation.type"] == "process"
         if before is None:
             assert not span.links
