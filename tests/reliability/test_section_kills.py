@@ -39,6 +39,9 @@ SOAK = os.environ.get("AMQP_JOBS_SOAK", "").lower() in ("1", "true", "yes")
 FULL = {"workers": 4, "concurrency": 32, "jobs": 10_000, "keys": 100, "kills": 10}
 SHORT = {"workers": 2, "concurrency": 16, "jobs": 600, "keys": 20, "kills": 2}
 SIZE = FULL if SOAK else SHORT
+#: A job's work (ms, uniform): short by default, to crowd the sections; set
+#: AMQP_JOBS_SECTION_WORK_MS=50,100 to see the cost on a machine that is not saturated.
+WORK_MS = tuple(float(x) for x in os.environ.get("AMQP_JOBS_SECTION_WORK_MS", "2,10").split(","))
 SEED = 31
 
 pytestmark = pytest.mark.timeout(1200 if SOAK else 240)
@@ -60,7 +63,7 @@ app = JobApp(os.environ.get("REL_NS", "rel"))
 async def post(args: Entry, ctx: JobContext) -> None:
     pid = os.getpid()
     ledger_write({"e": "start", "n": args.n, "key": args.account, "t": time.time(), "pid": pid})
-    await asyncio.sleep(random.uniform(0.002, 0.01))  # the work
+    await asyncio.sleep(random.uniform(*WORK_MS) / 1000)  # the work
     ledger_write({"e": "end", "n": args.n, "key": args.account, "t": time.time(), "pid": pid})
 
 
@@ -165,7 +168,7 @@ async def test_sections_hold_under_kills(namespace: Namespace, tmp_path: Path) -
         f" {len(overlaps)} overlaps, {jobs - len(ended())} jobs never ended, {len(open_runs)}"
         f" runs cut by a kill; taking and freeing a section p50 {p50:.1f} ms"
         f" (per surviving worker: {', '.join(f'{c:.1f}' for c in costs)}); a handler's"
-        f" 2 to 10 ms sleep lasted p50 {lasted:.1f} ms"
+        f" {WORK_MS[0]:g} to {WORK_MS[1]:g} ms sleep lasted p50 {lasted:.1f} ms"
     )
     print(report)
     REPORTS.append(report)
