@@ -49,8 +49,15 @@ def log(event: str, ctx: JobContext, n: int) -> None:
         os.fsync(f.fileno())
 
 
+#: A retry's delay: long enough to pass through the cascade's lowest level (a shorter one
+#: goes straight to the due queue and waits in the worker), which the fault tests break.
+RETRY_BACKOFF = 0.33
 work = Job(
-    "rel.work", Work, queue="rel", retry=RetryPolicy(max_attempts=5, backoff=0.2), timeout=60
+    "rel.work",
+    Work,
+    queue="rel",
+    retry=RetryPolicy(max_attempts=5, backoff=RETRY_BACKOFF),
+    timeout=60,
 )
 block = Job(
     "rel.block", Block, queue="rel", retry=RetryPolicy(max_attempts=2, backoff=0), timeout=0.5

@@ -20,6 +20,7 @@ from amqp_jobs.topology import (
     dead_queue,
     delay_exchange,
     quarantine_queue,
+    route_levels,
     work_queue,
 )
 from tests.reliability import rel_app
@@ -202,6 +203,10 @@ async def test_a_job_that_kills_its_worker_every_time(harness: Harness) -> None:
 
 async def test_retry_republish_to_a_vanished_exchange_loses_nothing(harness: Harness) -> None:
     """The delay level a retry needs is deleted under the worker: redeclared, not lost."""
+    backoff_ms = round(rel_app.RETRY_BACKOFF * 1000)
+    for sent_after_ms in (0, 20):  # the retry is routed a little after its ETA is set
+        levels = route_levels(backoff_ms - sent_after_ms, harness.namespace.settings)
+        assert levels == (0,), f"the retries must pass level 0 alone, not {levels}"
     worker = start(harness)
     try:
         # a first retry makes the worker declare (and cache) the cascade
