@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import functools
 import logging
 import os
@@ -718,8 +719,11 @@ async def _sampling(main: Awaitable[None], worker: Worker, metrics: Any) -> None
         await main
     finally:
         stop.set()
-        await sampler
-        await link.close()
+        sampler.cancel()  # it may be reconnecting: shutdown does not wait for that
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sampler
+        with contextlib.suppress(Exception):
+            await link.close()
 
 
 def _supervise(args: argparse.Namespace) -> int:

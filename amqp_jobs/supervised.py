@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from amqp_jobs.middleware import Middleware
-from amqp_jobs.outcome import JobContext, Outcome
+from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
 
 log = logging.getLogger("amqp_jobs.supervisor")
 
@@ -142,4 +142,9 @@ class _Counting(Middleware):
         self.supervised = supervised
 
     async def settled(self, outcome: Outcome, ctx: JobContext | None) -> None:
-        self.supervised.job_done()
+        if ctx is not None and outcome.kind in _RAN:  # not deferrals, re-delays, poison
+            self.supervised.job_done()
+
+
+#: Outcomes of an attempt that ran: what --max-jobs counts.
+_RAN = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.RETRYING, OutcomeKind.DEAD})

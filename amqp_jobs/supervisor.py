@@ -127,7 +127,16 @@ class Supervisor:
     async def _keep(self, slot: Slot) -> None:
         """Run a child in ``slot`` until the supervisor stops, restarting it as needed."""
         while not self._stopping.is_set():
-            await self._start(slot)
+            try:
+                await self._start(slot)
+            except OSError as exc:  # no process could be made now (EAGAIN, EMFILE)
+                pause = pause_after(slot.crashes + 1)
+                slot.crashes += 1
+                log.error("worker process %d could not be started (%s): trying again in"
+                          " %.1fs", slot.index, exc, pause)  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+                continue
             process = slot.process
             assert process is not None
             status = await self._wait(process)

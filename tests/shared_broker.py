@@ -50,6 +50,20 @@ def is_local(url: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1") and shutil.which("rabbitmqctl") is not None
 
 
+def _expires(arguments: object) -> bool:
+    """Whether a queue has x-expires: the broker deletes it once unused (a lock queue
+    of a critical section, a client's reply queue), so it is not a leftover."""
+    if isinstance(arguments, dict):
+        return "x-expires" in arguments
+    if isinstance(arguments, list):
+        return any(
+            (isinstance(a, list | tuple) and a and a[0] == "x-expires")
+            or (isinstance(a, dict) and "x-expires" in a)
+            for a in arguments
+        )
+    return False
+
+
 @dataclass
 class Snapshot:
     pid: int
@@ -66,9 +80,19 @@ class Snapshot:
             vh: {
                 q["name"]
                 for q in _ctl(
-                    "list_queues", "-p", vh, "name", "durable", "auto_delete", "exclusive"
+                    "list_queues",
+                    "-p",
+                    vh,
+                    "name",
+                    "durable",
+                    "auto_delete",
+                    "exclusive",
+                    "arguments",
                 )
-                if q["durable"] and not q["auto_delete"] and not q["exclusive"]
+                if q["durable"]
+                and not q["auto_delete"]
+                and not q["exclusive"]
+                and not _expires(q.get("arguments"))
             }
             for vh in vhosts
         }

@@ -174,6 +174,29 @@ async def test_locks_hold_through_refusals_and_come_back_when_their_queue_is_gon
         await b.close()
 
 
+@pytest.mark.rabbitmq_only
+async def test_a_lock_lost_while_held_is_reported_as_the_sessions_loss(
+    namespace: Namespace,
+) -> None:
+    """Its queue deleted under it (by hand, or with a cluster node): the holder hears of
+    it through on_lost, never runs on unaware beside the next holder."""
+    transport = transport_for(namespace.url)
+    holder = await transport.session(name="holder", give_up_after=10)
+    other = await transport.session(name="other", give_up_after=10)
+    lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    holder.on_lost(lambda reason, _: lost.done() or lost.set_result(reason))
+    (lock,) = lock_names(namespace.name, "locks", "gone", 1)
+    try:
+        assert await holder.claim(lock)
+        await other.delete_queue(lock)
+        reason = await asyncio.wait_for(lost, 10)
+        assert lock in reason and "cancelled" in reason
+        assert await other.claim(lock), "the lock is free for the next holder"
+    finally:
+        await holder.close()
+        await other.close()
+
+
 def test_a_section_needs_a_key_and_a_sane_limit() -> None:
     with pytest.raises(ContractError, match="needs key="):
         Job("t.x", UserArgs, exclusive="finance")

@@ -103,7 +103,8 @@ class AmqpChannel:
 #: Idle channels a session keeps for lock operations (a held lock keeps its own).
 MAX_SPARES = 64
 #: How long a lock queue nobody holds lasts before the broker deletes it (ms): a key
-#: used again within it costs no declaration.
+#: used again within it costs no declaration. (Its queue is durable: RabbitMQ 4.3
+#: refuses transient queues that are not exclusive, closing the connection.)
 LOCK_EXPIRES_MS = 60_000
 #: Lock queues a session remembers having used, at most.
 MAX_RECENT = 10_000
@@ -221,6 +222,7 @@ class AmqpSession:
         underlay = await opened.get_underlay_channel()
         assert isinstance(underlay, aiormq.Channel)
         opened.close_callbacks.add(self._lock_channel_closed)
+        underlay.on_consumer_cancel_callbacks.add(self._lock_cancelled)
         return opened, underlay
 
     def _done_with(self, spare: tuple[AbstractChannel, aiormq.Channel]) -> None:
@@ -249,18 +251,33 @@ class AmqpSession:
         task.add_done_callback(self._background.discard)
 
     def _lock_channel_closed(self, channel: object, exc: BaseException | None = None) -> None:
-        """A held lock's channel closed under it: the lock is free for others while its
-        holder still runs. Our own channels close only with the connection (reported)
-        or by a call on them, and a held lock's channel takes none: say so if it does."""
+        """A held lock's channel closed under it. Our own channels close only with the
+        connection (reported already) or by a call on them, and a held lock's channel
+        takes none: if it happens, the lock is free for others while its holder runs."""
         for name, (spare, _) in list(self._locks.items()):
-            if spare[0] is channel:
-                del self._locks[name]
-                if not self._connection.is_closed:
-                    log.error("lock %s was lost with its channel: %s", name, describe(exc))
+            if spare[0] is channel and not self._connection.is_closed:
+                self._lose(name, f"its channel closed: {describe(exc)}")
+
+    def _lock_cancelled(self, frame: Any) -> None:
+        """The broker cancelled a held lock's consumer: its queue was deleted (by hand,
+        or with a cluster node). Another may take the lock while its holder runs."""
+        tag = getattr(frame, "consumer_tag", None)
+        for name, (_, held) in list(self._locks.items()):
+            if held == tag:
+                self._lose(name, "the broker cancelled it (was its queue deleted?)")
+
+    def _lose(self, name: str, why: str) -> None:
+        """A lock lost while held is reported as the session's loss: its holders (a
+        worker, a recorder) start again on a new connection rather than run on, unaware,
+        beside a new holder."""
+        self._locks.pop(name, None)
+        log.error("lock %s was lost: %s", name, why)
+        self._lost(f"lock {name} was lost: {why}")
 
     async def claim(self, name: str) -> bool:
-        """The lock is an exclusive consumer on the queue ``name`` (a transient classic
-        queue, deleted once unused for LOCK_EXPIRES_MS). Consuming and cancelling are
+        """The lock is an exclusive consumer on the queue ``name`` (a classic queue the
+        broker deletes once unused for LOCK_EXPIRES_MS; durable, as RabbitMQ 4.3 refuses
+        transient queues that are not exclusive). Consuming and cancelling are
         the queue's own work; declaring and deleting an exclusive queue per job, as
         before, went through the broker's schema database, one at a time for every
         connection, and cost tens of ms under load. The consumer lives on a channel of
@@ -307,7 +324,7 @@ class AmqpSession:
         spare = await self._spare()
         try:
             arguments: dict[str, Any] = {"x-expires": LOCK_EXPIRES_MS}
-            await spare[1].queue_declare(name, durable=False, arguments=arguments)
+            await spare[1].queue_declare(name, durable=True, arguments=arguments)
             self._used(name)
         finally:
             self._done_with(spare)
