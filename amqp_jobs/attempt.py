@@ -110,7 +110,16 @@ async def run_attempt(
                 thread = in_thread()
                 running += 1
                 thread.add_done_callback(lambda _: ended())
-                return await asyncio.shield(thread)
+                try:
+                    return await asyncio.shield(thread)
+                except asyncio.CancelledError:
+                    # The attempt timed out (or the worker stops), but a thread cannot
+                    # be stopped: the middleware around it ends when the thread does,
+                    # so a critical section is not freed while its holder still runs.
+                    # Nobody waits for this: the worker has moved on. A second
+                    # cancellation (the process ending) ends the wait.
+                    await asyncio.wait([thread])
+                    raise
             except BaseException as exc:
                 handler_failure.append(exc)
                 raise

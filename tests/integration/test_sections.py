@@ -4,13 +4,15 @@ connection closes frees its section at once. On RabbitMQ and memory:// alike."""
 
 import asyncio
 import random
+import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import pytest
 from pydantic import BaseModel
 
-from amqp_jobs import Job, JobApp, JobClient, JobContext, Worker
+from amqp_jobs import Job, JobApp, JobClient, JobContext, RetryPolicy, Worker
 from amqp_jobs.errors import ContractError
 from amqp_jobs.sections import lock_names
 from amqp_jobs.testing import Namespace
@@ -195,6 +197,50 @@ async def test_a_lock_lost_while_held_is_reported_as_the_sessions_loss(
     finally:
         await holder.close()
         await other.close()
+
+
+SLOW = Job(
+    "finance.slow",
+    UserArgs,
+    queue="slow",
+    key="user_id",
+    exclusive="slow",
+    timeout=0.3,
+    retry=RetryPolicy(max_attempts=2, backoff=0),
+)
+
+
+async def test_a_timed_out_plain_handler_keeps_its_section_until_its_thread_ends(
+    namespace: Namespace,
+) -> None:
+    """A thread cannot be stopped: the attempt times out, but the section stays taken
+    until the thread ends, so the retry of the same key never runs beside it."""
+    app = namespace.app()
+    runs: list[tuple[int, float, float]] = []
+    done = threading.Event()
+
+    @app.handler(SLOW)
+    def slow(args: UserArgs, ctx: JobContext) -> None:
+        began = time.monotonic()
+        if ctx.attempt == 1:
+            time.sleep(1.0)  # past the job's 0.3 s timeout
+        runs.append((ctx.attempt, began, time.monotonic()))
+        if ctx.attempt == 2:
+            done.set()
+
+    worker = namespace.worker(app)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), 15)
+        async with namespace.client() as client:
+            await client.enqueue(SLOW, {"user_id": 9, "n": 0})
+        await asyncio.wait_for(asyncio.to_thread(done.wait, 20), 25)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 20)
+    (first,) = [r for r in runs if r[0] == 1]
+    (second,) = [r for r in runs if r[0] == 2]
+    assert second[1] >= first[2], "the retry began before the timed-out thread ended"
 
 
 def test_a_section_needs_a_key_and_a_sane_limit() -> None:
