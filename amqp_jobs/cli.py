@@ -667,12 +667,7 @@ def _worker_metrics(address: str | None) -> Any:
     child = os.environ.get(METRICS_CHILD) == "1"
     if address is None and not child:
         return None
-    try:
-        from amqp_jobs import metrics as m
-    except ImportError:
-        raise UsageError(
-            "--metrics needs prometheus-client: pip install 'amqp-jobs[metrics]'"
-        ) from None
+    m = _metrics_module()
     if child:
         return m.Metrics()
     assert address is not None
@@ -681,6 +676,17 @@ def _worker_metrics(address: str | None) -> Any:
     found = m.Metrics(REGISTRY)  # with the process's own CPU and memory metrics
     m.serve(_metrics_address(address), REGISTRY)
     return found
+
+
+def _metrics_module() -> Any:
+    """``amqp_jobs.metrics``, or a usage error naming the extra it needs."""
+    try:
+        from amqp_jobs import metrics
+    except ImportError:
+        raise UsageError(
+            "--metrics needs prometheus-client: pip install 'amqp-jobs[metrics]'"
+        ) from None
+    return metrics
 
 
 def _tracing() -> Any:
@@ -752,12 +758,7 @@ def _supervise(args: argparse.Namespace) -> int:
         supervisor = Supervisor(argv, args.processes, grace=args.grace, env=env)
         return asyncio.run(serve_supervisor(supervisor))
     address = _metrics_address(args.metrics)
-    try:
-        from amqp_jobs import metrics as m
-    except ImportError:
-        raise UsageError(
-            "--metrics needs prometheus-client: pip install 'amqp-jobs[metrics]'"
-        ) from None
+    m = _metrics_module()
     directory = tempfile.mkdtemp(prefix="amqp-jobs-metrics-")
     try:
         env |= {"PROMETHEUS_MULTIPROC_DIR": directory, METRICS_CHILD: "1"}

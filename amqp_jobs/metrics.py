@@ -77,10 +77,9 @@ class _Family:
     depth: Gauge
 
 
-def _families(registry: CollectorRegistry | None) -> _Family:
-    """The metrics, registered in ``registry`` (None: a private one; the multiprocess
-    files are written whatever the registry)."""
-    reg = registry if registry is not None else CollectorRegistry()
+def _families(reg: CollectorRegistry) -> _Family:
+    """The metrics, registered in ``reg`` (the multiprocess files are written whatever
+    the registry)."""
     labels = ("queue", "job")
     return _Family(
         jobs=Counter(

@@ -23,10 +23,8 @@ from amqp_jobs.errors import ContractError, Discard
 from amqp_jobs.metrics import Metrics, parse_address
 from amqp_jobs.testing import Namespace
 from tests.integration.process_app import WORK
-from tests.integration.test_processes import Ledger, children
-from tests.support import WorkerProcess, eventually
-
-APP = "tests.integration.process_app:app"
+from tests.integration.test_processes import children, stopped, supervisor
+from tests.support import eventually
 
 
 class N(BaseModel):
@@ -119,19 +117,16 @@ def sample(text: str, name: str, **labels: str) -> float:
 async def test_a_taken_port_is_an_error_and_the_worker_runs_on(
     namespace: Namespace, tmp_path: Path
 ) -> None:
-    ledger = Ledger(tmp_path / "ledger.jsonl")
-    namespace.track(WORK)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        worker = WorkerProcess(namespace, ledger.path, "--metrics", str(port), app=APP)
+        worker, ledger = supervisor(namespace, tmp_path, "--metrics", str(port))
         try:
             async with namespace.client() as client:
                 await client.enqueue(WORK, {"n": 1, "ms": 1})
             await eventually(lambda: ledger.ended() == {1}, timeout=30, what="the job")
-            worker.signal(signal.SIGTERM)
-            assert await worker.wait(30) == 0
+            assert await stopped(worker, 30) == 0
             out = worker.output_path.read_text()
             assert f"metrics: cannot serve on 127.0.0.1:{port} (Address already in use)" in out
         finally:
@@ -144,11 +139,9 @@ async def test_the_supervisor_serves_every_child_and_the_counts_match_the_ledger
 ) -> None:
     """4 children, one SIGKILLed mid-run: succeeded jobs counted equal the ledger's,
     nothing runs when all is done, and a scrape takes under 50 ms."""
-    ledger = Ledger(tmp_path / "ledger.jsonl")
-    namespace.track(WORK)
     port = free_port()
-    sup = WorkerProcess(
-        namespace, ledger.path, "--processes", "4", "-c", "4", "--metrics", str(port), app=APP
+    sup, ledger = supervisor(
+        namespace, tmp_path, "--processes", "4", "-c", "4", "--metrics", str(port)
     )
     try:
         await eventually(lambda: len(children(sup.output_path)) == 4, timeout=30, what="4 children")
@@ -173,5 +166,4 @@ async def test_the_supervisor_serves_every_child_and_the_counts_match_the_ledger
         assert times[5] < 0.05, f"a scrape took {times[5] * 1000:.0f} ms"
         print(f"counted {oks()} succeeded = ledger; scrape p50 {times[5] * 1000:.1f} ms")
     finally:
-        sup.signal(signal.SIGTERM)
-        assert await sup.wait(60) == 0
+        assert await stopped(sup) == 0

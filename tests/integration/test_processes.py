@@ -59,6 +59,12 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+async def stopped(proc: WorkerProcess, timeout: float = 60.0) -> int:
+    """SIGTERM, then the exit status (a graceful stop is 0)."""
+    proc.signal(signal.SIGTERM)
+    return await proc.wait(timeout)
+
+
 def supervisor(ns: Namespace, tmp_path: Path, *extra: str) -> tuple[WorkerProcess, Ledger]:
     ledger = Ledger(tmp_path / "ledger.jsonl")
     ns.track(WORK)
@@ -93,8 +99,7 @@ async def test_a_killed_child_alone_restarts_at_once_and_loses_nothing(
         assert new in ledger.pids(), "the new child took jobs"
         print(f"child restarted {restarted_in * 1000:.0f} ms after SIGKILL; {jobs} of {jobs} ran")
     finally:
-        sup.signal(signal.SIGTERM)
-        assert await sup.wait(60) == 0
+        assert await stopped(sup) == 0
 
 
 async def test_children_end_when_the_supervisor_is_killed(
@@ -143,8 +148,7 @@ async def test_a_child_recycles_after_max_jobs(namespace: Namespace, tmp_path: P
         assert len(ledger.pids()) >= 3, "150 jobs at 40 a process take 3 processes or more"
         assert "recycled: starting a fresh one" in sup.output_path.read_text()
     finally:
-        sup.signal(signal.SIGTERM)
-        assert await sup.wait(60) == 0
+        assert await stopped(sup) == 0
 
 
 async def test_a_crash_loop_backs_off_and_a_stop_ends_it(
@@ -204,5 +208,4 @@ async def test_a_child_recycles_past_max_memory(namespace: Namespace, tmp_path: 
         )
         assert "MiB resident (--max-memory 1)" in sup.output_path.read_text()
     finally:
-        sup.signal(signal.SIGTERM)
-        assert await sup.wait(60) == 0
+        assert await stopped(sup) == 0
