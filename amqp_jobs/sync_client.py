@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -50,13 +51,16 @@ CLOSE_TIMEOUT = 5.0
 
 class _Call:
     """One call handed to the loop; the caller waits on ``done``, a held lock that the
-    loop releases (lighter than a concurrent Future, and one is made per job)."""
+    loop releases (lighter than a concurrent Future, and one is made per job). It runs
+    in a copy of the caller's context variables, so a publish middleware sees what the
+    caller's thread set (the current span: an enqueue joins the caller's trace)."""
 
-    __slots__ = ("abandoned", "args", "done", "error", "fn", "result", "task")
+    __slots__ = ("abandoned", "args", "context", "done", "error", "fn", "result", "task")
 
     def __init__(self, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...]) -> None:
         self.fn = fn
         self.args = args
+        self.context = contextvars.copy_context()
         self.done = threading.Lock()
         self.done.acquire()
         self.result: Any = None
@@ -179,7 +183,7 @@ class _Runner:
             call = pending.popleft()
             if call.abandoned:
                 continue
-            task = create(call.fn(*call.args))
+            task = create(call.fn(*call.args), context=call.context)
             call.task = task
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)

@@ -6,6 +6,7 @@ SDK's in-memory exporter."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -13,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
-from amqp_jobs import Defer, Job, JobContext, RetryPolicy
+from amqp_jobs import Defer, Job, JobContext, RetryPolicy, SyncJobClient
 from amqp_jobs.testing import Namespace
 from amqp_jobs.tracing import PREVIOUS_ATTEMPT, Tracing
 
@@ -84,3 +85,40 @@ async def test_one_trace_holds_the_enqueue_and_every_attempt(namespace: Namespac
     assert consumers[1].attributes["amqp_jobs.deferred_by"] == 0.05
     assert [a for a, _ in seen] == [1, 2, 2, 3]
     assert seen[0][1] is None and all(previous for _, previous in seen[1:])
+
+
+async def test_a_sync_clients_enqueues_join_their_callers_traces(namespace: Namespace) -> None:
+    """SyncJobClient publishes from its own loop thread, taking the calls of many threads
+    at one wakeup: each enqueue's span is still the child of the span current in the
+    thread that called it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    namespace.track(FLAKY)
+    threads, each = 16, 10
+
+    with SyncJobClient(
+        namespace.url, namespace=namespace.name, settings=namespace.settings, middleware=[tracing]
+    ) as client:
+        client.connect()
+
+        def request(n: int) -> tuple[int, list[str]]:
+            with provider.get_tracer("test").start_as_current_span(f"request {n}") as outer:
+                ids = [client.enqueue(FLAKY, {"n": n}) for _ in range(each)]
+                return outer.get_span_context().span_id, ids
+
+        def all_requests() -> list[tuple[int, list[str]]]:
+            with ThreadPoolExecutor(threads) as pool:
+                return list(pool.map(request, range(threads)))
+
+        callers = await asyncio.wait_for(asyncio.to_thread(all_requests), 60)
+
+    parent_of = {
+        s.attributes["messaging.message.id"]: s.parent.span_id if s.parent else None
+        for s in exporter.get_finished_spans()
+        if s.kind is SpanKind.PRODUCER
+    }
+    assert len(parent_of) == threads * each
+    wrong = [job for outer, ids in callers for job in ids if parent_of[job] != outer]
+    assert not wrong, f"{len(wrong)} enqueues are not children of their caller's span"
