@@ -762,9 +762,10 @@ def _supervise(args: argparse.Namespace) -> int:
     directory = tempfile.mkdtemp(prefix="amqp-jobs-metrics-")
     try:
         env |= {"PROMETHEUS_MULTIPROC_DIR": directory, METRICS_CHILD: "1"}
-        m.serve(address, m.multiprocess_registry(directory))
+        children = m.ChildrenMetrics(directory)
+        m.serve(address, children.registry)
         supervisor = Supervisor(
-            argv, args.processes, grace=args.grace, env=env, on_exit=[m.forget_process(directory)]
+            argv, args.processes, grace=args.grace, env=env, on_exit=[children.forget]
         )
         return asyncio.run(serve_supervisor(supervisor))
     finally:

@@ -4,8 +4,9 @@ times jobs on both sides, a sampler of queue depths, and the endpoint.
 Names follow Prometheus conventions (``_total`` counters, ``_seconds`` histograms, base
 units). Under ``--processes N`` every child writes its samples to files in the
 supervisor's ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) and
-the supervisor alone serves them, summed: counters keep a dead child's counts, and the
-running gauge forgets a dead child's jobs (``mark_process_dead``), so it cannot drift.
+the supervisor alone serves them, summed (``ChildrenMetrics``): counters keep a dead
+child's counts, folded into one file, and the running gauge forgets a dead child's jobs
+(``mark_process_dead``), so it cannot drift.
 Queue depths are read by one process (the only worker, or slot 0), never by every one.
 """
 
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,10 +24,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.metrics_core import Metric
 
 from amqp_jobs.errors import AmqpJobsError, ContractError, describe
 from amqp_jobs.middleware import Middleware, Next, Publishing
-from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
+from amqp_jobs.outcome import RAN, JobContext, Outcome, OutcomeKind
 from amqp_jobs.topology import dead_queue, high_queue, work_queue
 from amqp_jobs.transport import Link
 
@@ -40,8 +43,9 @@ DEPTH_EVERY = 5.0
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 600)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 CONFIRM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
-#: Outcomes that end an attempt the handler ran (their duration is the handler's).
-_RAN = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.RETRYING, OutcomeKind.DEAD})
+#: The multiprocess files whose samples add up across processes, and so can be folded
+#: into one when a process dies (gauges are per process, or live-only and dropped).
+_SUMMED = ("counter", "histogram", "summary")
 
 
 def multiprocess_dir() -> str | None:
@@ -173,7 +177,7 @@ class Metrics(Middleware):
             found = self._m.jobs.labels(queue, job, kind.value), self._m.duration.labels(queue, job)
             self._ended[key] = found
         found[0].inc()
-        if ctx is not None and outcome.kind in _RAN:
+        if ctx is not None and outcome.kind in RAN:
             found[1].observe(outcome.duration)
 
     async def publish(self, publishing: Publishing, call_next: Next) -> Any:
@@ -231,18 +235,60 @@ def serve(address: tuple[str, int], registry: CollectorRegistry) -> bool:
     return True
 
 
-def multiprocess_registry(directory: str) -> CollectorRegistry:
-    """What the supervisor serves: every child's samples in ``directory``, summed."""
-    registry = CollectorRegistry()
-    prometheus_multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    return registry
+class ChildrenMetrics:
+    """What a supervisor serves: its children's sample files in ``directory``, summed.
 
+    A dead child's live gauges (its running jobs, its depth readings) are dropped, and
+    its counters, histograms and summaries are added into one file per type
+    (``counter_exited.db``) and its own files removed: a supervisor that recycles
+    children for weeks would otherwise read one more file per child at every scrape.
+    (An app's own gauges in other multiprocess modes stay per process, as
+    prometheus_client keeps them.) Folding and scraping take one lock, so a scrape
+    never sees a dead child's counts twice or not at all."""
 
-def forget_process(directory: str) -> Callable[[int], None]:
-    """A supervisor's exit callback: drop a dead child's live gauges (running jobs, its
-    depth readings), keeping its counters and histograms."""
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        #: serve this (``serve(address, children.registry)``)
+        self.registry = CollectorRegistry()
+        self._files = prometheus_multiprocess.MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+        self._lock = threading.Lock()
+        self.registry.register(self)
 
-    def forget(pid: int) -> None:
-        prometheus_multiprocess.mark_process_dead(pid, path=directory)  # type: ignore[no-untyped-call]
+    def collect(self) -> list[Metric]:
+        with self._lock:
+            return list(self._files.collect())  # type: ignore[no-untyped-call]
 
-    return forget
+    def forget(self, pid: int) -> None:
+        """A supervisor's exit callback: ``pid`` has exited."""
+        with self._lock:
+            prometheus_multiprocess.mark_process_dead(pid, path=self.directory)  # type: ignore[no-untyped-call]
+            for kind in _SUMMED:
+                dead = os.path.join(self.directory, f"{kind}_{pid}.db")
+                if os.path.exists(dead):
+                    self._fold(dead, os.path.join(self.directory, f"{kind}_exited.db"))
+
+    @staticmethod
+    def _fold(dead: str, exited: str) -> None:
+        """Add ``dead``'s samples into ``exited``, then remove ``dead``. The sum is written
+        to a file the collector does not read and renamed over ``exited``: a fold that
+        fails half-way leaves both files as they were, never a count in both."""
+        from prometheus_client import mmap_dict
+
+        samples: Any = mmap_dict.MmapedDict  # untyped
+        adding = list(samples.read_all_values_from_file(dead))
+        sums: dict[str, float] = {}
+        if os.path.exists(exited):
+            sums = {key: value for key, value, _, _ in samples.read_all_values_from_file(exited)}
+        for key, value, _, _ in adding:
+            sums[key] = sums.get(key, 0.0) + value
+        partial = exited + ".partial"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        out = samples(partial)
+        try:
+            for key, value in sums.items():
+                out.write_value(key, value, 0.0)
+        finally:
+            out.close()
+        os.replace(partial, exited)
+        os.remove(dead)

@@ -16,6 +16,7 @@ then parked); one from ``settled`` is logged and ignored.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
@@ -158,6 +159,9 @@ def wrap_attempt(chain: Sequence[Middleware], ctx: JobContext, handler: Next) ->
 
 
 def _bind_attempt(item: Middleware, ctx: JobContext, inner: Next) -> Next:
+    # a coroutine of our own (not a partial of ``item.attempt``): an ``attempt`` that
+    # raises when called, or returns no awaitable, then fails inside the attempt's task
+    # like any other middleware failure, and the attempt's slot is given back
     async def call() -> Any:
         return await item.attempt(ctx, inner)
 
@@ -173,10 +177,7 @@ async def publish_through(chain: Sequence[Middleware], publishing: Publishing, s
 
 
 def _bind_publish(item: Middleware, publishing: Publishing, inner: Next) -> Next:
-    async def call() -> Any:
-        return await item.publish(publishing, inner)
-
-    return call
+    return functools.partial(item.publish, publishing, inner)
 
 
 async def tell_settled(

@@ -62,6 +62,11 @@ class OutcomeKind(StrEnum):
     QUARANTINED = "quarantined"  # moved to the quarantine queue
 
 
+#: The outcomes of an attempt its handler ran (not a deferral, re-delay, poison or
+#: quarantine): what metrics time and ``--max-jobs`` counts.
+RAN = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.RETRYING, OutcomeKind.DEAD})
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How one delivery of a job ended.

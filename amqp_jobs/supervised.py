@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from amqp_jobs.middleware import Middleware
-from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
+from amqp_jobs.outcome import RAN, JobContext, Outcome
 
 log = logging.getLogger("amqp_jobs.supervisor")
 
@@ -142,9 +142,5 @@ class _Counting(Middleware):
         self.supervised = supervised
 
     async def settled(self, outcome: Outcome, ctx: JobContext | None) -> None:
-        if ctx is not None and outcome.kind in _RAN:  # not deferrals, re-delays, poison
+        if ctx is not None and outcome.kind in RAN:  # not deferrals, re-delays, poison
             self.supervised.job_done()
-
-
-#: Outcomes of an attempt that ran: what --max-jobs counts.
-_RAN = frozenset({OutcomeKind.SUCCEEDED, OutcomeKind.RETRYING, OutcomeKind.DEAD})

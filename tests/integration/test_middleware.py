@@ -155,6 +155,24 @@ async def test_poison_and_redelays_reach_the_middleware_without_a_context(
     assert parked.message_id == "poison-1"
 
 
+async def run_three(
+    namespace: Namespace, middleware: Middleware, name: str
+) -> tuple[list[int], Any]:
+    """Three jobs through one slot with ``middleware``: the attempts the handler saw, and
+    the worker's stats."""
+    app = namespace.app(middleware=[middleware])
+    job = Job(name, N, queue="mw", retry=RetryPolicy(max_attempts=3, backoff=0))
+    runs: list[int] = []
+
+    @app.handler(job)
+    async def run(args: N, ctx: JobContext) -> None:
+        runs.append(ctx.attempt)
+
+    async with namespace.client() as client:
+        await client.enqueue_many(job, [{"n": i} for i in range(3)])
+    return runs, await run_until_idle(namespace.worker(app, concurrency=1))
+
+
 async def test_failing_middleware_never_loses_a_job(
     namespace: Namespace, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -167,23 +185,33 @@ async def test_failing_middleware_never_loses_a_job(
         async def settled(self, outcome: Outcome, ctx: JobContext | None) -> None:
             raise RuntimeError("settled bug")
 
-    app = namespace.app(middleware=[Broken()])
-    job = Job("t.broken", N, queue="mw", retry=RetryPolicy(max_attempts=3, backoff=0))
-    runs: list[int] = []
-
-    @app.handler(job)
-    async def run(args: N, ctx: JobContext) -> None:
-        runs.append(ctx.attempt)
-
     caplog.set_level(logging.ERROR, logger="amqp_jobs")
-    async with namespace.client() as client:
-        await client.enqueue(job, {"n": 1})
-    stats = await run_until_idle(namespace.worker(app))
-    assert runs == [2]  # attempt 1 failed in the middleware and was retried
-    assert (stats.retried, stats.succeeded, stats.dead) == (1, 1, 0)
+    runs, stats = await run_three(namespace, Broken(), "t.broken")
+    assert runs == [2, 2, 2]  # each attempt 1 failed in the middleware and was retried
+    assert (stats.retried, stats.succeeded, stats.dead) == (3, 3, 0)
     text = caplog.text
     assert "middleware failed around job t.broken" in text
     assert "settled failed (ignored)" in text
+
+
+async def test_a_plain_def_attempt_that_raises_fails_the_attempt_not_the_worker(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ``attempt`` written without ``async`` raises as it is called, not when awaited:
+    still a failed attempt, retried, with its slot given back (one slot: the next job
+    could not start otherwise)."""
+
+    class Plain(Middleware):
+        def attempt(self, ctx: JobContext, call_next: Next) -> Any:  # type: ignore[override]
+            if ctx.attempt == 1:
+                raise RuntimeError("middleware bug")
+            return call_next()
+
+    caplog.set_level(logging.ERROR, logger="amqp_jobs")
+    runs, stats = await run_three(namespace, Plain(), "t.plain")
+    assert runs == [2, 2, 2]
+    assert (stats.retried, stats.succeeded, stats.dead) == (3, 3, 0)
+    assert "middleware failed around job t.plain" in caplog.text
 
 
 async def test_publish_middleware_adds_headers_the_handler_sees(namespace: Namespace) -> None:
