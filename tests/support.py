@@ -17,6 +17,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from amqp_jobs import Worker
 from amqp_jobs.contract import TopologySettings
 from amqp_jobs.message import Message
 from amqp_jobs.testing import Namespace, memory_broker_of
@@ -47,6 +48,21 @@ async def eventually(
 
 
 @asynccontextmanager
+async def running(
+    worker: Worker, *, start_within: float = 15.0, stop_within: float = 20.0
+) -> AsyncIterator[Worker]:
+    """``worker`` running in a task for the block: started (within ``start_within``
+    seconds) when it is entered, stopped gracefully and awaited when it is left."""
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started(), start_within)
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, stop_within)
+
+
+@asynccontextmanager
 async def channel(url: str) -> AsyncIterator[AbstractChannel]:
     connection = await aio_pika.connect(url, client_properties={"connection_name": "test helper"})
     try:
@@ -70,6 +86,19 @@ async def queue_count(url: str, name: str, *, missing_ok: bool = False) -> int:
         await link.close()
     assert depth is not None or missing_ok, f"no queue {name}"
     return depth or 0
+
+
+async def count_once_settled(url: str, name: str, expected: int, *, timeout: float = 10.0) -> int:
+    """Queue ``name``'s ready count: ``expected`` as soon as it reads so, else the last
+    count after ``timeout`` s. Messages a closed channel held come back to a quorum queue
+    a moment after the close has returned: a count read at once can miss them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        count = await queue_count(url, name)
+        if count == expected or loop.time() > deadline:
+            return count
+        await asyncio.sleep(0.05)
 
 
 async def declare(ns: Namespace, queue: str, job_names: set[str] | None = None) -> None:
