@@ -188,6 +188,11 @@ async def test_awaited_jobs_across_a_reconnect_and_a_broker_restart(
                     timeout=60,
                     what=f"{RESTART_AFTER} outcomes after the client's connections closed",
                 )
+                # two faults, each met on its own: the reply consumer is back from the first
+                # (closing the connections one by one can take long on a busy machine)
+                await eventually(
+                    lambda: client._replies.reconnects >= 1, timeout=30, what="replies back"
+                )
                 await restart_broker(
                     node, worker, also={"callers awaiting outcomes": lambda: tally.awaiting > 0}
                 )

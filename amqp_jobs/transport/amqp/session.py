@@ -9,7 +9,6 @@ a consumer because its queue was deleted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import ssl
@@ -24,7 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from amqp_jobs.errors import ConnectionLostError
 from amqp_jobs.message import Message
 from amqp_jobs.transport.amqp.acks import Acks
-from amqp_jobs.transport.amqp.channels import LOST, Delivery, open_channel, ours
+from amqp_jobs.transport.amqp.channels import LOST, Delivery, is_alive, open_channel, ours
 from amqp_jobs.transport.amqp.connection import TRANSIENT, connect, describe
 from amqp_jobs.transport.amqp.link import message_properties
 from amqp_jobs.transport.base import Delivery as DeliveryProtocol
@@ -161,6 +160,8 @@ class AmqpSession:
         self._recent: OrderedDict[str, float] = OrderedDict()
         self._background: set[asyncio.Future[None]] = set()
         self._reported = False
+        #: close() was called: channels closing now close with the connection, on purpose
+        self._closing = False
         connection.close_callbacks.add(self._connection_closed)
 
     @classmethod
@@ -235,7 +236,7 @@ class AmqpSession:
     def _replenish(self) -> None:
         """Open a spare in the background for the one a refused claim cost: the next
         claim then takes one round trip, not two."""
-        if self._opening or len(self._spares) >= MAX_SPARES or self._connection.is_closed:
+        if self._opening or len(self._spares) >= MAX_SPARES or not is_alive(self._connection):
             return
         self._opening = True
 
@@ -254,8 +255,10 @@ class AmqpSession:
         """A held lock's channel closed under it. Our own channels close only with the
         connection (reported already) or by a call on them, and a held lock's channel
         takes none: if it happens, the lock is free for others while its holder runs."""
+        if self._closing or not is_alive(self._connection):
+            return  # closed with the connection: reported as its loss already
         for name, (spare, _) in list(self._locks.items()):
-            if spare[0] is channel and not self._connection.is_closed:
+            if spare[0] is channel:
                 self._lose(name, f"its channel closed: {describe(exc)}")
 
     def _lock_cancelled(self, frame: Any) -> None:
@@ -283,7 +286,9 @@ class AmqpSession:
         connection, and cost tens of ms under load. The consumer lives on a channel of
         its own: a refused claim closes the channel it was tried on."""
         if name in self._locks:
-            return True
+            if not self._locks[name][0][1].is_closed:
+                return True
+            del self._locks[name]  # its channel went (with the connection): not held
         try:
             if not self._known(name):
                 await self._declare_lock(name)
@@ -399,11 +404,23 @@ class AmqpSession:
         self._callbacks.clear()
         if self._connection.is_closed:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FLUSH_TIMEOUT):
-                for channel in self._channels:
-                    await channel.acks.flushed()
-                await _written(self._connection)
+        # A connection the broker closed (or whose socket died) has nothing to flush:
+        # aio-pika still calls it open, and waiting on its writer cost every reconnect
+        # FLUSH_TIMEOUT (a worker, a reply consumer, deaf 2 s longer than needed).
+        if is_alive(self._connection):
+            try:
+                async with asyncio.timeout(FLUSH_TIMEOUT):
+                    for channel in self._channels:
+                        await channel.acks.flushed()
+                    await _written(self._connection)
+            except TimeoutError:
+                log.warning(
+                    "closing the connection: settlements not written within %.0f s are"
+                    " dropped; the broker delivers those jobs again",
+                    FLUSH_TIMEOUT,
+                )
+        self._closing = True  # the locks' channels now close with it, and free them
+        self._locks.clear()
         try:
             await self._connection.close()
         except Exception as exc:
@@ -424,9 +441,16 @@ async def _written(connection: AbstractConnection) -> None:
     drain future, queued last, is drained only after them."""
     underlay = getattr(getattr(connection, "transport", None), "connection", None)
     queue = getattr(underlay, "write_queue", None)
-    if not isinstance(queue, asyncio.Queue):
+    if not isinstance(underlay, aiormq.Connection) or not isinstance(queue, asyncio.Queue):
+        return
+    if underlay.is_closed:
         return
     written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     marker = aiormq.abc.ChannelFrame.marshall(0, [], drain_future=written)
     await queue.put(marker)
-    await written
+    # or until the connection closes: a writer that died meanwhile drains nothing more
+    closing = underlay.closing
+    try:
+        await asyncio.wait({written, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()  # only this observer of the closure
