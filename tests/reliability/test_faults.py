@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import urllib.parse
 import urllib.request
@@ -23,6 +24,8 @@ from amqp_jobs.topology import (
     route_levels,
     work_queue,
 )
+from amqp_jobs.transport import transport_for
+from amqp_jobs.transport.amqp.session import FLUSH_TIMEOUT
 from tests.reliability import rel_app
 from tests.reliability.harness import Harness
 from tests.support import (
@@ -135,6 +138,32 @@ def close_connections(amqp_url: str, marker: str) -> int:
     return closed
 
 
+async def test_a_session_the_broker_closed_closes_at_once(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session whose connection the broker closed has nothing left to flush: closing
+    it, as a worker or a reply consumer does before it reconnects, neither waits out
+    FLUSH_TIMEOUT on a dead writer nor warns of dropped settlements."""
+    require_management()
+    marker = f"closed-session {namespace.name}"
+    session = await transport_for(namespace.url).session(name=marker, give_up_after=10)
+    lost = asyncio.Event()
+    session.on_lost(lambda reason, _: lost.set())
+    await session.channel(1)  # a channel whose acks a close would flush, as a worker's
+    loop = asyncio.get_running_loop()
+
+    async def closed() -> bool:  # once the management API lists it (stats come every 5 s)
+        return await loop.run_in_executor(None, close_connections, namespace.url, marker) == 1
+
+    await eventually(closed, timeout=30, interval=0.5, what="the session's connection listed")
+    await asyncio.wait_for(lost.wait(), 10)
+    began = loop.time()
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(session.close(), 10)
+    assert "settlements not written" not in caplog.text
+    assert loop.time() - began < FLUSH_TIMEOUT
+
+
 async def test_connections_closed_by_the_broker_mid_load(harness: Harness) -> None:
     require_management()
     await harness.publish(rel_app.work, load(300))
@@ -163,6 +192,25 @@ async def test_connections_closed_by_the_broker_mid_load(harness: Harness) -> No
     assert report.duplicates <= 2 * CONCURRENCY
 
 
+async def exit_or_parked(
+    worker: WorkerProcess, url: str, dead: str, timeout: float = 60.0
+) -> int | None:
+    """The worker's exit status, or None once a job is in ``dead``. The broker
+    dead-letters the poison job (at-least-once) a moment after the crash that used up its
+    deliveries: a worker started before it lands finds nothing to crash on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status = worker.proc.poll()
+        if status is not None:
+            return status
+        if await queue_count(url, dead) >= 1:
+            return None
+        if loop.time() > deadline:
+            pytest.fail(f"the worker neither crashed nor saw the poison job parked in {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 async def test_a_job_that_kills_its_worker_every_time(harness: Harness) -> None:
     from amqp_jobs import TopologySettings
     from amqp_jobs.topology import dead_queue
@@ -184,13 +232,14 @@ async def test_a_job_that_kills_its_worker_every_time(harness: Harness) -> None:
     dead = dead_queue(harness.namespace.name, "rel")
     # two crashes among other jobs, then up to limit + 1 alone from the quarantine queue
     for _ in range(2 * limit + 3):
-        if await queue_count(harness.namespace.url, dead) >= 1:
-            break
         worker = start(harness, env=env)
         try:
-            assert await worker.wait(60) == 7, "the poison job ends the process"
+            status = await exit_or_parked(worker, harness.namespace.url, dead)
         finally:
             worker.stop_now()
+        if status is None:
+            break
+        assert status == 7, "the poison job ends the process"
     last = start(harness, env=env)
     try:
         await harness.wait_all(dead={doomed}, timeout=20)
@@ -292,7 +341,12 @@ async def test_a_dead_letter_that_cannot_be_stored_is_not_acked(
         worker.stop()
         await asyncio.wait_for(task, 15)
     held = [work_queue(ns, "dl"), quarantine_queue(ns, "dl")]
-    assert sum([await queue_count(url, name) for name in held]) == 1, "not acked, not lost"
+
+    async def held_once() -> bool:
+        return sum([await queue_count(url, name) for name in held]) == 1
+
+    # not acked, not lost: back in its queue a moment after the worker's connection closed
+    await eventually(held_once, timeout=10, what="the job back in its queue, once")
     assert await queue_count(url, dead_queue(ns, "dl")) == 0
     async with channel(url) as ch:  # repaired: the next worker declares it properly
         await ch.exchange_delete(dead_exchange(ns))
