@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import uuid
@@ -45,13 +46,31 @@ async def cleanup(ns: str, queues: set[str]) -> None:
     await transport_for(URL).delete_namespace(ns, queues, TopologySettings())
 
 
-async def queue_depth(connection: AbstractConnection, name: str) -> int:
+async def queue_counts(connection: AbstractConnection, name: str) -> tuple[int, int]:
+    """Queue ``name``'s ready messages and consumers (a passive declare)."""
     channel = await connection.channel()
     try:
         queue = await channel.declare_queue(name, passive=True)
-        return queue.declaration_result.message_count or 0
+        result = queue.declaration_result
+        return result.message_count or 0, result.consumer_count or 0
     finally:
         await channel.close()
+
+
+async def queue_depth(connection: AbstractConnection, name: str) -> int:
+    return (await queue_counts(connection, name))[0]
+
+
+async def left_in(connection: AbstractConnection, name: str, timeout: float = 10.0) -> int:
+    """Messages left ready in queue ``name`` once its consumers are gone: a consumer's
+    unacked messages return to the queue only when the broker has dropped it, a moment
+    after its process exited. Waits at most ``timeout`` s for that."""
+    for _ in range(int(timeout / 0.1)):
+        ready, consumers = await queue_counts(connection, name)
+        if not consumers:
+            return ready
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{name} still has {consumers} consumers after {timeout:.0f} s")
 
 
 def broker_pid() -> int | None:

@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +39,7 @@ from bench.common import (
     broker_pid,
     cleanup,
     cpu_seconds,
+    left_in,
     namespace,
     queue_depth,
     rss_mb,
@@ -84,6 +85,10 @@ class Comparison:
 
 #: Enqueues per sequential run: one at a time is slow (a round trip each).
 SEQUENTIAL_JOBS = 5_000
+#: The second concurrent-enqueue row: calls gathered this many at a time, as a service
+#: publishing under load has them (all 20,000 at once keep 20,000 calls' objects alive,
+#: and Python's garbage collector then dominates)
+IN_FLIGHT = 1_000
 
 
 def raw_message(i: int) -> aio_pika.Message:
@@ -100,15 +105,20 @@ def raw_message(i: int) -> aio_pika.Message:
     )
 
 
-async def enqueue_raw(ns: str, n: int) -> float:
+async def enqueue_raw(ns: str, n: int, width: int | None = None) -> float:
+    """Seconds to publish ``n`` jobs gathered ``width`` at a time (default: all at once)."""
     connection = await aio_pika.connect(URL)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(jobs_exchange(ns), ensure=False)
         began = time.perf_counter()
-        await asyncio.gather(
-            *(exchange.publish(raw_message(i), "bench.signup", mandatory=True) for i in range(n))
-        )
+        for start in range(0, n, width or n):
+            await asyncio.gather(
+                *(
+                    exchange.publish(raw_message(i), "bench.signup", mandatory=True)
+                    for i in range(start, min(n, start + (width or n)))
+                )
+            )
         return time.perf_counter() - began
     finally:
         await connection.close()
@@ -141,7 +151,9 @@ async def sequential_cpu(ns: str, n: int, ours: bool) -> float:
         await connection.close()
 
 
-async def enqueue_ours(ns: str, n: int, many: bool) -> float:
+async def enqueue_ours(ns: str, n: int, many: bool, width: int | None = None) -> float:
+    """Seconds to enqueue ``n`` jobs: one ``enqueue_many``, or ``enqueue`` calls gathered
+    ``width`` at a time (default: all at once)."""
     job = bench_job()
     async with JobClient(URL, namespace=ns) as client:
         await client.enqueue(job, args(-1))  # connect and declare outside the timing
@@ -149,7 +161,9 @@ async def enqueue_ours(ns: str, n: int, many: bool) -> float:
         if many:
             await client.enqueue_many(job, [args(i) for i in range(n)])
         else:
-            await asyncio.gather(*(client.enqueue(job, args(i)) for i in range(n)))
+            for start in range(0, n, width or n):
+                end = min(n, start + (width or n))
+                await asyncio.gather(*(client.enqueue(job, args(i)) for i in range(start, end)))
         return time.perf_counter() - began
 
 
@@ -166,6 +180,7 @@ async def purge(ns: str) -> None:
 async def bench_enqueue(n: int, runs: int, beam: int | None) -> list[Comparison]:
     ns = namespace("enqueue")
     loop_cmp = Comparison("enqueue (concurrent calls)", "jobs/s", target=0.9)
+    narrow = Comparison(f"enqueue ({IN_FLIGHT:,} calls in flight at a time)", "jobs/s")
     many_cmp = Comparison("enqueue_many", "jobs/s", target=1.0)
     cpu = Comparison("broker CPU per 1,000 enqueued", "CPU ms", higher_is_better=False, target=None)
     sequential = Comparison(
@@ -176,16 +191,19 @@ async def bench_enqueue(n: int, runs: int, beam: int | None) -> list[Comparison]
         async with JobClient(URL, namespace=ns) as client:
             await client.enqueue(bench_job(), args(0))
         for run in range(runs):
-            order = ["raw", "ours", "many"] if run % 2 == 0 else ["many", "ours", "raw"]
+            order = ["raw", "ours", "many", "raw-narrow", "ours-narrow"]
+            if run % 2:
+                order.reverse()
             seconds: dict[str, float] = {}
             broker: dict[str, float] = {}
             for kind in order:
                 await purge(ns)
                 before = cpu_seconds(beam)
-                if kind == "raw":
-                    seconds[kind] = await enqueue_raw(ns, n)
+                width = IN_FLIGHT if kind.endswith("-narrow") else None
+                if kind.startswith("raw"):
+                    seconds[kind] = await enqueue_raw(ns, n, width)
                 else:
-                    seconds[kind] = await enqueue_ours(ns, n, many=kind == "many")
+                    seconds[kind] = await enqueue_ours(ns, n, kind == "many", width)
                 after = cpu_seconds(beam)
                 if before is not None and after is not None:
                     broker[kind] = (after - before) * 1000 / (n / 1000)
@@ -193,6 +211,8 @@ async def bench_enqueue(n: int, runs: int, beam: int | None) -> list[Comparison]
             loop_cmp.ours.append(n / seconds["ours"])
             many_cmp.raw.append(n / seconds["raw"])
             many_cmp.ours.append(n / seconds["many"])
+            narrow.raw.append(n / seconds["raw-narrow"])
+            narrow.ours.append(n / seconds["ours-narrow"])
             if broker:
                 cpu.raw.append(broker["raw"])
                 cpu.ours.append(broker["ours"])
@@ -202,7 +222,7 @@ async def bench_enqueue(n: int, runs: int, beam: int | None) -> list[Comparison]
                 (sequential.ours if ours else sequential.raw).append(per_job)
     finally:
         await cleanup(ns, {"bench"})
-    return [loop_cmp, many_cmp, sequential] + ([cpu] if cpu.ours else [])
+    return [loop_cmp, narrow, many_cmp, sequential] + ([cpu] if cpu.ours else [])
 
 
 # -- workload 2: drain --------------------------------------------------------------
@@ -230,6 +250,11 @@ async def fill(ns: str, n: int) -> None:
     async with JobClient(URL, namespace=ns) as client:
         await client.enqueue_many(bench_job(), [args(i) for i in range(n)])
 
+
+#: The CPU-bound jobs of the second ``--processes`` row: loop steps per job (about 1 ms
+#: of CPU here), and how many jobs (at most ``--jobs``)
+PROCESSES_WORK = 50_000
+PROCESSES_WORK_JOBS = 6_000
 
 #: The prefetch at which raw aio-pika drains fastest here (16, 100 and 200 measured:
 #: 100 and 200 tie, 16 is 3 % slower): the baseline of "at its best".
@@ -260,6 +285,11 @@ async def bench_drain(n: int, runs: int, beam: int | None) -> list[Comparison]:
             got: dict[tuple[str, int, str], dict[str, float]] = {}
             for mode, prefetch, observe in sides if run % 2 == 0 else sides[::-1]:
                 await fill(ns, n)
+                connection = await connect(URL, name="bench check")
+                queued = await queue_depth(connection, work_queue(ns, "bench"))
+                await connection.close()
+                if queued != n:
+                    raise RuntimeError(f"{n} jobs enqueued for {mode}, {queued} in the queue")
                 before = cpu_seconds(beam)
                 loop = asyncio.get_running_loop()
                 times = await loop.run_in_executor(
@@ -267,10 +297,11 @@ async def bench_drain(n: int, runs: int, beam: int | None) -> list[Comparison]:
                 )
                 after = cpu_seconds(beam)
                 connection = await connect(URL, name="bench check")
-                left = await queue_depth(connection, work_queue(ns, "bench"))
+                left = await left_in(connection, work_queue(ns, "bench"))
                 await connection.close()
                 if left:
-                    raise RuntimeError(f"{mode} left {left} jobs in the queue")
+                    seen = times.get("redelivered", 0)
+                    raise RuntimeError(f"{mode} left {left} in the queue, saw {seen:g} redelivered")
                 times["rate"] = n / (times["done"] - times["spawned"])
                 times["startup"] = times["first"] - times["spawned"]
                 if before is not None and after is not None:
@@ -401,40 +432,47 @@ def _counting(n: int, done: asyncio.Event) -> Callable[[Signup], Awaitable[None]
     return noop
 
 
-async def bench_inmemory(n: int, runs: int) -> dict[str, Any]:
-    """No-op jobs on ``memory://``, in one process: ``enqueue_many`` (validate, encode,
-    publish, route), then the worker's pipeline (consume, decode, admit, run, decide,
-    settle) until the last job ran. No baseline: there is nothing to compare with."""
+async def drain_in_memory(name: str, n: int, middleware: Sequence[Any] = ()) -> tuple[float, float]:
+    """``n`` no-op jobs on a fresh ``memory://`` broker ``name``, in this process:
+    seconds of ``enqueue_many`` (validate, encode, publish, route), then of the worker's
+    pipeline (consume, decode, admit, run, decide, settle) until the last job ran."""
     from amqp_jobs import JobApp
     from amqp_jobs.testing import memory_broker
 
+    memory_broker(name)
+    app = JobApp(name, middleware=middleware)
+    job = bench_job()
+    done = asyncio.Event()
+    app.add_handler(job, _counting(n, done))
+
+    url = f"memory://{name}"
+    began = time.perf_counter()
+    async with JobClient(url, namespace=name) as client:
+        for start in range(0, n, 10_000):
+            batch = [args(i) for i in range(start, min(n, start + 10_000))]
+            await client.enqueue_many(job, batch)
+    enqueued = time.perf_counter()
+    worker = app.worker(url)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(done.wait(), 600)
+    finally:
+        ended = time.perf_counter()
+        worker.stop()
+        await task
+    return enqueued - began, ended - enqueued
+
+
+async def bench_inmemory(n: int, runs: int) -> dict[str, Any]:
+    """No-op jobs on ``memory://``, in one process: ``enqueue_many``, then the worker's
+    pipeline until the last job ran (``drain_in_memory``). No baseline: there is nothing
+    to compare with."""
     enqueue_rates: list[float] = []
     pipeline_rates: list[float] = []
     for run in range(runs):
-        name = f"bench-{run}"
-        memory_broker(name)
-        app = JobApp(name)
-        job = bench_job()
-        done = asyncio.Event()
-        app.add_handler(job, _counting(n, done))
-
-        url = f"memory://{name}"
-        began = time.perf_counter()
-        async with JobClient(url, namespace=name) as client:
-            for start in range(0, n, 10_000):
-                batch = [args(i) for i in range(start, min(n, start + 10_000))]
-                await client.enqueue_many(job, batch)
-        enqueued = time.perf_counter()
-        worker = app.worker(url)
-        task = asyncio.create_task(worker.run())
-        try:
-            await asyncio.wait_for(done.wait(), 600)
-        finally:
-            ended = time.perf_counter()
-            worker.stop()
-            await task
-        enqueue_rates.append(n / (enqueued - began))
-        pipeline_rates.append(n / (ended - enqueued))
+        enqueue_s, pipeline_s = await drain_in_memory(f"bench-{run}", n)
+        enqueue_rates.append(n / enqueue_s)
+        pipeline_rates.append(n / pipeline_s)
     return {
         "jobs": n,
         "enqueue_jobs_per_s": Spread.of(enqueue_rates).to_json(),
@@ -518,8 +556,11 @@ def report(comparisons: list[Comparison], extra: dict[str, Any]) -> str:
     if "processes" in extra:
         p = extra["processes"]
         lines.append(
-            f"\n--processes 2 vs one process, {p['jobs']:,} jobs: {p['ratio']:.2f}x"
-            " (target ≥ 1.6x; see README: on 2 cores shared with the broker)"
+            f"\n--processes 2 vs one process (target ≥ 1.6x; 2 cores shared with the broker):"
+            f"\n  {p['jobs']:,} no-op jobs: {p['noop']['steady']:.2f}x steady"
+            f" ({p['noop']['launch']:.2f}x from launch)"
+            f"\n  {p['work_jobs']:,} jobs of {p['work_steps']:,} loop steps (~1 ms of CPU):"
+            f" {p['work']['steady']:.2f}x steady ({p['work']['launch']:.2f}x from launch)"
         )
     if "retry" in extra:
         r = extra["retry"]
@@ -582,8 +623,16 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
     if "processes" not in skip:
         from bench.processes import main_async as bench_processes
 
-        ratio = await bench_processes(options.jobs, 3, 2, [])
-        extra["processes"] = {"jobs": options.jobs, "ratio": ratio}
+        noop = await bench_processes(options.jobs, 3, 2, [])
+        work_jobs = min(PROCESSES_WORK_JOBS, options.jobs)
+        work = await bench_processes(work_jobs, 3, 2, [], PROCESSES_WORK)
+        extra["processes"] = {
+            "jobs": options.jobs,
+            "noop": noop,
+            "work_jobs": work_jobs,
+            "work_steps": PROCESSES_WORK,
+            "work": work,
+        }
     if "retry" not in skip:
         extra["retry"] = await bench_retry(options.retry_jobs)
     if "delay" not in skip:
