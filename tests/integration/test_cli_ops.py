@@ -7,7 +7,6 @@ import contextlib
 import functools
 import io
 import json
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +28,7 @@ from amqp_jobs.topology import (
 from amqp_jobs.transport import transport_for
 from tests.support import (
     MANAGEMENT,
+    count_once_settled,
     drain,
     eventually,
     put,
@@ -196,7 +196,7 @@ def test_dead_show(namespace: Namespace, capsys: pytest.CaptureFixture[str]) -> 
     code, _, err = cli(capsys, namespace, "dead", "show", "zzz", "--queue", "billing")
     assert code == 1
     assert "no dead job 'zzz'" in err
-    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 2
+    assert run(count_once_settled(namespace.url, dead_queue(namespace.name, "billing"), 2)) == 2
 
 
 def test_dead_show_takes_the_start_of_an_id(
@@ -224,8 +224,8 @@ def test_dead_show_takes_the_start_of_an_id(
     code, _, err = cli(capsys, namespace, *show, "ffff", *queues)
     assert code == 1 and "no dead job 'ffff'" in err
     # nothing was taken off the dead queues
-    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 3
-    assert run(queue_count(namespace.url, dead_queue(namespace.name, "crm"))) == 1
+    assert run(count_once_settled(namespace.url, dead_queue(namespace.name, "billing"), 3)) == 3
+    assert run(count_once_settled(namespace.url, dead_queue(namespace.name, "crm"), 1)) == 1
 
 
 def test_dead_replay_by_id_and_all(
@@ -276,8 +276,8 @@ def test_interrupted_replay_loses_nothing(namespace: Namespace) -> None:
 
     with pytest.raises(Stop):
         run(replay(stop_after_two))
-    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 4
-    assert run(queue_count(namespace.url, work_queue(namespace.name, "billing"))) == 2
+    assert run(count_once_settled(namespace.url, dead_queue(namespace.name, "billing"), 4)) == 4
+    assert run(count_once_settled(namespace.url, work_queue(namespace.name, "billing"), 2)) == 2
     again = run(replay())
     assert again.job_ids == ["j2", "j3", "j4", "j5"], "the rest, in order"
     replayed = run(drain(namespace.url, work_queue(namespace.name, "billing"), 6))
@@ -296,7 +296,7 @@ def test_dead_purge(namespace: Namespace, capsys: pytest.CaptureFixture[str]) ->
     run(park(namespace, "billing", [("new1", "billing.sync_invoice")]))
     code, _, err = cli(capsys, namespace, "dead", "purge", "billing")
     assert code == 2 and "--yes" in err, "no terminal to ask on: refuse"
-    assert run(queue_count(namespace.url, dead_queue(namespace.name, "billing"))) == 3
+    assert run(count_once_settled(namespace.url, dead_queue(namespace.name, "billing"), 3)) == 3
     code, out, _ = cli(
         capsys,
         namespace,
@@ -688,9 +688,5 @@ async def test_a_broker_lost_mid_command_is_one_line(
     # nothing was lost: the dead job is back (the broker requeues what the lost
     # connection held), and nothing reached the work queue
     dead = dead_queue(namespace.name, "billing")
-    await eventually(lambda: _is(queue_count(namespace.url, dead), 1), what="the dead job back")
+    assert await count_once_settled(namespace.url, dead, 1, timeout=15) == 1, "the dead job back"
     assert await queue_count(namespace.url, work_queue(namespace.name, "billing")) == 0
-
-
-async def _is(count: Awaitable[int], expected: int) -> bool:
-    return await count == expected

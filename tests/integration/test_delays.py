@@ -11,7 +11,7 @@ from amqp_jobs.message import Message, now_ms
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import delay_queue, due_queue, jobs_exchange, work_queue
 from amqp_jobs.transport import transport_for
-from tests.support import _link, eventually, put, queue_count
+from tests.support import _link, eventually, put, queue_count, running
 
 
 class N(BaseModel):
@@ -37,11 +37,13 @@ def timed_app(
 async def test_delayed_jobs_never_run_early(namespace: Namespace) -> None:
     job, started = timed_app(namespace)
     delays = [0.05, 0.3, 0.9, 1.5, 2.2, 3.1]
-    async with namespace.client() as client:
-        for i, d in enumerate(delays):
-            await client.enqueue(job, {"n": i}, delay=timedelta(seconds=d))
-    stats = await run_until_idle(namespace.worker(timed_app.app))  # type: ignore[attr-defined]
-    assert stats.succeeded == len(delays)
+    # the worker first: a job due before it started would be late by its start-up
+    async with running(namespace.worker(timed_app.app)) as worker:  # type: ignore[attr-defined]
+        async with namespace.client() as client:
+            for i, d in enumerate(delays):
+                await client.enqueue(job, {"n": i}, delay=timedelta(seconds=d))
+        await eventually(lambda: len(started) == len(delays), timeout=30, what="every job")
+    assert worker.stats.succeeded == len(delays)
     lateness = sorted(at - eta for _, at, eta in started if eta is not None)
     assert len(lateness) == len(delays)
     assert lateness[0] >= 0, f"a job ran {-lateness[0]:.1f} ms early"
@@ -63,13 +65,13 @@ async def test_delay_is_held_by_the_broker_before_any_worker_exists(namespace: N
     """The publisher declares the cascade; the job waits in a delay level, not a worker."""
     job, started = timed_app(namespace)
     async with namespace.client() as client:
-        await client.enqueue(job, {"n": 1}, delay=timedelta(seconds=3))
+        await client.enqueue(job, {"n": 1}, delay=timedelta(seconds=6))
 
     # Declaring the cascade takes time on a busy machine, and the route is computed after
-    # it: the job enters a level at most 3 s away (level 4 = 1.6 s, or lower), never a
-    # work or due queue.
+    # it: the job enters a level at most 6 s away (level 5 = 3.2 s, or lower), never a
+    # work or due queue. 6 s: the checks below end long before it reaches the due queue.
     async def in_the_cascade() -> bool:
-        levels = range(5)
+        levels = range(7)
         return (
             sum(
                 [
@@ -87,7 +89,7 @@ async def test_delay_is_held_by_the_broker_before_any_worker_exists(namespace: N
     assert await queue_count(namespace.url, work_queue(namespace.name, "d"), missing_ok=True) == 0
     await eventually(
         lambda: queue_count(namespace.url, due_queue(namespace.name, "d")),
-        timeout=5,
+        timeout=15,
         what="the job to reach the due queue with no worker running",
     )
     await run_until_idle(namespace.worker(timed_app.app))  # type: ignore[attr-defined]
@@ -124,10 +126,10 @@ async def test_early_arrival_is_delayed_again(namespace: Namespace) -> None:
 async def test_held_jobs_do_not_take_running_slots(namespace: Namespace) -> None:
     """With concurrency 1, five held jobs do not block an immediate one.
 
-    A 3 s delay unit sends a 2 s delay straight to the due queue, so the worker holds
-    the jobs for the whole 2 s: long enough to observe.
+    A 10 s delay unit sends a 6 s delay straight to the due queue, so the worker holds
+    the jobs for the whole 6 s: long enough to observe on a busy machine.
     """
-    namespace.settings = TopologySettings(delay_unit_ms=3000, delay_levels=20)
+    namespace.settings = TopologySettings(delay_unit_ms=10_000, delay_levels=20)
     app = namespace.app()
     job = Job("t.mixed", N, queue="h")
     ran: list[tuple[int, float]] = []
@@ -138,7 +140,7 @@ async def test_held_jobs_do_not_take_running_slots(namespace: Namespace) -> None
         ran.append((args.n, time.monotonic() - t0))
 
     async with namespace.client() as client:
-        await client.enqueue_many(job, [{"n": i} for i in range(1, 6)], delay=2)
+        await client.enqueue_many(job, [{"n": i} for i in range(1, 6)], delay=6)
     worker = namespace.worker(app, concurrency=1)
     task = asyncio.create_task(run_until_idle(worker))
     await eventually(lambda: worker.in_flight == 5, what="5 delayed jobs held by the worker")
@@ -146,7 +148,7 @@ async def test_held_jobs_do_not_take_running_slots(namespace: Namespace) -> None
         await client.enqueue(job, {"n": 0})
     await asyncio.wait_for(task, 30)
     assert ran[0][0] == 0, "the immediate job ran while the delayed ones were held"
-    assert ran[0][1] < 2 <= ran[1][1]
+    assert ran[0][1] < 6 <= ran[1][1]
     assert sorted(n for n, _ in ran) == [0, 1, 2, 3, 4, 5]
 
 

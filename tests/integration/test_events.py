@@ -169,12 +169,13 @@ async def test_only_an_attempt_still_running_after_started_after_says_started(
 
     @app.handler(slow)
     async def run_slow(args: Account) -> None:
-        await asyncio.sleep(1.0)  # the job's own duration, five times started_after
+        await asyncio.sleep(2.5)  # the job's own duration, five times started_after
 
     async with namespace.client() as client:
         fast_id = await client.enqueue(quick, {"user_id": 1})
         slow_id = await client.enqueue(slow, {"user_id": 2})
-    await run_until_idle(namespace.worker(app, events=True, started_after=0.2))
+    # 0.5 s: a quick job starved that long on a busy machine would publish STARTED too
+    await run_until_idle(namespace.worker(app, events=True, started_after=0.5))
     events = await read_events(namespace, 3)
     kinds = {(e.job_id, e.event) for e in events}
     assert kinds == {

@@ -12,7 +12,7 @@ from amqp_jobs import ops as ops_
 from amqp_jobs.errors import ContractError
 from amqp_jobs.testing import Namespace
 from amqp_jobs.transport import transport_for
-from tests.support import eventually
+from tests.support import eventually, running
 
 
 class Work(BaseModel):
@@ -26,50 +26,52 @@ WORK = Job("t.work", Work, queue="prio")
 async def test_a_high_priority_job_starts_ahead_of_queued_normal_work(
     namespace: Namespace,
 ) -> None:
+    """Two normal jobs run (concurrency 2) and 18 wait in the queue; a high-priority
+    job enqueued now takes the first slot that frees."""
     started: list[tuple[int, str]] = []
     app = namespace.app()
+    release = asyncio.Event()
 
     @app.handler(WORK)
     async def work(args: Work, ctx: JobContext) -> None:
         started.append((args.n, "high" if args.n < 0 else "normal"))
-        await asyncio.sleep(args.seconds)  # the job's work
+        if args.n >= 0:  # the normal jobs' work: until the high one waits for a slot
+            await asyncio.wait_for(release.wait(), 30)
 
     worker = namespace.worker(app, concurrency=2)
-    task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(worker.started(), 10)
-        async with namespace.client() as client:
-            await client.enqueue_many(WORK, [{"n": n, "seconds": 0.2} for n in range(20)])
-            await eventually(lambda: len(started) >= 2, timeout=10, what="2 running")
-            await client.enqueue(WORK, {"n": -1}, priority="high")
-            await eventually(lambda: len(started) == 21, timeout=60, what="every job")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 20)
+    async with running(worker, start_within=10), namespace.client() as client:
+        await client.enqueue_many(WORK, [{"n": n} for n in range(20)])
+        await eventually(lambda: len(started) >= 2, timeout=10, what="2 running")
+        await client.enqueue(WORK, {"n": -1}, priority="high")
+        # held by the worker beside the 2 running (normal prefetch = concurrency)
+        await eventually(lambda: worker.in_flight == 3, timeout=10, what="high held")
+        release.set()
+        await eventually(lambda: len(started) == 21, timeout=60, what="every job")
     position = [n for n, _ in started].index(-1)
-    assert position <= 3, started  # the next slot that freed, not after 18 queued jobs
+    assert position == 2, started  # the next slot that freed, not after 18 queued jobs
 
 
 async def test_normal_work_gets_its_share_under_a_flood_of_high(namespace: Namespace) -> None:
     started: list[str] = []
     app = namespace.app()
 
+    go = asyncio.Event()
+
     @app.handler(WORK)
     async def work(args: Work, ctx: JobContext) -> None:
         started.append("high" if args.n < 0 else "normal")
+        # until the worker consumes both queues: the normal one is consumed first, and
+        # a busy machine could run many normal jobs before the high one is
+        await asyncio.wait_for(go.wait(), 30)
         await asyncio.sleep(0.01)
 
     async with namespace.client() as client:
         namespace.track(WORK)
         await client.enqueue_many(WORK, [{"n": n} for n in range(60)])
         await client.enqueue_many(WORK, [{"n": -1 - n} for n in range(60)], priority="high")
-    worker = namespace.worker(app, concurrency=3)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(namespace.worker(app, concurrency=3), start_within=10):
+        go.set()
         await eventually(lambda: len(started) >= 60, timeout=60, what="60 jobs")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 20)
     first = started[:60]
     share = first.count("normal") / len(first)
     assert share >= 0.25, first  # about 1 in NORMAL_EVERY while both wait

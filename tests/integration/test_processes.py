@@ -10,14 +10,16 @@ import os
 import re
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from amqp_jobs.supervisor import pause_after
 from amqp_jobs.testing import Namespace
+from amqp_jobs.topology import work_queue
 from tests.integration.process_app import WORK
-from tests.support import WorkerProcess, eventually
+from tests.support import WorkerProcess, _link, eventually
 
 APP = "tests.integration.process_app:app"
 
@@ -65,6 +67,20 @@ async def stopped(proc: WorkerProcess, timeout: float = 60.0) -> int:
     return await proc.wait(timeout)
 
 
+def consuming(ns: Namespace, n: int) -> Callable[[], Awaitable[bool]]:
+    """Whether the work queue has ``n`` consumers."""
+
+    async def check() -> bool:
+        link = _link(ns.url)
+        try:
+            counts = await link.counts(work_queue(ns.name, WORK.queue))
+        finally:
+            await link.close()
+        return counts is not None and counts[1] == n
+
+    return check
+
+
 def supervisor(ns: Namespace, tmp_path: Path, *extra: str) -> tuple[WorkerProcess, Ledger]:
     ledger = Ledger(tmp_path / "ledger.jsonl")
     ns.track(WORK)
@@ -91,6 +107,12 @@ async def test_a_killed_child_alone_restarts_at_once_and_loses_nothing(
         )
         restarted_in = time.monotonic() - killed
         await eventually(lambda: len(ledger.ended()) == jobs, timeout=120, what="every job's end")
+        # the new child consumes: more jobs reach it (the survivor may have run all of the
+        # first batch while it started, on a busy machine)
+        await eventually(consuming(namespace, 2), timeout=30, what="2 children consuming")
+        async with namespace.client() as client:
+            await client.enqueue_many(WORK, [{"n": n, "ms": 20} for n in range(jobs, jobs + 100)])
+        await eventually(lambda: len(ledger.ended()) == jobs + 100, timeout=60, what="100 more")
         after = children(sup.output_path)
         assert after[1] == [other], "only the killed child is restarted"
         assert alive(other)

@@ -17,7 +17,7 @@ from amqp_jobs.errors import ContractError
 from amqp_jobs.sections import lock_names
 from amqp_jobs.testing import Namespace
 from amqp_jobs.transport import transport_for
-from tests.support import eventually
+from tests.support import eventually, running
 
 
 class UserArgs(BaseModel):
@@ -59,16 +59,10 @@ async def run_jobs(
     n: int,
 ) -> Worker:
     """A worker at concurrency 16 runs what ``enqueue`` publishes, until ``n`` ran."""
-    worker = ns.worker(app, concurrency=16)
-    task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(worker.started(), 10)
+    async with running(ns.worker(app, concurrency=16), start_within=10) as worker:
         async with ns.client() as client:
             await enqueue(client)
         await eventually(lambda: len(ledger.ran) == n, timeout=60, what=f"{n} jobs")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 20)
     return worker
 
 
@@ -85,9 +79,12 @@ async def test_one_job_per_key_runs_at_once_across_job_types(namespace: Namespac
         await ledger.run(ctx, args.n)
 
     async def enqueue(client: JobClient) -> None:
-        for n in range(40):
-            job = RECONCILE if n % 2 else IMPORT
-            await client.enqueue(job, {"user_id": n % 4, "n": n})
+        # each key shared by both job types; a batch each, so that they contend
+        # however slowly this machine publishes
+        for job, first in ((IMPORT, 0), (RECONCILE, 1)):
+            await client.enqueue_many(
+                job, [{"user_id": (n // 2) % 4, "n": n} for n in range(first, 40, 2)]
+            )
 
     worker = await run_jobs(namespace, app, enqueue, ledger, 40)
     assert sorted(n for _, n, _ in ledger.ran) == list(range(40))  # each once
@@ -125,26 +122,22 @@ async def test_a_closed_holder_frees_its_section_at_once(namespace: Namespace) -
     holder = await transport_for(namespace.url).session(name="holder", give_up_after=10)
     (lock,) = lock_names(namespace.name, "finance", "5", 1)
     assert await holder.claim(lock)
-    worker = namespace.worker(app)
-    task = asyncio.create_task(worker.run())
     try:
-        await asyncio.wait_for(worker.started(), 10)
-        async with namespace.client() as client:
-            await client.enqueue(RECONCILE, {"user_id": 5, "n": 0})
-        sections = worker.sections
-        assert sections is not None
-        await eventually(lambda: sections.turned_away >= 2, timeout=15, what="turned away")
-        assert not ran.is_set()
-        await holder.close()
-        loop = asyncio.get_running_loop()
-        closed = loop.time()
-        await asyncio.wait_for(ran.wait(), 5)
-        # the lock went with the connection; what remains is the deferral's pause
-        assert loop.time() - closed < 1.0 + max(sections.retry_after)
+        async with running(namespace.worker(app), start_within=10) as worker:
+            async with namespace.client() as client:
+                await client.enqueue(RECONCILE, {"user_id": 5, "n": 0})
+            sections = worker.sections
+            assert sections is not None
+            await eventually(lambda: sections.turned_away >= 2, timeout=15, what="turned away")
+            assert not ran.is_set()
+            await holder.close()
+            loop = asyncio.get_running_loop()
+            closed = loop.time()
+            await asyncio.wait_for(ran.wait(), 5)
+            # the lock went with the connection; what remains is the deferral's pause
+            assert loop.time() - closed < 1.0 + max(sections.retry_after)
     finally:
         await holder.close()
-        worker.stop()
-        await asyncio.wait_for(task, 20)
 
 
 async def test_locks_hold_through_refusals_and_come_back_when_their_queue_is_gone(
@@ -199,6 +192,30 @@ async def test_a_lock_lost_while_held_is_reported_as_the_sessions_loss(
         await other.close()
 
 
+@pytest.mark.rabbitmq_only
+async def test_closing_a_session_that_holds_locks_reports_no_loss(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A holder closing on purpose (a worker or a recorder stopping) frees its locks
+    without an error: "lock ... was lost" is kept for losses. (Its lock channels close
+    with the connection; the log is what told of a loss that was none.)"""
+    session = await transport_for(namespace.url).session(name="holder", give_up_after=10)
+    locks = lock_names(namespace.name, "locks", "closing", 3)
+    try:
+        for lock in locks:
+            assert await session.claim(lock)
+    finally:
+        with caplog.at_level("ERROR"):
+            await session.close()
+    assert not [r for r in caplog.records if "was lost" in r.getMessage()], caplog.text
+    other = await transport_for(namespace.url).session(name="other", give_up_after=10)
+    try:
+        for lock in locks:
+            await eventually(lambda lock=lock: other.claim(lock), timeout=5, what=lock)
+    finally:
+        await other.close()
+
+
 SLOW = Job(
     "finance.slow",
     UserArgs,
@@ -228,16 +245,10 @@ async def test_a_timed_out_plain_handler_keeps_its_section_until_its_thread_ends
         if ctx.attempt == 2:
             done.set()
 
-    worker = namespace.worker(app)
-    task = asyncio.create_task(worker.run())
-    try:
-        await asyncio.wait_for(worker.started(), 15)
+    async with running(namespace.worker(app)):
         async with namespace.client() as client:
             await client.enqueue(SLOW, {"user_id": 9, "n": 0})
         await asyncio.wait_for(asyncio.to_thread(done.wait, 20), 25)
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 20)
     (first,) = [r for r in runs if r[0] == 1]
     (second,) = [r for r in runs if r[0] == 2]
     assert second[1] >= first[2], "the retry began before the timed-out thread ended"

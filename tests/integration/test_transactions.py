@@ -14,7 +14,7 @@ from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TOKEN_QUEUE_ARGUMENTS
 from amqp_jobs.transport import transport_for
 from amqp_jobs.transport.base import Delivery, Session
-from tests.support import Admin, eventually, queue_count
+from tests.support import Admin, count_once_settled, eventually, queue_count
 
 
 def _message(body: bytes) -> Message:
@@ -120,4 +120,4 @@ async def test_a_commit_publishes_and_acks_together_and_a_close_undoes_both(
     finally:
         await session.close()
     assert await queue_count(namespace.url, out) == 1
-    assert await queue_count(namespace.url, queue) == 1  # v2, back; no v3
+    assert await count_once_settled(namespace.url, queue, 1) == 1  # v2, back; no v3
