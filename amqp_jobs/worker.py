@@ -283,6 +283,9 @@ class Worker:
         _check_timeouts(registry, self.queues, consumer_timeout)
         self.consumer_timeout = consumer_timeout
         self.stats = WorkerStats()
+        #: the loop time pending() last found a job in the delay cascade: one that
+        #: leaves a level is in no queue while the broker dead-letters it on
+        self.cascade_held_at: float | None = None
         #: the namespace's scheduler candidate, if the app has schedules
         self.scheduler: Scheduler | None = None
         if scheduler and registry.schedules:
@@ -1022,7 +1025,9 @@ class Worker:
             total += await self.link.depth(name) or 0
         for level in range(self.settings.delay_levels):
             # a level is declared once a job first needs it: a missing one holds nothing
-            total += await self.link.depth(delay_queue(self.namespace, level)) or 0
+            if depth := await self.link.depth(delay_queue(self.namespace, level)) or 0:
+                total += depth
+                self.cascade_held_at = asyncio.get_running_loop().time()
         return total
 
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from amqp_jobs import Job, JobContext, TopologySettings
 from amqp_jobs.message import Message, now_ms
-from amqp_jobs.testing import Namespace, run_until_idle
+from amqp_jobs.testing import CASCADE_SETTLE, Namespace, run_until_idle
 from amqp_jobs.topology import delay_queue, due_queue, jobs_exchange, work_queue
 from amqp_jobs.transport import transport_for
 from tests.support import _link, eventually, put, queue_count, running
@@ -179,3 +179,32 @@ async def test_a_publisher_declares_only_its_levels_and_topology_declare_all(
         assert await declared() == len(levels)
     finally:
         await link.close()
+
+
+async def test_run_until_idle_waits_for_a_job_between_delay_levels(namespace: Namespace) -> None:
+    """A job a delay level dead-letters on is counted in no queue until the next takes
+    it (RabbitMQ shows it as messages_dlx only, not to a queue.declare): a worker whose
+    pending() saw a job in the cascade is not idle until CASCADE_SETTLE s later."""
+    if namespace.url.startswith("memory://"):
+        return  # the memory broker moves a job between queues at once
+    job, _ = timed_app(namespace)
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1}, delay=timedelta(seconds=30))
+    worker = namespace.worker(timed_app.app)  # type: ignore[attr-defined]
+    assert await worker.pending() == 1
+    assert worker.cascade_held_at is not None, "pending() saw the job in a delay level"
+    loop = asyncio.get_running_loop()
+    real_pending = worker.pending
+    calls = 0
+
+    async def then_in_transit() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return await real_pending()  # the job is in a level: seen there
+        return 0  # from now on it is "between two queues"
+
+    worker.pending = then_in_transit  # type: ignore[method-assign]
+    began = loop.time()
+    await run_until_idle(worker)
+    assert loop.time() - began >= CASCADE_SETTLE, "called idle with a job just out of a level"
