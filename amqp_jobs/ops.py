@@ -9,6 +9,7 @@ half-way (Ctrl-C, kill) leaves every job it had not finished where it was.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
@@ -53,6 +54,9 @@ log = logging.getLogger("amqp_jobs.ops")
 
 #: Most dead jobs one listing, replay or purge looks at.
 DEFAULT_SCAN = 100_000
+#: How long a dead-queue command waits at its end for the messages it browsed to be
+#: back in the queue (seconds; a quorum queue takes them back asynchronously).
+RETURN_WAIT = 3.0
 
 
 class Broker:
@@ -453,6 +457,10 @@ class DeadQueue:
     Use as ``async with DeadQueue(...) as dq``: messages fetched and not removed go back
     to the queue, in order, when the block ends (however it ends): they are taken with
     basic.get unsettled, on a channel of their own that is closed at the end.
+
+    A quorum queue takes them back a moment after that close has returned; the block's
+    end waits (up to RETURN_WAIT s) until the queue holds them again, so that the next
+    command (``dead list`` right after ``dead list``) sees them all.
     """
 
     def __init__(self, broker: Broker, queue: str) -> None:
@@ -462,6 +470,7 @@ class DeadQueue:
         self.name = dead_queue(broker.namespace, queue)
         self._channel: Channel | None = None
         self.size = 0
+        self.removed = 0
 
     async def __aenter__(self) -> DeadQueue:
         size = await self.broker.link.depth(self.name)
@@ -478,6 +487,28 @@ class DeadQueue:
         # Closing the channel returns every unacked message, in its original order.
         if self._channel is not None:
             await self._channel.close()
+            await self._until_returned()
+
+    async def remove(self, delivery: Delivery) -> None:
+        """Take a fetched message off the queue for good."""
+        await delivery.ack()
+        self.removed += 1
+
+    async def _until_returned(self) -> None:
+        """Wait, bounded, until the queue holds at least what it held at the start less
+        what was removed. Best effort: a broker gone or another operator's removals end
+        the wait, and the messages come back all the same."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETURN_WAIT
+        expected = self.size - self.removed
+        try:
+            while True:
+                depth = await self.broker.link.depth(self.name)
+                if depth is None or depth >= expected or loop.time() > deadline:
+                    return
+                await asyncio.sleep(0.02)
+        except AmqpJobsError as exc:
+            log.debug("not waiting for %s to take its messages back: %s", self.name, describe(exc))
 
     async def scan(self, limit: int = DEFAULT_SCAN) -> list[tuple[Delivery, DeadJob]]:
         """Fetch up to ``limit`` messages (at most the count seen on opening), unacked."""
@@ -561,7 +592,7 @@ async def replay_dead(
                 functools.partial(link.send_to_queue, target, copy),
                 give_up_after=broker.connect_timeout,
             )
-            await message.ack()
+            await dq.remove(message)
             progress.done += 1
             progress.job_ids.append(dead.job_id or "")
             if on_progress:
@@ -581,6 +612,6 @@ async def purge_dead(
     async with DeadQueue(broker, queue) as dq:
         for message, dead in await dq.scan(scan):
             if selector(dead):
-                await message.ack()
+                await dq.remove(message)
                 removed += 1
     return removed
