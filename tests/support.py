@@ -253,6 +253,25 @@ class WorkerProcess:
             self.proc.wait(10)
 
 
+async def exit_or_parked(
+    worker: WorkerProcess, url: str, dead: str, timeout: float = 60.0
+) -> int | None:
+    """The worker's exit status, or None once a job is in ``dead``. The broker
+    dead-letters the poison job (at-least-once) a moment after the crash that used up its
+    deliveries: a worker started before it lands finds nothing to crash on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status = worker.proc.poll()
+        if status is not None:
+            return status
+        if await queue_count(url, dead) >= 1:
+            return None
+        if loop.time() > deadline:
+            pytest.fail(f"the worker neither crashed nor saw the poison job parked in {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 def ledger_write(line: dict[str, object]) -> None:
     """Append ``line`` to the ledger file ``$REL_LOG`` of a worker process's handler, in
     one unbuffered write: a process killed at any moment leaves every line it wrote."""

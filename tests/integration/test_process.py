@@ -10,7 +10,15 @@ from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import TopologySettings, dead_queue, quarantine_queue, work_queue
 from amqp_jobs.transport import transport_for
 from amqp_jobs.worker import SUSPECT_AFTER
-from tests.support import WorkerProcess, drain, eventually, queue_count, read_log
+from tests.support import (
+    WorkerProcess,
+    count_once_settled,
+    drain,
+    eventually,
+    exit_or_parked,
+    queue_count,
+    read_log,
+)
 
 from . import sample_app
 
@@ -48,7 +56,7 @@ async def test_sigterm_finishes_in_flight_jobs_and_leaves_the_rest(
     started, ended = events(log_path, "start"), events(log_path, "end")
     assert sorted(ended) == sorted(started), "every job that started finished"
     assert len(started) == 2
-    assert await queue_count(namespace.url, work_queue(namespace.name, "work")) == 4
+    assert await count_once_settled(namespace.url, work_queue(namespace.name, "work"), 4) == 4
 
 
 async def test_grace_expiry_returns_unfinished_jobs(namespace: Namespace, log_path: Path) -> None:
@@ -130,13 +138,15 @@ async def test_a_job_that_kills_its_worker_is_dead_lettered_by_the_delivery_limi
         await client.enqueue(sample_app.crash, {"n": 99})
     dead = dead_queue(namespace.name, "work")
     for _ in range(2 * limit + 3):
-        if await queue_count(namespace.url, dead) == 1:
-            break
         worker = WorkerProcess(namespace, log_path, env=env)
         try:
-            assert await worker.wait(30) == 3, "the crash job kills the process"
+            status = await exit_or_parked(worker, namespace.url, dead)
         finally:
             worker.stop_now()
+        if status is None:
+            break
+        assert status == 3, "the crash job kills the process"
+    assert await count_once_settled(namespace.url, dead, 1) == 1
     transport = transport_for(namespace.url)
     async with ops.Broker(transport, namespace.name, namespace.settings) as broker:
         [listed] = await ops.list_dead(broker, "work")

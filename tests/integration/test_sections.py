@@ -134,8 +134,9 @@ async def test_a_closed_holder_frees_its_section_at_once(namespace: Namespace) -
             loop = asyncio.get_running_loop()
             closed = loop.time()
             await asyncio.wait_for(ran.wait(), 5)
-            # the lock went with the connection; what remains is the deferral's pause
-            assert loop.time() - closed < 1.0 + max(sections.retry_after)
+            # the lock went with the connection (within 1 s); what remains is the
+            # deferral's pause, twice if a claim came just before the broker dropped it
+            assert loop.time() - closed < 1.0 + 2 * max(sections.retry_after)
     finally:
         await holder.close()
 

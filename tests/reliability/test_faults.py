@@ -34,6 +34,7 @@ from tests.support import (
     channel,
     drain,
     eventually,
+    exit_or_parked,
     queue_count,
     require_management,
 )
@@ -190,25 +191,6 @@ async def test_connections_closed_by_the_broker_mid_load(harness: Harness) -> No
     report = await harness.report("connections closed by the broker mid-load")
     assert report.lost == 0
     assert report.duplicates <= 2 * CONCURRENCY
-
-
-async def exit_or_parked(
-    worker: WorkerProcess, url: str, dead: str, timeout: float = 60.0
-) -> int | None:
-    """The worker's exit status, or None once a job is in ``dead``. The broker
-    dead-letters the poison job (at-least-once) a moment after the crash that used up its
-    deliveries: a worker started before it lands finds nothing to crash on."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        status = worker.proc.poll()
-        if status is not None:
-            return status
-        if await queue_count(url, dead) >= 1:
-            return None
-        if loop.time() > deadline:
-            pytest.fail(f"the worker neither crashed nor saw the poison job parked in {timeout}s")
-        await asyncio.sleep(0.1)
 
 
 async def test_a_job_that_kills_its_worker_every_time(harness: Harness) -> None:

@@ -102,6 +102,8 @@ async def test_restarting_the_leader_leaves_the_shared_broker_alone(
     leader = cluster.leader_of(quorum_queue)
     cluster.rolling_restart([leader])
     names = sorted(node.name for node in cluster.nodes)
+    # the node that answers may learn of the rejoin a moment after the restarted one
+    await eventually(cluster.all_running, timeout=30, interval=0.5, what="all nodes running")
     assert cluster.running_nodes() == names
     await eventually(
         lambda: sorted(cluster.queue_info(quorum_queue)["online"]) == names,
