@@ -198,7 +198,8 @@ class JobApp:
                 tz=tz,
                 catch_up=catch_up_of(catch_up, name),
                 window=timedelta(seconds=seconds(window, "window")),
-            )
+            ),
+            job,
         )
 
     @property

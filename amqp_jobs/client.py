@@ -19,7 +19,7 @@ from typing import Any, Self
 from amqp_jobs.clock import WALL, Clock
 from amqp_jobs.contract import ArgsT, Job, Namespace, TopologySettings
 from amqp_jobs.durations import seconds
-from amqp_jobs.errors import AmqpJobsError, ContractError, PublishError
+from amqp_jobs.errors import AmqpJobsError, ContractError
 from amqp_jobs.errors import BatchPublishError as BatchPublishError
 from amqp_jobs.events import EventKind, header_key
 from amqp_jobs.lifecycle import job_event
@@ -34,7 +34,7 @@ from amqp_jobs.message import (
     Envelope,
     check_headers,
 )
-from amqp_jobs.middleware import Middleware, Publishing, publish_through, stack
+from amqp_jobs.middleware import Middleware, Publishing, publish_envelope, stack
 from amqp_jobs.results import Replies
 from amqp_jobs.transport import Transport, transport_for
 from amqp_jobs.urls import BrokerURLs
@@ -368,23 +368,9 @@ class JobClient:
         publishing = Publishing(
             job, envelope.job_id, job.queue, envelope.eta_ms, dict(envelope.extra_headers)
         )
-
-        sent = False
-
-        async def send() -> None:
-            nonlocal sent
-            headers = dict(publishing.headers)
-            if headers != envelope.extra_headers:
-                check_headers(headers)  # what middleware added or changed, and the total
-            await self.send(replace(envelope, extra_headers=headers), job.queue)
-            sent = True
-
-        await publish_through(self.middleware, publishing, send)
-        if not sent:
-            raise PublishError(
-                f"job {envelope.job_id} was not published: a middleware's publish() returned"
-                " without calling call_next(), or swallowed its error"
-            )
+        await publish_envelope(
+            self.middleware, publishing, envelope, lambda sent: self.send(sent, job.queue)
+        )
 
     async def enqueue_many(
         self,

@@ -20,11 +20,12 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from amqp_jobs.contract import Job
-from amqp_jobs.errors import ContractError
+from amqp_jobs.errors import ContractError, PublishError
+from amqp_jobs.message import Envelope, check_headers
 from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
 from amqp_jobs.registry import JobHooks
 
@@ -178,6 +179,33 @@ async def publish_through(chain: Sequence[Middleware], publishing: Publishing, s
 
 def _bind_publish(item: Middleware, publishing: Publishing, inner: Next) -> Next:
     return functools.partial(item.publish, publishing, inner)
+
+
+async def publish_envelope(
+    chain: Sequence[Middleware],
+    publishing: Publishing,
+    envelope: Envelope,
+    send: Callable[[Envelope], Awaitable[Any]],
+) -> None:
+    """``send`` the envelope inside every middleware's ``publish``, with the headers they
+    leave in ``publishing.headers`` (checked like a caller's). Raises PublishError if a
+    middleware returned without calling on: the job was not published."""
+    sent = False
+
+    async def call() -> None:
+        nonlocal sent
+        headers = dict(publishing.headers)
+        if headers != envelope.extra_headers:
+            check_headers(headers)  # what middleware added or changed, and the total
+        await send(replace(envelope, extra_headers=headers))
+        sent = True
+
+    await publish_through(chain, publishing, call)
+    if not sent:
+        raise PublishError(
+            f"job {envelope.job_id} was not published: a middleware's publish() returned"
+            " without calling call_next(), or swallowed its error"
+        )
 
 
 async def tell_settled(

@@ -86,13 +86,18 @@ class Registry:
         self._specs: dict[str, HandlerSpec] = {}
         #: periodic jobs by schedule name (run by the worker's scheduler)
         self.schedules: dict[str, Schedule] = {}
+        #: the contracts of the scheduled jobs, by job name (what publish middleware is
+        #: shown for each tick)
+        self.scheduled_jobs: dict[str, Job[Any]] = {}
 
-    def add_schedule(self, schedule: Schedule) -> Schedule:
+    def add_schedule(self, schedule: Schedule, job: Job[Any] | None = None) -> Schedule:
         if schedule.name in self.schedules:
             raise ContractError(
                 f"schedule {schedule.name!r} is already defined: give each a name= of its own"
             )
         self.schedules[schedule.name] = schedule
+        if job is not None:
+            self.scheduled_jobs[job.name] = job
         return schedule
 
     def add(self, job: Job[Any], func: Handler) -> HandlerSpec:

@@ -25,14 +25,17 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from amqp_jobs.clock import Clock
-from amqp_jobs.contract import TopologySettings
+from amqp_jobs.contract import Job, TopologySettings
 from amqp_jobs.errors import AmqpJobsError, describe
 from amqp_jobs.message import CONTENT_TYPE, Envelope, Message
+from amqp_jobs.middleware import Middleware, Publishing, publish_envelope
 from amqp_jobs.schedules import Entry, Schedule, State, due
 from amqp_jobs.topology import (
     STATUS_QUEUE_ARGUMENTS,
@@ -70,7 +73,13 @@ class Scheduler:
         *,
         settings: TopologySettings | None = None,
         name: str | None = None,
+        middleware: Sequence[Middleware] = (),
+        contracts: Mapping[str, Job[Any]] | None = None,
     ) -> None:
+        """``middleware``: those that override ``publish`` wrap each tick's publish, as
+        they wrap an enqueue (a PRODUCER span, a publish counted). ``contracts``: the
+        scheduled jobs' contracts by job name, which ``Publishing.job`` shows; a tick of
+        a schedule only another process defines gets a stand-in (its name and queue)."""
         self.transport = transport
         self.namespace = namespace
         self.schedules = list(schedules)
@@ -89,6 +98,8 @@ class Scheduler:
         self._defined_at = datetime.now(UTC)
         #: after a schedule failed to enqueue: no step before this (clock ms)
         self._pause_until = 0
+        self.middleware = tuple(m for m in middleware if type(m).publish is not Middleware.publish)
+        self._contracts: dict[str, Job[Any]] = dict(contracts or {})
 
     def stop(self) -> None:
         self._stop.set()
@@ -281,7 +292,7 @@ class Scheduler:
                     self._pause_until = self.clock.now_ms() + int(FAILED_PAUSE * 1000)
                     continue
                 for tick in ticks:
-                    await tx.publish(exchange, schedule.job_name, self._tick(schedule, tick))
+                    await self._publish_tick(tx, exchange, schedule, tick)
                     sent.append((entry, tick))
             entry.cursor = cursor
         state.version += 1
@@ -324,12 +335,40 @@ class Scheduler:
             {},
         )
 
-    def _tick(self, schedule: Schedule, tick: datetime) -> Message:
+    def _tick(self, schedule: Schedule, tick: datetime) -> Envelope:
         body = json.dumps(dict(schedule.args), separators=(",", ":")).encode()
-        envelope = Envelope.new(
-            schedule.job_name, body, schedule.queue, job_id=schedule.tick_id(tick)
+        return Envelope.new(schedule.job_name, body, schedule.queue, job_id=schedule.tick_id(tick))
+
+    async def _publish_tick(
+        self, tx: TxChannel, exchange: str, schedule: Schedule, tick: datetime
+    ) -> None:
+        """One tick into the step's transaction, through the publish middleware. A
+        middleware that fails fails the step: nothing is committed, and the same ticks
+        are tried again at the next."""
+        envelope = self._tick(schedule, tick)
+        if not self.middleware:
+            await tx.publish(exchange, schedule.job_name, envelope.to_message())
+            return
+        publishing = Publishing(self._contract(schedule), envelope.job_id, schedule.queue, None)
+        await publish_envelope(
+            self.middleware,
+            publishing,
+            envelope,
+            lambda sent: tx.publish(exchange, schedule.job_name, sent.to_message()),
         )
-        return envelope.to_message()
+
+    def _contract(self, schedule: Schedule) -> Job[Any]:
+        job = self._contracts.get(schedule.job_name)
+        if job is None:
+            job = Job(schedule.job_name, _AnyArgs, queue=schedule.queue)
+            self._contracts[schedule.job_name] = job
+        return job
+
+
+class _AnyArgs(BaseModel):
+    """The args model of a stand-in contract: what the defining process validated."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 def _read(delivery: Delivery) -> State | None:

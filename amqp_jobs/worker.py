@@ -295,6 +295,8 @@ class Worker:
                 list(registry.schedules.values()),
                 settings=self.settings,
                 name=f"{self.name} {socket.gethostname()}:{os.getpid()}",
+                middleware=middleware,
+                contracts=registry.scheduled_jobs,
             )
         self.link = self.transport.link(
             self.namespace,

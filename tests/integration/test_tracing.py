@@ -6,7 +6,10 @@ SDK's in-memory exporter."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -15,8 +18,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
 from amqp_jobs import Defer, Job, JobContext, RetryPolicy, SyncJobClient
+from amqp_jobs.middleware import Middleware, Next, Publishing
+from amqp_jobs.scheduler import Scheduler
 from amqp_jobs.testing import Namespace
+from amqp_jobs.topology import work_queue
 from amqp_jobs.tracing import PREVIOUS_ATTEMPT, Tracing
+from amqp_jobs.transport import transport_for
+from tests.support import drain, eventually, running
 
 
 class N(BaseModel):
@@ -122,3 +130,104 @@ async def test_a_sync_clients_enqueues_join_their_callers_traces(namespace: Name
     assert len(parent_of) == threads * each
     wrong = [job for outer, ids in callers for job in ids if parent_of[job] != outer]
     assert not wrong, f"{len(wrong)} enqueues are not children of their caller's span"
+
+
+async def test_a_scheduled_tick_is_traced_from_its_publish(namespace: Namespace) -> None:
+    """The scheduler's ticks pass through the app's publish middleware like an enqueue:
+    each tick's trace starts at a PRODUCER span, the parent of its attempt."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = namespace.app(middleware=[Tracing(provider)])
+    app.schedule(FLAKY, {"n": 7}, every=1, name="traced-tick")
+    ran: asyncio.Queue[str] = asyncio.Queue()
+
+    @app.handler(FLAKY)
+    async def tick(args: N, ctx: JobContext) -> None:
+        ran.put_nowait(ctx.job_id)
+
+    async with running(namespace.worker(app)):
+        tick_id = await asyncio.wait_for(ran.get(), 20)
+
+    assert tick_id.startswith("schedule:traced-tick@")
+    spans = exporter.get_finished_spans()
+    (producer,) = [
+        s
+        for s in spans
+        if s.kind is SpanKind.PRODUCER and s.attributes["messaging.message.id"] == tick_id
+    ]
+    assert producer.attributes["amqp_jobs.job.name"] == FLAKY.name
+    (consumer,) = [
+        s
+        for s in spans
+        if s.kind is SpanKind.CONSUMER and s.attributes["messaging.message.id"] == tick_id
+    ]
+    assert consumer.parent is not None and consumer.parent.span_id == producer.context.span_id
+
+
+async def until_enqueued(scheduler: Scheduler, ticks: int) -> None:
+    """Run ``scheduler`` until it has enqueued ``ticks`` ticks, then stop it."""
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await eventually(
+            lambda: scheduler.ticks_enqueued >= ticks, timeout=30, what=f"{ticks} ticks"
+        )
+    finally:
+        scheduler.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_leader_traces_the_ticks_of_schedules_only_others_define(
+    namespace: Namespace,
+) -> None:
+    """A leader enqueues schedules it knows only from another process's announcement:
+    its publish middleware sees a stand-in contract with the job's name and queue."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    namespace.track(FLAKY)
+    other = namespace.app()
+    other.schedule(FLAKY, {"n": 1}, every=1, name="theirs")
+    transport = transport_for(namespace.url)
+    scheduler = Scheduler(
+        transport, namespace.name, other.schedules, middleware=[Tracing(provider)], contracts={}
+    )
+    await until_enqueued(scheduler, 1)
+    producers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.PRODUCER]
+    assert producers, "no PRODUCER span for the tick"
+    assert all(s.attributes["amqp_jobs.job.name"] == FLAKY.name for s in producers)
+    assert all(s.name == f"publish {FLAKY.queue}" for s in producers)
+    ids = {s.attributes["messaging.message.id"] for s in producers}
+    assert all(str(i).startswith("schedule:theirs@") for i in ids)
+
+
+async def test_a_publish_middleware_that_fails_delays_ticks_and_loses_none(
+    namespace: Namespace,
+) -> None:
+    """A tick's publish middleware failing fails the whole step: nothing of it is
+    committed, and the next step enqueues the same ticks, each once."""
+
+    class FailingTwice(Middleware):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+            self.calls += 1
+            if self.calls <= 2:
+                raise RuntimeError("exporter down")
+            return await call_next()
+
+    namespace.track(FLAKY)
+    other = namespace.app()
+    other.schedule(FLAKY, {"n": 1}, every=1, name="flaky-mw", catch_up="all")
+    failing = FailingTwice()
+    scheduler = Scheduler(
+        transport_for(namespace.url), namespace.name, other.schedules, middleware=[failing]
+    )
+    queue = work_queue(namespace.name, FLAKY.queue)
+    await until_enqueued(scheduler, 3)
+    assert failing.calls > 2
+    messages = await drain(namespace.url, queue, scheduler.ticks_enqueued)
+    ticks = sorted(datetime.fromisoformat(m.message_id.split("@", 1)[1]) for m in messages)
+    assert len(set(ticks)) == len(ticks), "a tick was enqueued twice"
+    assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(ticks)), ticks
