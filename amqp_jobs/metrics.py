@@ -187,7 +187,8 @@ class Metrics(Middleware):
         except BaseException:
             self._m.publish_errors.labels(publishing.queue, publishing.job.name).inc()
             raise
-        self._m.confirm.labels(publishing.queue).observe(time.perf_counter() - began)
+        if not publishing.transactional:  # a scheduler's tick: staged, not yet confirmed
+            self._m.confirm.labels(publishing.queue).observe(time.perf_counter() - began)
         self._m.published.labels(publishing.queue, publishing.job.name).inc()
         return result
 

@@ -40,13 +40,18 @@ Next = Callable[[], Awaitable[Any]]
 
 @dataclass
 class Publishing:
-    """One job about to be published; ``headers`` may be added to before ``call_next``."""
+    """One job about to be published; ``headers`` may be added to before ``call_next``.
+
+    ``transactional``: a scheduler's tick. Its ``call_next`` returns once the publish is
+    staged in the scheduler's transaction, not confirmed; the step commits it after.
+    A step that fails is tried again, and its ticks published again (same job ids)."""
 
     job: Job[Any]
     job_id: str
     queue: str
     eta_ms: int | None
     headers: dict[str, Any] = field(default_factory=dict)
+    transactional: bool = False
 
 
 class Middleware:
@@ -63,7 +68,8 @@ class Middleware:
         no handler was reached (poison, re-delay, quarantine)."""
 
     async def publish(self, publishing: Publishing, call_next: Next) -> Any:
-        """Wrap one publish (confirmed when ``call_next`` returns)."""
+        """Wrap one publish (confirmed when ``call_next`` returns, unless it is
+        ``publishing.transactional``)."""
         return await call_next()
 
 

@@ -483,11 +483,12 @@ class DeadQueue:
         self._channel = await (await self.broker.session()).channel(prefetch=0)
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, error_type: type[BaseException] | None, *exc: object) -> None:
         # Closing the channel returns every unacked message, in its original order.
         if self._channel is not None:
             await self._channel.close()
-            await self._until_returned()
+            if error_type is None:  # an error is reported at once, not after the wait
+                await self._until_returned()
 
     async def remove(self, delivery: Delivery) -> None:
         """Take a fetched message off the queue for good."""
@@ -495,19 +496,18 @@ class DeadQueue:
         self.removed += 1
 
     async def _until_returned(self) -> None:
-        """Wait, bounded, until the queue holds at least what it held at the start less
-        what was removed. Best effort: a broker gone or another operator's removals end
-        the wait, and the messages come back all the same."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + RETURN_WAIT
+        """Wait, at most RETURN_WAIT s, until the queue holds at least what it held at
+        the start less what was removed. Best effort: the messages come back all the
+        same; a broker gone ends the wait, another operator's removals make it last."""
         expected = self.size - self.removed
         try:
-            while True:
-                depth = await self.broker.link.depth(self.name)
-                if depth is None or depth >= expected or loop.time() > deadline:
-                    return
-                await asyncio.sleep(0.02)
-        except AmqpJobsError as exc:
+            async with asyncio.timeout(RETURN_WAIT):
+                while True:
+                    depth = await self.broker.link.depth(self.name)
+                    if depth is None or depth >= expected:
+                        return
+                    await asyncio.sleep(0.02)
+        except (TimeoutError, AmqpJobsError) as exc:
             log.debug("not waiting for %s to take its messages back: %s", self.name, describe(exc))
 
     async def scan(self, limit: int = DEFAULT_SCAN) -> list[tuple[Delivery, DeadJob]]:

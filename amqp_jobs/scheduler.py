@@ -270,30 +270,15 @@ class Scheduler:
     ) -> str:
         """One transaction: the due ticks out, the next token in, what is held acked.
 
-        A schedule whose queue cannot be declared (its settings clash with the broker's,
-        say) enqueues nothing and keeps its cursor: it is tried again at the next step,
-        and the other schedules go on."""
-        assert self._link is not None
+        A schedule that cannot enqueue its ticks (its queue cannot be declared, its
+        settings clashing with the broker's, say; or a publish middleware fails) keeps
+        as its cursor the last tick it staged: the rest are tried again after
+        FAILED_PAUSE, and the other schedules go on."""
         exchange = jobs_exchange(self.namespace)
         sent: list[tuple[Entry, datetime]] = []
         for entry, ticks, cursor in plan:
-            if ticks:
-                schedule = entry.schedule
-                try:
-                    await self._link.declare_queue(schedule.queue, [schedule.job_name])
-                except AmqpJobsError as exc:
-                    log.error(
-                        "scheduler: schedule %s cannot enqueue into %s: %s; trying again in %.0fs",
-                        schedule.name,
-                        schedule.queue,
-                        describe(exc),
-                        FAILED_PAUSE,
-                    )
-                    self._pause_until = self.clock.now_ms() + int(FAILED_PAUSE * 1000)
-                    continue
-                for tick in ticks:
-                    await self._publish_tick(tx, exchange, schedule, tick)
-                    sent.append((entry, tick))
+            if ticks and not await self._enqueue(tx, exchange, entry, ticks, sent):
+                continue
             entry.cursor = cursor
         state.version += 1
         state.token = os.urandom(8).hex()
@@ -339,23 +324,77 @@ class Scheduler:
         body = json.dumps(dict(schedule.args), separators=(",", ":")).encode()
         return Envelope.new(schedule.job_name, body, schedule.queue, job_id=schedule.tick_id(tick))
 
+    async def _enqueue(
+        self,
+        tx: TxChannel,
+        exchange: str,
+        entry: Entry,
+        ticks: Sequence[datetime],
+        sent: list[tuple[Entry, datetime]],
+    ) -> bool:
+        """Stage one schedule's ``ticks`` (into ``sent``); False if not all of them were:
+        its cursor is then the last tick staged, if any, and the next step waits."""
+        assert self._link is not None
+        schedule = entry.schedule
+        try:
+            await self._link.declare_queue(schedule.queue, [schedule.job_name])
+        except AmqpJobsError as exc:
+            self._failed(schedule, f"cannot enqueue into {schedule.queue}: {describe(exc)}")
+            return False
+        for tick in ticks:
+            try:
+                await self._publish_tick(tx, exchange, schedule, tick)
+            except _MiddlewareFailed as failed:
+                error = failed.__cause__
+                self._failed(
+                    schedule,
+                    f"a publish middleware failed on tick {tick.isoformat()}: {describe(error)}",
+                    error if not isinstance(error, AmqpJobsError) else None,
+                )
+                if sent and sent[-1][0] is entry:
+                    entry.cursor = sent[-1][1]  # what was staged is committed with the step
+                return False
+            sent.append((entry, tick))
+        return True
+
+    def _failed(self, schedule: Schedule, why: str, error: BaseException | None = None) -> None:
+        log.error(
+            "scheduler: schedule %s %s; trying again in %.0fs",
+            schedule.name,
+            why,
+            FAILED_PAUSE,
+            exc_info=error,
+        )
+        self._pause_until = self.clock.now_ms() + int(FAILED_PAUSE * 1000)
+
     async def _publish_tick(
         self, tx: TxChannel, exchange: str, schedule: Schedule, tick: datetime
     ) -> None:
-        """One tick into the step's transaction, through the publish middleware. A
-        middleware that fails fails the step: nothing is committed, and the same ticks
-        are tried again at the next."""
+        """One tick into the step's transaction, through the publish middleware. The
+        broker's errors are raised as they are (the session is lost); a middleware's,
+        as _MiddlewareFailed."""
         envelope = self._tick(schedule, tick)
         if not self.middleware:
             await tx.publish(exchange, schedule.job_name, envelope.to_message())
             return
-        publishing = Publishing(self._contract(schedule), envelope.job_id, schedule.queue, None)
-        await publish_envelope(
-            self.middleware,
-            publishing,
-            envelope,
-            lambda sent: tx.publish(exchange, schedule.job_name, sent.to_message()),
+        publishing = Publishing(
+            self._contract(schedule), envelope.job_id, schedule.queue, None, transactional=True
         )
+        broker_errors: list[BaseException] = []
+
+        async def send(staged: Envelope) -> None:
+            try:
+                await tx.publish(exchange, schedule.job_name, staged.to_message())
+            except BaseException as exc:
+                broker_errors.append(exc)
+                raise
+
+        try:
+            await publish_envelope(self.middleware, publishing, envelope, send)
+        except Exception as exc:
+            if broker_errors:
+                raise broker_errors[0] from None
+            raise _MiddlewareFailed from exc
 
     def _contract(self, schedule: Schedule) -> Job[Any]:
         job = self._contracts.get(schedule.job_name)
@@ -363,6 +402,10 @@ class Scheduler:
             job = Job(schedule.job_name, _AnyArgs, queue=schedule.queue)
             self._contracts[schedule.job_name] = job
         return job
+
+
+class _MiddlewareFailed(Exception):
+    """A tick's publish middleware raised (the cause), or returned without publishing."""
 
 
 class _AnyArgs(BaseModel):

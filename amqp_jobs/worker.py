@@ -296,7 +296,7 @@ class Worker:
                 settings=self.settings,
                 name=f"{self.name} {socket.gethostname()}:{os.getpid()}",
                 middleware=middleware,
-                contracts=registry.scheduled_jobs,
+                contracts={spec.job.name: spec.job for spec in registry} | registry.scheduled_jobs,
             )
         self.link = self.transport.link(
             self.namespace,

@@ -269,7 +269,7 @@ async def exit_or_parked(
             return None
         if loop.time() > deadline:
             pytest.fail(f"the worker neither crashed nor saw the poison job parked in {timeout}s")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.25)  # each look opens a connection: not too often
 
 
 def ledger_write(line: dict[str, object]) -> None:

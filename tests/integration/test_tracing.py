@@ -18,6 +18,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
 from amqp_jobs import Defer, Job, JobContext, RetryPolicy, SyncJobClient
+from amqp_jobs.metrics import Metrics
 from amqp_jobs.middleware import Middleware, Next, Publishing
 from amqp_jobs.scheduler import Scheduler
 from amqp_jobs.testing import Namespace
@@ -204,30 +205,61 @@ async def test_a_leader_traces_the_ticks_of_schedules_only_others_define(
 async def test_a_publish_middleware_that_fails_delays_ticks_and_loses_none(
     namespace: Namespace,
 ) -> None:
-    """A tick's publish middleware failing fails the whole step: nothing of it is
-    committed, and the next step enqueues the same ticks, each once."""
+    """A publish middleware failing on a tick holds back that schedule alone: the
+    scheduler keeps leading, the other schedules go on, and the failed ticks are
+    enqueued at a later step, each once. Metrics count the ticks, with no confirm time
+    (a tick is staged in the step's transaction, not confirmed)."""
 
     class FailingTwice(Middleware):
         def __init__(self) -> None:
-            self.calls = 0
+            self.failed: list[str] = []
 
         async def publish(self, publishing: Publishing, call_next: Next) -> Any:
-            self.calls += 1
-            if self.calls <= 2:
+            if publishing.job.name == FLAKY.name and len(self.failed) < 2:
+                self.failed.append(publishing.job_id)
                 raise RuntimeError("exporter down")
             return await call_next()
 
-    namespace.track(FLAKY)
-    other = namespace.app()
-    other.schedule(FLAKY, {"n": 1}, every=1, name="flaky-mw", catch_up="all")
-    failing = FailingTwice()
+    other_job = Job("traced.steady", N, queue=FLAKY.queue)
+    namespace.track(FLAKY, other_job)
+    app = namespace.app()
+    app.schedule(FLAKY, {"n": 1}, every=1, name="flaky-mw", catch_up="all")
+    app.schedule(other_job, {"n": 2}, every=1, name="steady", catch_up="all")
+    failing, metrics = FailingTwice(), Metrics()
     scheduler = Scheduler(
-        transport_for(namespace.url), namespace.name, other.schedules, middleware=[failing]
+        transport_for(namespace.url),
+        namespace.name,
+        app.schedules,
+        middleware=[metrics, failing],
+        contracts={FLAKY.name: FLAKY, other_job.name: other_job},
     )
-    queue = work_queue(namespace.name, FLAKY.queue)
-    await until_enqueued(scheduler, 3)
-    assert failing.calls > 2
-    messages = await drain(namespace.url, queue, scheduler.ticks_enqueued)
-    ticks = sorted(datetime.fromisoformat(m.message_id.split("@", 1)[1]) for m in messages)
-    assert len(set(ticks)) == len(ticks), "a tick was enqueued twice"
-    assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(ticks)), ticks
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await eventually(lambda: scheduler.leading_since is not None, timeout=15, what="lead")
+        led_since = scheduler.leading_since
+        await eventually(
+            lambda: len(failing.failed) == 2 and scheduler.ticks_enqueued >= 6,
+            timeout=30,
+            what="2 failed ticks, then 6 enqueued",
+        )
+        assert scheduler.leading_since == led_since, "it kept leading through the failures"
+    finally:
+        scheduler.stop()
+        await asyncio.wait_for(task, 10)
+    messages = await drain(
+        namespace.url, work_queue(namespace.name, FLAKY.queue), scheduler.ticks_enqueued
+    )
+    ids = [m.message_id for m in messages]
+    assert len(set(ids)) == len(ids), "a tick was enqueued twice"
+    assert set(failing.failed) <= set(ids), "a tick whose publish failed was never enqueued"
+    for name in ("flaky-mw", "steady"):
+        ticks = sorted(datetime.fromisoformat(i.split("@", 1)[1]) for i in ids if f":{name}@" in i)
+        assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(ticks)), ticks
+    published = metrics.registry.get_sample_value(
+        "amqp_jobs_published_total", {"queue": FLAKY.queue, "job": other_job.name}
+    )
+    assert published is not None and published >= 1
+    confirms = metrics.registry.get_sample_value(
+        "amqp_jobs_publish_confirm_seconds_count", {"queue": FLAKY.queue}
+    )
+    assert not confirms, "a tick has no confirm to time"
