@@ -112,6 +112,9 @@ async def run_raw(ns: str, n: int, prefetch: int) -> dict[str, float]:
 
     await queue.consume(on_message)
     await finished.wait()
+    # the channel first: its close-ok comes after the broker took every ack before it.
+    # Closing the connection alone lost some under load (the queue had them back).
+    await channel.close()
     await connection.close()
     return times
 
