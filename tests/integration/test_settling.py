@@ -5,6 +5,7 @@ just before the session closes. Run on RabbitMQ and on memory:// alike."""
 
 import asyncio
 
+import aio_pika
 import pytest
 from pydantic import BaseModel
 
@@ -103,6 +104,26 @@ async def test_acks_and_nacks_of_one_turn_keep_the_channel_and_their_meaning(
     assert await queue_count(namespace.url, work_queue(namespace.name, QUEUE)) == 0
 
 
+async def left_once_unconsumed(ns: Namespace) -> int:
+    """Messages ready in the queue once the broker has dropped every consumer of it:
+    what a closed channel held is back by then (read at once, it could still be on its
+    way, and a count of 0 would prove nothing)."""
+    name = work_queue(ns.name, QUEUE)
+    if not ns.url.startswith(("amqp://", "amqps://")):
+        return await queue_count(ns.url, name)
+    connection = await aio_pika.connect(ns.url)
+    try:
+        channel = await connection.channel()
+        for _ in range(200):
+            declared = (await channel.declare_queue(name, passive=True)).declaration_result
+            if not declared.consumer_count:
+                return declared.message_count or 0
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{name} still has a consumer 10 s after the session closed")
+    finally:
+        await connection.close()
+
+
 async def test_acks_made_just_before_closing_are_not_lost(namespace: Namespace) -> None:
     await _fill(namespace, 50)
     session, got, _ = await _consume(namespace, prefetch=50)
@@ -112,7 +133,36 @@ async def test_acks_made_just_before_closing_are_not_lost(namespace: Namespace) 
             await delivery.ack()
     finally:
         await session.close()  # no turn of the loop in between: closing flushes them
-    assert await queue_count(namespace.url, work_queue(namespace.name, QUEUE)) == 0
+    assert await left_once_unconsumed(namespace) == 0
+
+
+async def test_jobs_acked_as_they_arrive_stay_acked_after_a_close(namespace: Namespace) -> None:
+    """Each round acks jobs as they arrive, as a worker does, and closes as the last
+    is acked; the count is read once the broker has dropped the consumer. (A quorum queue can apply a close before acks
+    it received just before it, rabbitmq-server#10327: raw aio-pika acking each message
+    apart and closing at once lost some in 1 run of 5 on a busy machine here; these
+    batched acks lost none in over 100 rounds.)"""
+    n = 300
+    for round_ in range(8):
+        await _fill(namespace, n)
+        session = await transport_for(namespace.url).session(name="test acks", give_up_after=10)
+        acked = 0
+        done = asyncio.Event()
+
+        async def ack(delivery: Delivery, done: asyncio.Event = done) -> None:
+            nonlocal acked
+            await delivery.ack()
+            acked += 1
+            if acked == n:
+                done.set()
+
+        try:
+            channel = await session.channel(100)
+            await channel.consume(work_queue(namespace.name, QUEUE), ack)
+            await asyncio.wait_for(done.wait(), 30)
+        finally:
+            await session.close()  # no turn of the loop in between
+        assert await left_once_unconsumed(namespace) == 0, f"acks lost in round {round_}"
 
 
 async def test_settling_twice_is_refused(namespace: Namespace) -> None:
