@@ -34,12 +34,15 @@ from pydantic import BaseModel, ConfigDict
 from amqp_jobs.clock import Clock
 from amqp_jobs.contract import Job, TopologySettings
 from amqp_jobs.errors import AmqpJobsError, describe
-from amqp_jobs.message import CONTENT_TYPE, Envelope, Message
+from amqp_jobs.events import EventKind, header_key
+from amqp_jobs.lifecycle import job_event
+from amqp_jobs.message import CONTENT_TYPE, H_KEY, Envelope, Message
 from amqp_jobs.middleware import Middleware, Publishing, publish_envelope
 from amqp_jobs.schedules import Entry, Schedule, State, due
 from amqp_jobs.topology import (
     STATUS_QUEUE_ARGUMENTS,
     TOKEN_QUEUE_ARGUMENTS,
+    events_exchange,
     jobs_exchange,
     scheduler_queue,
     scheduler_status_queue,
@@ -75,11 +78,13 @@ class Scheduler:
         name: str | None = None,
         middleware: Sequence[Middleware] = (),
         contracts: Mapping[str, Job[Any]] | None = None,
+        events: bool = False,
     ) -> None:
         """``middleware``: those that override ``publish`` wrap each tick's publish, as
         they wrap an enqueue (a PRODUCER span, a publish counted). ``contracts``: the
         scheduled jobs' contracts by job name, which ``Publishing.job`` shows; a tick of
-        a schedule only another process defines gets a stand-in (its name and queue)."""
+        a schedule only another process defines gets a stand-in (its name and queue).
+        ``events``: publish each tick's ``enqueued`` event, in the step's transaction."""
         self.transport = transport
         self.namespace = namespace
         self.schedules = list(schedules)
@@ -100,6 +105,7 @@ class Scheduler:
         self._pause_until = 0
         self.middleware = tuple(m for m in middleware if type(m).publish is not Middleware.publish)
         self._contracts: dict[str, Job[Any]] = dict(contracts or {})
+        self.events = events
 
     def stop(self) -> None:
         self._stop.set()
@@ -276,10 +282,13 @@ class Scheduler:
         FAILED_PAUSE, and the other schedules go on."""
         exchange = jobs_exchange(self.namespace)
         sent: list[tuple[Entry, datetime]] = []
+        published: list[Envelope] = []
         for entry, ticks, cursor in plan:
-            if ticks and not await self._enqueue(tx, exchange, entry, ticks, sent):
+            if ticks and not await self._enqueue(tx, exchange, entry, ticks, sent, published):
                 continue
             entry.cursor = cursor
+        if self.events and published:
+            await self._stage_events(tx, published)
         state.version += 1
         state.token = os.urandom(8).hex()
         if self.leading_since is not None:
@@ -321,8 +330,21 @@ class Scheduler:
         )
 
     def _tick(self, schedule: Schedule, tick: datetime) -> Envelope:
+        """A tick's job: its args as the schedule holds them, and its key (the
+        ``job-key`` header, as a client sets it) when its contract is known here."""
         body = json.dumps(dict(schedule.args), separators=(",", ":")).encode()
-        return Envelope.new(schedule.job_name, body, schedule.queue, job_id=schedule.tick_id(tick))
+        job = self._contracts.get(schedule.job_name)
+        key = None
+        if job is not None and job.key is not None:
+            with contextlib.suppress(AmqpJobsError):  # the worker reads it from the args
+                key = job.key_of(job.validate(schedule.args))
+        return Envelope.new(
+            schedule.job_name,
+            body,
+            schedule.queue,
+            job_id=schedule.tick_id(tick),
+            headers={H_KEY: key} if key is not None else None,
+        )
 
     async def _enqueue(
         self,
@@ -331,9 +353,11 @@ class Scheduler:
         entry: Entry,
         ticks: Sequence[datetime],
         sent: list[tuple[Entry, datetime]],
+        published: list[Envelope],
     ) -> bool:
-        """Stage one schedule's ``ticks`` (into ``sent``); False if not all of them were:
-        its cursor is then the last tick staged, if any, and the next step waits."""
+        """Stage one schedule's ``ticks`` (into ``sent``, and what was published into
+        ``published``); False if not all of them were: its cursor is then the last tick
+        staged, if any, and the next step waits."""
         assert self._link is not None
         schedule = entry.schedule
         try:
@@ -343,7 +367,7 @@ class Scheduler:
             return False
         for tick in ticks:
             try:
-                await self._publish_tick(tx, exchange, schedule, tick)
+                published.append(await self._publish_tick(tx, exchange, schedule, tick))
             except _MiddlewareFailed as failed:
                 error = failed.__cause__
                 self._failed(
@@ -369,18 +393,19 @@ class Scheduler:
 
     async def _publish_tick(
         self, tx: TxChannel, exchange: str, schedule: Schedule, tick: datetime
-    ) -> None:
-        """One tick into the step's transaction, through the publish middleware. The
-        broker's errors are raised as they are (the session is lost); a middleware's,
-        as _MiddlewareFailed."""
+    ) -> Envelope:
+        """One tick into the step's transaction, through the publish middleware; returns
+        what was published. The broker's errors are raised as they are (the session is
+        lost); a middleware's, as _MiddlewareFailed."""
         envelope = self._tick(schedule, tick)
         if not self.middleware:
             await tx.publish(exchange, schedule.job_name, envelope.to_message())
-            return
+            return envelope
         publishing = Publishing(
             self._contract(schedule), envelope.job_id, schedule.queue, None, transactional=True
         )
         broker_errors: list[BaseException] = []
+        sent: list[Envelope] = []
 
         async def send(staged: Envelope) -> None:
             try:
@@ -388,6 +413,7 @@ class Scheduler:
             except BaseException as exc:
                 broker_errors.append(exc)
                 raise
+            sent.append(staged)
 
         try:
             await publish_envelope(self.middleware, publishing, envelope, send)
@@ -395,6 +421,24 @@ class Scheduler:
             if broker_errors:
                 raise broker_errors[0] from None
             raise _MiddlewareFailed from exc
+        return sent[-1]
+
+    async def _stage_events(self, tx: TxChannel, published: Sequence[Envelope]) -> None:
+        """Each tick's ``enqueued`` event, in the step's transaction: recorded exactly
+        when the tick is (the job log then shows a tick from its enqueue on)."""
+        assert self._link is not None
+        await self._link.declare_events()
+        exchange = events_exchange(self.namespace)
+        now_ms = self.clock.now_ms()
+        for envelope in published:
+            event = job_event(
+                EventKind.ENQUEUED,
+                envelope,
+                envelope.queue or "",
+                now_ms,
+                header_key(envelope.extra_headers),
+            )
+            await tx.publish(exchange, event.routing_key, event.to_message())
 
     def _contract(self, schedule: Schedule) -> Job[Any]:
         job = self._contracts.get(schedule.job_name)

@@ -297,6 +297,7 @@ class Worker:
                 name=f"{self.name} {socket.gethostname()}:{os.getpid()}",
                 middleware=middleware,
                 contracts={spec.job.name: spec.job for spec in registry} | registry.scheduled_jobs,
+                events=self.events,
             )
         self.link = self.transport.link(
             self.namespace,

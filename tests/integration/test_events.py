@@ -13,6 +13,7 @@ from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import events_stream, work_queue
 from amqp_jobs.transport import transport_for
 from amqp_jobs.transport.base import Delivery
+from tests.support import running
 
 WAIT = 20.0
 
@@ -189,3 +190,30 @@ async def test_only_an_attempt_still_running_after_started_after_says_started(
     started = next(e for e in events if e.event is EventKind.STARTED)
     slow_end = next(e for e in events if e.job_id == slow_id and e.is_terminal)
     assert started.at == slow_end.started_at  # when it started, published later
+
+
+async def test_a_scheduled_tick_is_enqueued_in_the_events_like_any_job(
+    namespace: Namespace,
+) -> None:
+    """The scheduler publishes each tick's ``enqueued`` event in the transaction that
+    enqueues the tick, with the job's key: the job log shows a periodic job from its
+    enqueue on, as one a client enqueued with events."""
+    app = namespace.app()
+    tick = Job("t.ev.tick", Account, queue="ev", key="user_id")
+    app.schedule(tick, {"user_id": 7}, every=1, name="ev-tick")
+    ran: asyncio.Queue[str] = asyncio.Queue()
+
+    @app.handler(tick)
+    async def run_tick(args: Account, ctx: JobContext) -> None:
+        ran.put_nowait(ctx.job_id)
+
+    async with running(namespace.worker(app, events=True, started_after=0)):
+        tick_id = await asyncio.wait_for(ran.get(), WAIT)
+    # the tick's enqueued, started and succeeded events, and perhaps a later tick's
+    events = [e for e in await read_events(namespace, 3) if e.job_id == tick_id]
+    kinds = [e.event for e in events]
+    assert kinds[0] is EventKind.ENQUEUED, kinds
+    assert kinds.count(EventKind.ENQUEUED) == 1, "one enqueued event per tick"
+    enqueued = events[0]
+    assert enqueued.key == "7" and enqueued.queue == "ev" and enqueued.job == tick.name
+    assert enqueued.enqueued_at is not None
