@@ -337,6 +337,24 @@ def check_headers(headers: Mapping[str, Any]) -> None:
 _RESERVED_PREFIXES = ("x-", "job-")
 
 
+def check_middleware_headers(headers: Mapping[str, Any], before: Mapping[str, Any]) -> None:
+    """``check_headers`` of what a publish middleware left in a job's headers, less the
+    contract's own that amqp-jobs set (``job-key``, ``job-priority``) and it left as
+    they were: a middleware may add headers of its own, not set or change those."""
+    check_headers(
+        {
+            name: value
+            for name, value in headers.items()
+            if not (
+                isinstance(name, str)
+                and name.startswith(_RESERVED_PREFIXES)
+                and name in before
+                and before[name] == value
+            )
+        }
+    )
+
+
 def _header_name_size(name: object) -> int:
     size = _name_size(name, "header")
     assert isinstance(name, str)

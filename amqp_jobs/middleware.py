@@ -25,7 +25,7 @@ from typing import Any
 
 from amqp_jobs.contract import Job
 from amqp_jobs.errors import ContractError, PublishError
-from amqp_jobs.message import Envelope, check_headers
+from amqp_jobs.message import Envelope, check_middleware_headers
 from amqp_jobs.outcome import JobContext, Outcome, OutcomeKind
 from amqp_jobs.registry import JobHooks
 
@@ -202,7 +202,7 @@ async def publish_envelope(
         nonlocal sent
         headers = dict(publishing.headers)
         if headers != envelope.extra_headers:
-            check_headers(headers)  # what middleware added or changed, and the total
+            check_middleware_headers(headers, envelope.extra_headers)
         await send(replace(envelope, extra_headers=headers))
         sent = True
 

@@ -7,6 +7,7 @@ import pytest
 from pydantic import BaseModel
 
 from amqp_jobs import (
+    ContractError,
     Defer,
     Job,
     JobContext,
@@ -21,7 +22,7 @@ from amqp_jobs import (
 from amqp_jobs.message import Message, now_ms
 from amqp_jobs.middleware import Next
 from amqp_jobs.testing import Namespace, run_until_idle
-from amqp_jobs.topology import dead_queue, work_queue
+from amqp_jobs.topology import dead_queue, high_queue, work_queue
 from tests.support import declare, drain, put
 
 
@@ -237,6 +238,42 @@ async def test_publish_middleware_adds_headers_the_handler_sees(namespace: Names
     first = next(h for h in seen if h.get("origin") == "test")
     assert first["traceparent"] == f"00-{job_id:0>32}-0000000000000001-01"
     assert all(h["tenant"] == "acme" for h in seen)
+
+
+class Keyed(BaseModel):
+    user_id: int
+
+
+async def test_a_keyed_high_priority_job_passes_a_header_adding_middleware(
+    namespace: Namespace,
+) -> None:
+    """amqp-jobs's own job-key and job-priority headers are not the middleware's to
+    answer for: adding a header (as tracing adds traceparent) must not fail the enqueue
+    of a keyed or high-priority job. Setting one of them is still refused."""
+
+    class Stamp(Middleware):
+        async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+            publishing.headers["tenant"] = "acme"
+            return await call_next()
+
+    class Forger(Middleware):
+        async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+            publishing.headers["job-key"] = "someone else"
+            return await call_next()
+
+    job = Job("t.keyed", Keyed, queue="mw", key="user_id")
+    namespace.track(job)
+    async with namespace.client(middleware=[Stamp()]) as client:
+        await client.enqueue(job, {"user_id": 7}, priority="high")
+        await client.enqueue_many(job, [{"user_id": 8}])
+    async with namespace.client(middleware=[Forger()]) as client:
+        with pytest.raises(ContractError, match="job-key"):
+            await client.enqueue(job, {"user_id": 9})
+    high = await drain(namespace.url, high_queue(namespace.name, "mw"), 1)
+    normal = await drain(namespace.url, work_queue(namespace.name, "mw"), 1)
+    assert high[0].headers["job-key"] == "7" and high[0].headers["job-priority"] == "high"
+    assert normal[0].headers["job-key"] == "8"
+    assert all(m.headers["tenant"] == "acme" for m in (*high, *normal))
 
 
 def test_middleware_must_subclass_middleware(namespace: Namespace) -> None:
