@@ -402,7 +402,12 @@ class Scheduler:
             await tx.publish(exchange, schedule.job_name, envelope.to_message())
             return envelope
         publishing = Publishing(
-            self._contract(schedule), envelope.job_id, schedule.queue, None, transactional=True
+            self._contract(schedule),
+            envelope.job_id,
+            schedule.queue,
+            None,
+            dict(envelope.extra_headers),
+            transactional=True,
         )
         broker_errors: list[BaseException] = []
         sent: list[Envelope] = []
@@ -427,7 +432,15 @@ class Scheduler:
         """Each tick's ``enqueued`` event, in the step's transaction: recorded exactly
         when the tick is (the job log then shows a tick from its enqueue on)."""
         assert self._link is not None
-        await self._link.declare_events()
+        try:
+            await self._link.declare_events()
+        except AmqpJobsError as exc:  # a tick is never held back for its event
+            log.warning(
+                "scheduler: %d ticks enqueued without their events: %s",
+                len(published),
+                describe(exc),
+            )
+            return
         exchange = events_exchange(self.namespace)
         now_ms = self.clock.now_ms()
         for envelope in published:

@@ -4,11 +4,13 @@ key, result and error, confirmed before the delivery is acked."""
 import asyncio
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from amqp_jobs import Job, JobContext, RetryPolicy
 from amqp_jobs.events import EventKind, JobEvent
 from amqp_jobs.message import Message
+from amqp_jobs.middleware import Middleware, Next, Publishing
 from amqp_jobs.testing import Namespace, run_until_idle
 from amqp_jobs.topology import events_stream, work_queue
 from amqp_jobs.transport import transport_for
@@ -192,28 +194,41 @@ async def test_only_an_attempt_still_running_after_started_after_says_started(
     assert started.at == slow_end.started_at  # when it started, published later
 
 
+class Stamp(Middleware):
+    """A publish middleware: ticks then pass through ``publish_envelope``."""
+
+    async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+        publishing.headers["stamped"] = True
+        return await call_next()
+
+
+@pytest.mark.parametrize("middleware", [False, True], ids=["plain", "with-middleware"])
 async def test_a_scheduled_tick_is_enqueued_in_the_events_like_any_job(
-    namespace: Namespace,
+    namespace: Namespace, middleware: bool
 ) -> None:
     """The scheduler publishes each tick's ``enqueued`` event in the transaction that
-    enqueues the tick, with the job's key: the job log shows a periodic job from its
-    enqueue on, as one a client enqueued with events."""
-    app = namespace.app()
+    enqueues the tick, with the job's key (also through publish middleware): the job
+    log shows a periodic job from its enqueue on, as one a client enqueued."""
+    app = namespace.app(middleware=[Stamp()] if middleware else [])
     tick = Job("t.ev.tick", Account, queue="ev", key="user_id")
     app.schedule(tick, {"user_id": 7}, every=1, name="ev-tick")
-    ran: asyncio.Queue[str] = asyncio.Queue()
+    ran: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
 
     @app.handler(tick)
     async def run_tick(args: Account, ctx: JobContext) -> None:
-        ran.put_nowait(ctx.job_id)
+        ran.put_nowait((ctx.job_id, ctx.headers.get("job-key")))
 
     async with running(namespace.worker(app, events=True, started_after=0)):
-        tick_id = await asyncio.wait_for(ran.get(), WAIT)
-    # the tick's enqueued, started and succeeded events, and perhaps a later tick's
-    events = [e for e in await read_events(namespace, 3) if e.job_id == tick_id]
+        tick_id, key_header = await asyncio.wait_for(ran.get(), WAIT)
+    assert key_header == "7", "the tick carries the job-key header a client would set"
+    events: list[JobEvent] = []
+    for count in range(3, 30):  # until the tick's end is among them
+        events = [e for e in await read_events(namespace, count) if e.job_id == tick_id]
+        if any(e.event is EventKind.SUCCEEDED for e in events):
+            break
     kinds = [e.event for e in events]
-    assert kinds[0] is EventKind.ENQUEUED, kinds
-    assert kinds.count(EventKind.ENQUEUED) == 1, "one enqueued event per tick"
-    enqueued = events[0]
+    assert kinds.count(EventKind.ENQUEUED) == 1, kinds
+    assert EventKind.SUCCEEDED in kinds, kinds
+    (enqueued,) = [e for e in events if e.event is EventKind.ENQUEUED]
     assert enqueued.key == "7" and enqueued.queue == "ev" and enqueued.job == tick.name
     assert enqueued.enqueued_at is not None
