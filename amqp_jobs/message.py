@@ -339,8 +339,15 @@ _RESERVED_PREFIXES = ("x-", "job-")
 
 def check_middleware_headers(headers: Mapping[str, Any], before: Mapping[str, Any]) -> None:
     """``check_headers`` of what a publish middleware left in a job's headers, less the
-    contract's own that amqp-jobs set (``job-key``, ``job-priority``) and it left as
-    they were: a middleware may add headers of its own, not set or change those."""
+    contract's own that amqp-jobs set (``job-key``, ``job-priority``, ``job-reply-to``)
+    and it left as they were: a middleware may add headers of its own, not set, change
+    or remove those."""
+    for name in before:
+        if isinstance(name, str) and name.startswith(_RESERVED_PREFIXES) and name not in headers:
+            raise ContractError(
+                f"header {name!r} was removed by a publish middleware: names starting with"
+                " job- belong to the job contract (amqp-jobs sets them)"
+            )
     check_headers(
         {
             name: value

@@ -261,14 +261,20 @@ async def test_a_keyed_high_priority_job_passes_a_header_adding_middleware(
             publishing.headers["job-key"] = "someone else"
             return await call_next()
 
+    class Eraser(Middleware):
+        async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+            del publishing.headers["job-key"]
+            return await call_next()
+
     job = Job("t.keyed", Keyed, queue="mw", key="user_id")
     namespace.track(job)
     async with namespace.client(middleware=[Stamp()]) as client:
         await client.enqueue(job, {"user_id": 7}, priority="high")
         await client.enqueue_many(job, [{"user_id": 8}])
-    async with namespace.client(middleware=[Forger()]) as client:
-        with pytest.raises(ContractError, match="job-key"):
-            await client.enqueue(job, {"user_id": 9})
+    for bad in (Forger(), Eraser()):
+        async with namespace.client(middleware=[bad]) as client:
+            with pytest.raises(ContractError, match="job-key"):
+                await client.enqueue(job, {"user_id": 9})
     high = await drain(namespace.url, high_queue(namespace.name, "mw"), 1)
     normal = await drain(namespace.url, work_queue(namespace.name, "mw"), 1)
     assert high[0].headers["job-key"] == "7" and high[0].headers["job-priority"] == "high"

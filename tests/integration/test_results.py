@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from amqp_jobs import Job, JobApp, JobContext, RetryPolicy, SyncJobClient
 from amqp_jobs.errors import JobFailedError, UnknownJobError
+from amqp_jobs.middleware import Middleware, Next, Publishing
 from amqp_jobs.outcome import Outcome
 from amqp_jobs.testing import Namespace
 from amqp_jobs.worker import Worker
@@ -73,6 +74,24 @@ async def test_enqueue_and_wait_returns_the_result_model(namespace: Namespace) -
         assert [r.total for r in results] == [2 * i for i in range(20)]
         # heard already: asked again, answered at once
         assert await client.result(ids[0], timeout=0.001) == {"total": 0}
+
+
+async def test_an_awaited_job_passes_a_header_adding_middleware(namespace: Namespace) -> None:
+    """enqueue_and_wait puts the reply queue in the job-reply-to header; a publish
+    middleware that adds a header of its own (as tracing adds traceparent) must not
+    make the enqueue fail over it."""
+
+    class Stamp(Middleware):
+        async def publish(self, publishing: Publishing, call_next: Next) -> Any:
+            publishing.headers["tenant"] = "acme"
+            return await call_next()
+
+    app, job = adder(namespace)
+    async with (
+        running(namespace.worker(app)),
+        namespace.client(middleware=[Stamp()]) as client,
+    ):
+        assert await client.enqueue_and_wait(job, {"a": 2, "b": 2}, timeout=WAIT) == Sum(total=4)
 
 
 async def test_a_dead_job_raises_its_error(namespace: Namespace) -> None:
