@@ -192,26 +192,29 @@ async def publish_envelope(
     publishing: Publishing,
     envelope: Envelope,
     send: Callable[[Envelope], Awaitable[Any]],
-) -> None:
+) -> Envelope:
     """``send`` the envelope inside every middleware's ``publish``, with the headers they
-    leave in ``publishing.headers`` (checked like a caller's). Raises PublishError if a
-    middleware returned without calling on: the job was not published."""
-    sent = False
+    leave in ``publishing.headers`` (checked like a caller's); returns what was sent.
+    Raises PublishError if a middleware returned without calling on: the job was not
+    published."""
+    sent: Envelope | None = None
 
     async def call() -> None:
         nonlocal sent
         headers = dict(publishing.headers)
         if headers != envelope.extra_headers:
             check_middleware_headers(headers, envelope.extra_headers)
-        await send(replace(envelope, extra_headers=headers))
-        sent = True
+        out = replace(envelope, extra_headers=headers)
+        await send(out)
+        sent = out
 
     await publish_through(chain, publishing, call)
-    if not sent:
+    if sent is None:
         raise PublishError(
             f"job {envelope.job_id} was not published: a middleware's publish() returned"
             " without calling call_next(), or swallowed its error"
         )
+    return sent
 
 
 async def tell_settled(

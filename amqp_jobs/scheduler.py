@@ -281,14 +281,13 @@ class Scheduler:
         as its cursor the last tick it staged: the rest are tried again after
         FAILED_PAUSE, and the other schedules go on."""
         exchange = jobs_exchange(self.namespace)
-        sent: list[tuple[Entry, datetime]] = []
-        published: list[Envelope] = []
+        sent: list[tuple[Entry, datetime, Envelope]] = []
         for entry, ticks, cursor in plan:
-            if ticks and not await self._enqueue(tx, exchange, entry, ticks, sent, published):
+            if ticks and not await self._enqueue(tx, exchange, entry, ticks, sent):
                 continue
             entry.cursor = cursor
-        if self.events and published:
-            await self._stage_events(tx, published)
+        if self.events and sent:
+            await self._stage_events(tx, [envelope for _, _, envelope in sent])
         state.version += 1
         state.token = os.urandom(8).hex()
         if self.leading_since is not None:
@@ -297,7 +296,7 @@ class Scheduler:
                 "since": self.leading_since.isoformat(),
                 "at": datetime.now(UTC).isoformat(),
             }
-        for entry, tick in sent:
+        for entry, tick, _ in sent:
             if entry.last_tick is None or tick > entry.last_tick:
                 entry.last_tick = tick
         token = self._message(state)
@@ -307,7 +306,7 @@ class Scheduler:
             await delivery.ack()
         await tx.commit()
         self.ticks_enqueued += len(sent)
-        for entry, tick in sent:
+        for entry, tick, _ in sent:
             log.debug("scheduler: enqueued %s", entry.schedule.tick_id(tick))
         return state.token
 
@@ -352,12 +351,11 @@ class Scheduler:
         exchange: str,
         entry: Entry,
         ticks: Sequence[datetime],
-        sent: list[tuple[Entry, datetime]],
-        published: list[Envelope],
+        sent: list[tuple[Entry, datetime, Envelope]],
     ) -> bool:
-        """Stage one schedule's ``ticks`` (into ``sent``, and what was published into
-        ``published``); False if not all of them were: its cursor is then the last tick
-        staged, if any, and the next step waits."""
+        """Stage one schedule's ``ticks`` (into ``sent``, with what was published); False
+        if not all of them were: its cursor is then the last tick staged, if any, and
+        the next step waits."""
         assert self._link is not None
         schedule = entry.schedule
         try:
@@ -367,7 +365,7 @@ class Scheduler:
             return False
         for tick in ticks:
             try:
-                published.append(await self._publish_tick(tx, exchange, schedule, tick))
+                envelope = await self._publish_tick(tx, exchange, schedule, tick)
             except _MiddlewareFailed as failed:
                 error = failed.__cause__
                 self._failed(
@@ -378,7 +376,7 @@ class Scheduler:
                 if sent and sent[-1][0] is entry:
                     entry.cursor = sent[-1][1]  # what was staged is committed with the step
                 return False
-            sent.append((entry, tick))
+            sent.append((entry, tick, envelope))
         return True
 
     def _failed(self, schedule: Schedule, why: str, error: BaseException | None = None) -> None:
@@ -410,7 +408,6 @@ class Scheduler:
             transactional=True,
         )
         broker_errors: list[BaseException] = []
-        sent: list[Envelope] = []
 
         async def send(staged: Envelope) -> None:
             try:
@@ -418,15 +415,13 @@ class Scheduler:
             except BaseException as exc:
                 broker_errors.append(exc)
                 raise
-            sent.append(staged)
 
         try:
-            await publish_envelope(self.middleware, publishing, envelope, send)
+            return await publish_envelope(self.middleware, publishing, envelope, send)
         except Exception as exc:
             if broker_errors:
                 raise broker_errors[0] from None
             raise _MiddlewareFailed from exc
-        return sent[-1]
 
     async def _stage_events(self, tx: TxChannel, published: Sequence[Envelope]) -> None:
         """Each tick's ``enqueued`` event, in the step's transaction: recorded exactly
