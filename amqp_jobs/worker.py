@@ -93,7 +93,7 @@ from amqp_jobs.outcome import (
     decide,
     outcome_of,
 )
-from amqp_jobs.registry import JobHooks, Registry
+from amqp_jobs.registry import HandlerSpec, JobHooks, Registry
 from amqp_jobs.scheduler import Scheduler
 from amqp_jobs.sections import CriticalSections
 from amqp_jobs.settle import (
@@ -727,7 +727,8 @@ class Worker:
     async def _pipeline(
         self, msg: Delivery, queue: str, is_due: bool, *, high: bool = False
     ) -> None:
-        """One delivery: decode → admit (ETA) → a slot → the attempt → decide → settle."""
+        """One delivery: decode → admit (ETA) → its turn at a section it needs that this
+        process holds → a slot → the attempt → decide → settle."""
         try:
             env = decode(msg, max_body=self.max_body)
             spec = self.registry.get(env.job_name)
@@ -760,9 +761,6 @@ class Worker:
             await self._settle(msg, Release(), queue)
             return
 
-        if not await self._acquire_slot(high):
-            await self._settle(msg, Release(), queue)
-            return
         ctx = JobContext(
             job=spec.job,
             job_id=env.job_id,
@@ -778,6 +776,29 @@ class Worker:
             if spec.job.key is not None
             else None,
         )
+        if self.sections is None or spec.job.exclusive is None:
+            await self._run(msg, queue, env, spec, args, ctx, high)
+            return
+        try:
+            await self.sections.wait_turn(ctx)  # a section this process holds: no slot
+            await self._run(msg, queue, env, spec, args, ctx, high)
+        finally:
+            self.sections.forfeit(ctx)
+
+    async def _run(
+        self,
+        msg: Delivery,
+        queue: str,
+        env: Envelope,
+        spec: HandlerSpec,
+        args: Any,
+        ctx: JobContext,
+        high: bool,
+    ) -> None:
+        """An admitted job: a slot → the attempt → decide → settle."""
+        if not await self._slot_for(ctx, high):
+            await self._settle(msg, Release(), queue)
+            return
         loop = asyncio.get_running_loop()
         began = loop.time()
         key, started_ms = ctx.key, 0
@@ -945,9 +966,21 @@ class Worker:
             stop.cancel()
         return not self._stop.is_set()
 
-    async def _acquire_slot(self, high: bool = False) -> bool:
+    async def _slot_for(self, ctx: JobContext, high: bool) -> bool:
+        """A slot for the job. One handed a section's lock waits for a slot no longer
+        than it waited for the lock: other workers' jobs of its key are turned away
+        while it holds the lock, and a job in a slot may be waiting for one of them.
+        Then it gives the lock back and waits as any other."""
+        sections = self.sections
+        if sections is not None and sections.is_granted(ctx):
+            if await self._acquire_slot(high, within=sections.local_wait):
+                return True
+            sections.forfeit(ctx)
+        return await self._acquire_slot(high)
+
+    async def _acquire_slot(self, high: bool = False, *, within: float | None = None) -> bool:
         """Take one of ``concurrency`` slots (``high``: ahead of normal work, slots.py);
-        False if the worker is stopping first."""
+        False if the worker is stopping first, or none came ``within`` seconds."""
         assert self._sem is not None
         if self._stop.is_set():
             return False
@@ -956,7 +989,7 @@ class Worker:
             return True
         acquire = asyncio.ensure_future(self._sem.acquire(high))
         stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({acquire, stop}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if acquire.done() and not acquire.cancelled():
             if self._stop.is_set():

@@ -3,6 +3,7 @@ workers; a job turned away is deferred without counting an attempt; a holder who
 connection closes frees its section at once. On RabbitMQ and memory:// alike."""
 
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -14,7 +15,7 @@ from pydantic import BaseModel
 
 from amqp_jobs import Job, JobApp, JobClient, JobContext, RetryPolicy, Worker
 from amqp_jobs.errors import ContractError
-from amqp_jobs.sections import lock_names
+from amqp_jobs.sections import MAX_HAND_OVERS, CriticalSections, lock_names
 from amqp_jobs.testing import Namespace
 from amqp_jobs.transport import transport_for
 from tests.support import eventually, running
@@ -107,6 +108,177 @@ async def test_a_limit_of_two_lets_two_in_and_never_three(namespace: Namespace) 
 
     await run_jobs(namespace, app, enqueue, ledger, 30)
     assert ledger.most["7"] == 2, ledger.most
+
+
+async def test_a_section_this_worker_holds_is_handed_over_without_a_deferral(
+    namespace: Namespace,
+) -> None:
+    """User 1's second job arrives while the worker runs the first: it waits its turn
+    in the worker (not in a slot), and the first hands it the lock as it ends, with no
+    deferral and no broker round trip for either."""
+    ran: list[str] = []
+    first_running = asyncio.Event()
+    app = namespace.app()
+
+    @app.handler(RECONCILE)
+    async def reconcile(args: UserArgs) -> None:
+        ran.append(f"start {args.n}")
+        if args.n == 0:
+            first_running.set()
+            await eventually(lambda: sections.waiting == 1, timeout=15, what="the 2nd waiting")
+        ran.append(f"end {args.n}")
+
+    worker = namespace.worker(app, concurrency=4)
+    sections = worker.sections
+    assert sections is not None
+    sections.local_wait = 30  # however slow this machine, the test's own gate decides
+    async with running(worker, start_within=10):
+        async with namespace.client() as client:
+            await client.enqueue(RECONCILE, {"user_id": 1, "n": 0})
+            await asyncio.wait_for(first_running.wait(), 15)
+            await client.enqueue(RECONCILE, {"user_id": 1, "n": 1})
+        await eventually(lambda: len(ran) == 4, timeout=15, what="both jobs")
+    assert ran == ["start 0", "end 0", "start 1", "end 1"]
+    assert (sections.entered, sections.handed_over, sections.turned_away) == (2, 1, 0)
+    assert worker.stats.deferred == 0
+    assert_nothing_left(sections)
+
+
+def assert_nothing_left(sections: CriticalSections) -> None:
+    """No lock is held, handed over or waited for once every job is done."""
+    assert not sections._held and not sections._granted and not sections._chains
+    assert sections.waiting == 0
+
+
+def job_context(job: Job[UserArgs], n: int, key: str) -> JobContext:
+    log = logging.LoggerAdapter(logging.getLogger("test"), {})
+    return JobContext(job, f"job-{n}", 1, job.queue, None, None, log, key=key)
+
+
+async def hand_on(
+    sections: CriticalSections, holder: JobContext, waiter: JobContext | None
+) -> asyncio.Task[None] | None:
+    """``holder``'s attempt, during which ``waiter`` (if any) comes to wait its turn:
+    the waiter's wait, done, once the attempt is."""
+    waiting = None
+
+    async def work() -> None:
+        nonlocal waiting
+        if waiter is not None:
+            waiting = asyncio.create_task(sections.wait_turn(waiter))
+            await eventually(lambda: sections.waiting == 1, timeout=10, what="waiting")
+
+    await asyncio.wait_for(sections.attempt(holder, work), 15)
+    if waiting is not None:
+        await asyncio.wait_for(waiting, 10)
+    return waiting
+
+
+async def test_a_lock_handed_to_a_job_that_never_runs_is_given_back(
+    namespace: Namespace,
+) -> None:
+    """Handed over to a job whose attempt never came (its worker stopping): ``forfeit``
+    frees it for everyone else; until then it stays held."""
+    transport = transport_for(namespace.url)
+    session = await transport.session(name="worker", give_up_after=10)
+    other = await transport.session(name="other", give_up_after=10)
+    sections = CriticalSections(namespace.name)
+    sections.local_wait = 30
+    sections.attach(session)
+    first, second = job_context(RECONCILE, 0, "9"), job_context(RECONCILE, 1, "9")
+    inside, let_go = asyncio.Event(), asyncio.Event()
+
+    async def work() -> None:
+        inside.set()
+        await let_go.wait()
+
+    (lock,) = lock_names(namespace.name, "finance", "9", 1)
+    try:
+        holder = asyncio.create_task(sections.attempt(first, work))
+        await asyncio.wait_for(inside.wait(), 10)
+        waiter = asyncio.create_task(sections.wait_turn(second))
+        await eventually(lambda: sections.waiting == 1, timeout=10, what="the 2nd waiting")
+        let_go.set()
+        await asyncio.wait_for(asyncio.gather(holder, waiter), 10)
+        assert not await other.claim(lock), "handed over, so still held"
+        sections.forfeit(second)
+        await eventually(lambda: other.claim(lock), timeout=5, what="the lock given back")
+        assert_nothing_left(sections)
+    finally:
+        await session.close()
+        await other.close()
+
+
+async def test_a_lock_goes_back_to_the_broker_after_a_run_of_hand_overs(
+    namespace: Namespace,
+) -> None:
+    """However many of its jobs a worker has, a lock is handed on MAX_HAND_OVERS - 1
+    times in a row and then freed, so other workers' jobs of the key get a turn."""
+    session = await transport_for(namespace.url).session(name="worker", give_up_after=10)
+    sections = CriticalSections(namespace.name)
+    sections.local_wait = 30
+    sections.attach(session)
+    n = MAX_HAND_OVERS + 2
+    jobs = [job_context(RECONCILE, i, "3") for i in range(n)]
+    try:
+        for i in range(n):
+            await hand_on(sections, jobs[i], jobs[i + 1] if i + 1 < n else None)
+        # the 10th in a row freed the lock; the 11th took it from the broker, the 12th
+        # from the 11th
+        assert (sections.entered, sections.handed_over) == (n, MAX_HAND_OVERS)
+        assert sections.turned_away == 0
+        assert_nothing_left(sections)
+    finally:
+        await session.close()
+
+
+async def test_a_lock_is_never_handed_across_limits(namespace: Namespace) -> None:
+    """Two job types share a group with limits 2 and 1: the limit-2 jobs hold both
+    locks, a limit-1 job waits, and is handed neither (one would let two limit-1 jobs
+    run at once): it takes its lock from the broker once they are free."""
+    session = await transport_for(namespace.url).session(name="worker", give_up_after=10)
+    wide = Job(
+        "finance.wide",
+        UserArgs,
+        queue="finance",
+        key="user_id",
+        exclusive="finance",
+        exclusive_limit=2,
+    )
+    sections = CriticalSections(namespace.name)
+    sections.local_wait = 30
+    sections.attach(session)
+    a, b = job_context(wide, 0, "4"), job_context(wide, 1, "4")
+    narrow = job_context(RECONCILE, 2, "4")
+    inside = asyncio.Event()
+    let_go = asyncio.Event()
+
+    async def hold() -> None:
+        inside.set()
+        await let_go.wait()
+
+    try:
+        first = asyncio.create_task(sections.attempt(a, hold))
+        await asyncio.wait_for(inside.wait(), 10)
+        inside.clear()
+        second = asyncio.create_task(sections.attempt(b, hold))
+        await asyncio.wait_for(inside.wait(), 10)
+        waiting = asyncio.create_task(sections.wait_turn(narrow))
+        await eventually(lambda: sections.waiting == 1, timeout=10, what="the narrow waiting")
+        let_go.set()
+        await asyncio.wait_for(asyncio.gather(first, second, waiting), 10)
+        assert not sections.is_granted(narrow)
+        ran = asyncio.Event()
+
+        async def run() -> None:
+            ran.set()
+
+        await asyncio.wait_for(sections.attempt(narrow, run), 10)
+        assert ran.is_set()
+        assert (sections.entered, sections.handed_over) == (3, 0)
+        assert_nothing_left(sections)
+    finally:
+        await session.close()
 
 
 async def test_a_closed_holder_frees_its_section_at_once(namespace: Namespace) -> None:
