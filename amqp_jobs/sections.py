@@ -27,7 +27,7 @@ import time
 from collections import deque
 from typing import Any
 
-from amqp_jobs.errors import AmqpJobsError, Defer, describe
+from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, Defer, describe
 from amqp_jobs.middleware import Middleware, Next
 from amqp_jobs.outcome import JobContext
 from amqp_jobs.transport import Session
@@ -141,6 +141,8 @@ class CriticalSections(Middleware):
         async def free() -> None:
             try:
                 await session.release(name)
+            except ConnectionLostError as exc:  # and the lock with it
+                log.debug("section lock %s went with its connection: %s", name, describe(exc))
             except AmqpJobsError as exc:
                 log.warning("could not free section lock %s: %s", name, describe(exc))
             finally:
