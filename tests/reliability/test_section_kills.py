@@ -131,6 +131,7 @@ async def test_sections_hold_under_kills(namespace: Namespace, tmp_path: Path) -
     await eventually(lambda: len(ended()) == jobs, timeout=300, what="every job's end")
     took = time.monotonic() - started
     costs: list[float] = []
+    let_in = handed_over = turned_away = 0
     for w in workers.values():
         w.signal(signal.SIGTERM)
     for w in list(workers.values()):
@@ -140,6 +141,10 @@ async def test_sections_hold_under_kills(namespace: Namespace, tmp_path: Path) -
         m = re.search(r"p50 ([\d.]+) ms, p99 ([\d.]+) ms", text)
         if m:
             costs.append(float(m[1]))
+        m = re.search(r"(\d+) let in \((\d+) handed over [^)]*\), (\d+) turned away", text)
+        if m:
+            let_in, handed_over = let_in + int(m[1]), handed_over + int(m[2])
+            turned_away += int(m[3])
 
     # never two runs of one key at once: a run cut by a kill ended when its process died
     runs: dict[object, list[tuple[float, float, object]]] = defaultdict(list)
@@ -167,8 +172,10 @@ async def test_sections_hold_under_kills(namespace: Namespace, tmp_path: Path) -
         f" concurrency {SIZE['concurrency']}, {SIZE['kills']} SIGKILLs, {took:.0f} s;"
         f" {len(overlaps)} overlaps, {jobs - len(ended())} jobs never ended, {len(open_runs)}"
         f" runs cut by a kill; taking and freeing a section p50 {p50:.1f} ms"
-        f" (per surviving worker: {', '.join(f'{c:.1f}' for c in costs)}); a handler's"
-        f" {WORK_MS[0]:g} to {WORK_MS[1]:g} ms sleep lasted p50 {lasted:.1f} ms"
+        f" (per surviving worker: {', '.join(f'{c:.1f}' for c in costs)}), which let in"
+        f" {let_in} ({handed_over} handed over in the worker) and turned away"
+        f" {turned_away}; a handler's {WORK_MS[0]:g} to {WORK_MS[1]:g} ms sleep lasted p50"
+        f" {lasted:.1f} ms"
     )
     print(report)
     REPORTS.append(report)
