@@ -12,24 +12,28 @@ attempt is counted, and no worker slot is held while it waits in the broker.
 
 Except when this very process holds the section: then one job of the section at a time
 waits here, before it takes a worker slot, for at most ``LOCAL_WAIT``; the holder hands
-its lock over as its attempt ends, with no broker round trip for either of them
-(``wait_turn``). A busy key on one worker runs its jobs back to back instead of sending
-each through the delay queues and asking the broker again.
+its lock over as its attempt ends, with its slot, and with no broker round trip for
+either of them (``wait_turn``). A busy key on one worker runs its jobs back to back
+instead of sending each through the delay queues and asking the broker again, up to
+``MAX_HAND_OVERS`` in a row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import logging
 import random
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, Defer, describe
 from amqp_jobs.middleware import Middleware, Next
 from amqp_jobs.outcome import JobContext
+from amqp_jobs.slots import Slots
 from amqp_jobs.transport import Session
 
 log = logging.getLogger("amqp_jobs.sections")
@@ -39,8 +43,9 @@ RETRY_AFTER = (0.05, 0.5)
 #: How long a job waits for a section held in its own process to be handed over
 #: (seconds), before it is turned away like any other: no longer than a deferral would.
 LOCAL_WAIT = RETRY_AFTER[1]
-#: Jobs in a row a lock is handed to in one process before it goes back to the broker,
-#: where other workers' jobs of its key get their chance.
+#: Jobs in a row that hold a lock in one process before it goes back to the broker,
+#: where a job of the key on any worker may take it next (the one waiting here steps
+#: aside: it is deferred).
 MAX_HAND_OVERS = 10
 
 #: A section: (group, key, limit). Job types may share a group with different limits;
@@ -50,6 +55,23 @@ Section = tuple[str, str, int]
 
 def _section(group: str, key: str, limit: int) -> Section:
     return (group, key, limit)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lock handed over: its name, its section, and the holder's slot (reserved;
+    None without slots)."""
+
+    name: str
+    section: Section
+    slot: asyncio.Future[None] | None
+
+
+class Turn(enum.Enum):
+    """How a wait ends without a lock: try the broker, or be deferred."""
+
+    GO = "go"
+    STEP_ASIDE = "step aside"
 
 
 def lock_names(namespace: str, group: str, key: str, limit: int) -> list[str]:
@@ -71,12 +93,16 @@ class CriticalSections(Middleware):
         #: yet in its attempt: asking the broker for one would only cost a refusal
         self._held: set[str] = set()
         #: per section held here, the one job waiting for it to be handed over: it gets
-        #: the lock's name, or None to take its chances with the broker
-        self._waiting: dict[Section, asyncio.Future[str | None]] = {}
+        #: a Grant, GO (take your chances with the broker) or STEP_ASIDE (be deferred)
+        self._waiting: dict[Section, asyncio.Future[Grant | Turn]] = {}
         #: locks handed over to a job whose attempt has not begun (by id of its ctx)
-        self._granted: dict[int, tuple[str, Section]] = {}
-        #: per lock handed over, how many jobs in a row it has been handed to
+        self._granted: dict[int, Grant] = {}
+        #: jobs told to step aside, their attempt yet to come (by id of their ctx)
+        self._aside: set[int] = set()
+        #: per lock handed over, how many jobs in a row have held it
         self._chains: dict[str, int] = {}
+        #: the worker's slots: a lock handed over takes its holder's slot along
+        self.slots: Slots | None = None
         self._freeing: set[asyncio.Task[None]] = set()
         #: sections entered (of them, handed over in this process) and turned away,
         #: since start (read by tests and metrics)
@@ -108,7 +134,7 @@ class CriticalSections(Middleware):
         names = lock_names(self.namespace, *section)
         if section in self._waiting or not all(name in self._held for name in names):
             return
-        turn: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        turn: asyncio.Future[Grant | Turn] = asyncio.get_running_loop().create_future()
         self._waiting[section] = turn
         try:
             await asyncio.wait([turn], timeout=self.local_wait)
@@ -117,20 +143,41 @@ class CriticalSections(Middleware):
                 del self._waiting[section]
             if not turn.done():
                 turn.cancel()  # the holder will not hand it to a job gone
-            elif (name := turn.result()) is not None:
-                # even if cancelled now: forfeit frees it
-                self._granted[id(ctx)] = (name, section)
+            elif isinstance(grant := turn.result(), Grant):
+                self._granted[id(ctx)] = grant  # even if cancelled now: forfeit frees it
+            elif grant is Turn.STEP_ASIDE:
+                self._aside.add(id(ctx))
 
     def is_granted(self, ctx: JobContext) -> bool:
         """Whether ``ctx``'s job holds a lock handed over, its attempt yet to come."""
         return id(ctx) in self._granted
 
+    def take_slot(self, ctx: JobContext) -> asyncio.Future[None] | None:
+        """The slot reserved with the lock handed to ``ctx``'s job, if any: the worker's
+        from now on (done once granted; cancel it, or release it if done)."""
+        grant = self._granted.get(id(ctx))
+        if grant is None or grant.slot is None:
+            return None
+        self._granted[id(ctx)] = Grant(grant.name, grant.section, None)
+        return grant.slot
+
     def forfeit(self, ctx: JobContext) -> None:
         """A lock handed to ``ctx``'s job that its attempt did not take (no slot soon
-        enough, the worker stopping, the job not reaching its attempt): give it back."""
+        enough, the worker stopping, the job not reaching its attempt): give it back,
+        and the slot that came with it."""
+        self._aside.discard(id(ctx))
         grant = self._granted.pop(id(ctx), None)
         if grant is not None:
-            self._free_later(*grant)
+            self._give_back_slot(grant.slot)
+            self._free_later(grant.name, grant.section)
+
+    def _give_back_slot(self, slot: asyncio.Future[None] | None) -> None:
+        if slot is None:
+            return
+        if slot.done() and not slot.cancelled() and self.slots is not None:
+            self.slots.release()
+        else:
+            slot.cancel()
 
     def _free_later(self, name: str, section: Section) -> None:
         session = self._session
@@ -152,23 +199,40 @@ class CriticalSections(Middleware):
         self._freeing.add(task)
         task.add_done_callback(self._freeing.discard)
 
+    async def freed(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` s) for the locks given back in the background: the
+        worker, before it closes its connection."""
+        if self._freeing:
+            await asyncio.wait(set(self._freeing), timeout=timeout)
+
     async def attempt(self, ctx: JobContext, call_next: Next) -> Any:
         job = ctx.job
         grant = self._granted.pop(id(ctx), None)
-        if job.exclusive is None:
-            return await call_next()
-        if ctx.key is None:
+        stepping_aside = id(ctx) in self._aside
+        self._aside.discard(id(ctx))
+        if job.exclusive is None or ctx.key is None:
+            if grant is not None:  # never: wait_turn hands over only with both
+                self._give_back_slot(grant.slot)
+                self._free_later(grant.name, grant.section)
+            if job.exclusive is None:
+                return await call_next()
             # A keyed job always has one (the client and the worker both set it); a
             # message from elsewhere without the field's value cannot be placed.
             raise Defer(self._pause(), reason=f"no {job.key} to take section {job.exclusive}")
         section = _section(job.exclusive, ctx.key, job.exclusive_limit)
+        if grant is not None:
+            self._give_back_slot(grant.slot)  # not taken by the worker: not this job's
+        if stepping_aside:
+            self.turned_away += 1
+            reason = f"section {job.exclusive}/{ctx.key}: other workers' turn"
+            raise Defer(self._pause(), reason=reason)
         names = lock_names(self.namespace, *section)
         granted = None
         if grant is not None:
-            if grant[0] in names:
-                granted = grant[0]
+            if grant.name in names:
+                granted = grant.name
             else:  # never handed across limits, but if it were, it is not this job's
-                self._free_later(*grant)
+                self._free_later(grant.name, grant.section)
         session = self._session
         if session is None:
             if granted is not None:
@@ -214,19 +278,22 @@ class CriticalSections(Middleware):
             waiter = self._waiting.pop(section, None)
             if waiter is not None and not waiter.done() and chain < MAX_HAND_OVERS:
                 self._chains[held] = chain
-                waiter.set_result(held)  # handed over: still held, still in _held
+                # its slot too: freed as this attempt ends, it goes to the waiter
+                slot = self.slots.reserve() if self.slots is not None else None
+                waiter.set_result(Grant(held, section, slot))  # still held, in _held
             else:
                 if waiter is not None and not waiter.done():
-                    self._waiting[section] = waiter  # its turn comes from the broker
+                    waiter.set_result(Turn.STEP_ASIDE)
                 await self._release(session, held, section)
             self.lock_ms.append((took + time.perf_counter() - began) * 1000)
 
     async def _release(self, session: Session, held: str, section: Section) -> None:
         try:
             await session.release(held)
+        except ConnectionLostError as exc:
+            log.debug("section lock %s went with its connection: %s", held, describe(exc))
         except AmqpJobsError as exc:
-            # a lost connection freed it already; otherwise it lasts as long as the
-            # connection does, and the key waits: say so
+            # otherwise it lasts as long as the connection does, and the key waits
             log.error(
                 "could not free section %s/%s (%s): %s; it is freed when this"
                 " worker's connection closes",
@@ -247,7 +314,7 @@ class CriticalSections(Middleware):
             if other[:2] == section[:2] and name in lock_names(self.namespace, *other):
                 del self._waiting[other]
                 if not waiter.done():
-                    waiter.set_result(None)
+                    waiter.set_result(Turn.GO)
 
     def summary(self) -> str:
         """One line for the log: how many got in, were turned away, and what it cost."""

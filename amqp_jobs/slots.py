@@ -5,6 +5,10 @@ to a waiting high-priority delivery first, except that while normal ones wait to
 every ``NORMAL_EVERY``-th grant goes to them. So a high-priority job starts as soon as
 a slot frees (within one running job's duration), and under a flood of high-priority
 jobs normal ones still get a third of the slots.
+
+A slot may also be reserved: the next one freed goes to the reservation ahead of every
+waiter. A critical section's lock handed over in the worker takes its holder's slot
+with it this way, rather than wait behind the queue while it holds the lock.
 """
 
 from __future__ import annotations
@@ -27,10 +31,20 @@ class Slots:
         self._high_run = 0
         #: grants so far, by priority (read by tests and, later, metrics)
         self.granted = {True: 0, False: 0}
+        self._reserved: deque[asyncio.Future[None]] = deque()
 
     def locked(self) -> bool:
         """Whether an acquire would wait."""
-        return self._free == 0 or any(self._waiting.values())
+        reserved = any(not reservation.done() for reservation in self._reserved)
+        return self._free == 0 or reserved or any(self._waiting.values())
+
+    def reserve(self) -> asyncio.Future[None]:
+        """The next slot to be free, ahead of every waiter: done once it is granted.
+        Cancel it to give up; one done already is a slot held (``release`` it)."""
+        reservation = asyncio.get_running_loop().create_future()
+        self._reserved.append(reservation)
+        self._hand_out()
+        return reservation
 
     async def acquire(self, high: bool = False) -> None:
         if not self.locked():
@@ -51,6 +65,14 @@ class Slots:
 
     def release(self) -> None:
         self._free += 1
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        while self._free > 0 and self._reserved:
+            reservation = self._reserved.popleft()
+            if not reservation.done():  # else cancelled: given up
+                self._free -= 1
+                reservation.set_result(None)
         while self._free > 0:
             picked = self._pick()
             if picked is None:

@@ -377,6 +377,8 @@ class Worker:
         # have added one since the worker was made)
         self._wrapping = wrapping_attempts(self.middleware)
         self._sem = Slots(self.concurrency)
+        if self.sections is not None:
+            self.sections.slots = self._sem  # a lock handed over takes its slot along
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="amqp-jobs")
         session: Session | None = None
         lost: asyncio.Event
@@ -608,6 +610,8 @@ class Worker:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=RELEASE_RETRY_FOR + 1.0)
+        if self.sections is not None:
+            await self.sections.freed(timeout=1.0)  # locks given back in the background
         # Closing the session returns every unacked delivery to its queue.
         await _close_quietly(session)
         log.info("worker stopped")
@@ -967,20 +971,34 @@ class Worker:
         return not self._stop.is_set()
 
     async def _slot_for(self, ctx: JobContext, high: bool) -> bool:
-        """A slot for the job. One handed a section's lock waits for a slot no longer
-        than it waited for the lock: other workers' jobs of its key are turned away
-        while it holds the lock, and a job in a slot may be waiting for one of them.
-        Then it gives the lock back and waits as any other."""
+        """A slot for the job. One handed a section's lock takes the slot its holder
+        reserved as it ended (freed in the same turn of the loop); should it not come
+        within ``local_wait`` (a safety net: other workers' jobs of the key are turned
+        away while this one holds the lock), the job gives the lock back and waits as
+        any other."""
         sections = self.sections
-        if sections is not None and sections.is_granted(ctx):
-            if await self._acquire_slot(high, within=sections.local_wait):
+        reserved = sections.take_slot(ctx) if sections is not None else None
+        if sections is not None and reserved is not None:
+            assert self._sem is not None
+            try:
+                await asyncio.wait([reserved], timeout=sections.local_wait)
+            except asyncio.CancelledError:
+                if reserved.done() and not reserved.cancelled():
+                    self._sem.release()
+                reserved.cancel()
+                raise
+            if not reserved.done():
+                reserved.cancel()
+            elif not self._stop.is_set():
                 return True
+            else:
+                self._sem.release()
             sections.forfeit(ctx)
         return await self._acquire_slot(high)
 
-    async def _acquire_slot(self, high: bool = False, *, within: float | None = None) -> bool:
+    async def _acquire_slot(self, high: bool = False) -> bool:
         """Take one of ``concurrency`` slots (``high``: ahead of normal work, slots.py);
-        False if the worker is stopping first, or none came ``within`` seconds."""
+        False if the worker is stopping first."""
         assert self._sem is not None
         if self._stop.is_set():
             return False
@@ -989,7 +1007,15 @@ class Worker:
             return True
         acquire = asyncio.ensure_future(self._sem.acquire(high))
         stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({acquire, stop}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            stop.cancel()
+            if acquire.done() and not acquire.cancelled():
+                self._sem.release()  # granted as this was cancelled
+            else:
+                acquire.cancel()  # Slots.acquire hands on one granted meanwhile
+            raise
         stop.cancel()
         if acquire.done() and not acquire.cancelled():
             if self._stop.is_set():

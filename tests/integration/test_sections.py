@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from amqp_jobs import Job, JobApp, JobClient, JobContext, RetryPolicy, Worker
-from amqp_jobs.errors import ContractError
+from amqp_jobs.errors import ContractError, Defer
 from amqp_jobs.sections import MAX_HAND_OVERS, CriticalSections, lock_names
 from amqp_jobs.testing import Namespace
 from amqp_jobs.transport import transport_for
@@ -147,7 +147,7 @@ async def test_a_section_this_worker_holds_is_handed_over_without_a_deferral(
 def assert_nothing_left(sections: CriticalSections) -> None:
     """No lock is held, handed over or waited for once every job is done."""
     assert not sections._held and not sections._granted and not sections._chains
-    assert sections.waiting == 0
+    assert not sections._aside and sections.waiting == 0
 
 
 def job_context(job: Job[UserArgs], n: int, key: str) -> JobContext:
@@ -212,24 +212,30 @@ async def test_a_lock_handed_to_a_job_that_never_runs_is_given_back(
 async def test_a_lock_goes_back_to_the_broker_after_a_run_of_hand_overs(
     namespace: Namespace,
 ) -> None:
-    """However many of its jobs a worker has, a lock is handed on MAX_HAND_OVERS - 1
-    times in a row and then freed, so other workers' jobs of the key get a turn."""
-    session = await transport_for(namespace.url).session(name="worker", give_up_after=10)
+    """However many jobs of a key a worker has, MAX_HAND_OVERS of them hold its lock in
+    a row; then it is freed, and the job waiting its turn steps aside (is deferred), so
+    that other workers' jobs of the key get a chance."""
+    transport = transport_for(namespace.url)
+    session = await transport.session(name="worker", give_up_after=10)
+    other = await transport.session(name="other", give_up_after=10)
     sections = CriticalSections(namespace.name)
     sections.local_wait = 30
     sections.attach(session)
-    n = MAX_HAND_OVERS + 2
+    n = MAX_HAND_OVERS + 1
     jobs = [job_context(RECONCILE, i, "3") for i in range(n)]
+    (lock,) = lock_names(namespace.name, "finance", "3", 1)
     try:
-        for i in range(n):
-            await hand_on(sections, jobs[i], jobs[i + 1] if i + 1 < n else None)
-        # the 10th in a row freed the lock; the 11th took it from the broker, the 12th
-        # from the 11th
-        assert (sections.entered, sections.handed_over) == (n, MAX_HAND_OVERS)
-        assert sections.turned_away == 0
+        for i in range(n - 1):
+            await hand_on(sections, jobs[i], jobs[i + 1])
+        assert (sections.entered, sections.handed_over) == (MAX_HAND_OVERS, MAX_HAND_OVERS - 1)
+        assert await other.claim(lock), "freed at the end of the run"
+        with pytest.raises(Defer):
+            await sections.attempt(jobs[-1], asyncio.Event().wait)  # never let in
+        assert sections.turned_away == 1
         assert_nothing_left(sections)
     finally:
         await session.close()
+        await other.close()
 
 
 async def test_a_lock_is_never_handed_across_limits(namespace: Namespace) -> None:

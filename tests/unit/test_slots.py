@@ -25,3 +25,24 @@ async def test_slots_prefer_high_and_keep_a_share_for_normal() -> None:
     # while both wait, every NORMAL_EVERY-th grant is normal work
     assert order[:NORMAL_EVERY] == ["high"] * (NORMAL_EVERY - 1) + ["normal"]
     assert order.count("normal") == 4 and slots.granted[True] == 7
+
+
+async def test_a_reserved_slot_goes_ahead_of_every_waiter() -> None:
+    """A section's lock handed over takes its holder's slot: the next one freed goes
+    to the reservation, not to a waiter queued before it; a reservation given up is
+    skipped."""
+    slots = Slots(1)
+    await slots.acquire()
+    waiter = asyncio.create_task(slots.acquire(high=True))
+    await asyncio.sleep(0)  # queued first
+    given_up, reserved = slots.reserve(), slots.reserve()
+    assert slots.locked()
+    given_up.cancel()
+    slots.release()  # the holder's slot frees
+    assert reserved.done() and not waiter.done()
+    slots.release()  # the reserved slot's job is done with it
+    await asyncio.wait_for(waiter, 5)
+    slots.release()
+    assert not slots.locked()
+    now = slots.reserve()  # with a slot free, granted at once
+    assert now.done() and slots.locked()
