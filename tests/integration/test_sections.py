@@ -144,6 +144,50 @@ async def test_a_section_this_worker_holds_is_handed_over_without_a_deferral(
     assert_nothing_left(sections)
 
 
+async def test_a_lock_handed_over_takes_its_holders_slot_ahead_of_the_queue(
+    namespace: Namespace,
+) -> None:
+    """One slot: user 1's first job runs, its second waits its turn, and a
+    high-priority job waits for the slot. The second is handed the lock and the slot
+    with it; the high-priority job runs after (given the slot first, it would have
+    left the lock held and idle)."""
+    note = Job("finance.note", UserArgs, queue="finance")
+    ran: list[str] = []
+    first_running = asyncio.Event()
+    app = namespace.app()
+
+    @app.handler(RECONCILE)
+    async def reconcile(args: UserArgs) -> None:
+        if args.n == 0:
+            first_running.set()
+            await eventually(
+                lambda: sections.waiting == 1 and worker.stats.received == 3,
+                timeout=15,
+                what="the 2nd waiting its turn, the high-priority job for the slot",
+            )
+        ran.append(f"reconcile {args.n}")
+
+    @app.handler(note)
+    async def take_note(args: UserArgs) -> None:
+        ran.append("note")
+
+    # with events, twice as many deliveries as slots: the second job gets here
+    worker = namespace.worker(app, concurrency=1, events=True)
+    sections = worker.sections
+    assert sections is not None
+    sections.local_wait = 30
+    async with running(worker, start_within=10):
+        async with namespace.client() as client:
+            await client.enqueue(RECONCILE, {"user_id": 1, "n": 0})
+            await asyncio.wait_for(first_running.wait(), 15)
+            await client.enqueue(RECONCILE, {"user_id": 1, "n": 1})
+            await client.enqueue(note, {"user_id": 2, "n": 2}, priority="high")
+        await eventually(lambda: len(ran) == 3, timeout=15, what="all three")
+    assert ran == ["reconcile 0", "reconcile 1", "note"]
+    assert (sections.handed_over, sections.turned_away) == (1, 0)
+    assert_nothing_left(sections)
+
+
 def assert_nothing_left(sections: CriticalSections) -> None:
     """No lock is held, handed over or waited for once every job is done."""
     assert not sections._held and not sections._granted and not sections._chains
