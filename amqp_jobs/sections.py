@@ -53,10 +53,6 @@ MAX_HAND_OVERS = 10
 Section = tuple[str, str, int]
 
 
-def _section(group: str, key: str, limit: int) -> Section:
-    return (group, key, limit)
-
-
 @dataclass(frozen=True)
 class Grant:
     """A lock handed over: its name, its section, and the holder's slot (reserved;
@@ -130,7 +126,7 @@ class CriticalSections(Middleware):
         job = ctx.job
         if job.exclusive is None or ctx.key is None or self._session is None:
             return
-        section = _section(job.exclusive, ctx.key, job.exclusive_limit)
+        section = (job.exclusive, ctx.key, job.exclusive_limit)
         names = lock_names(self.namespace, *section)
         if section in self._waiting or not all(name in self._held for name in names):
             return
@@ -172,12 +168,8 @@ class CriticalSections(Middleware):
             self._free_later(grant.name, grant.section)
 
     def _give_back_slot(self, slot: asyncio.Future[None] | None) -> None:
-        if slot is None:
-            return
-        if slot.done() and not slot.cancelled() and self.slots is not None:
-            self.slots.release()
-        else:
-            slot.cancel()
+        if slot is not None and self.slots is not None:  # reserved only with slots
+            self.slots.give_up(slot)
 
     def _free_later(self, name: str, section: Section) -> None:
         session = self._session
@@ -208,20 +200,19 @@ class CriticalSections(Middleware):
     async def attempt(self, ctx: JobContext, call_next: Next) -> Any:
         job = ctx.job
         grant = self._granted.pop(id(ctx), None)
+        if grant is not None:
+            self._give_back_slot(grant.slot)  # the worker takes it first; if not, unused
         stepping_aside = id(ctx) in self._aside
         self._aside.discard(id(ctx))
         if job.exclusive is None or ctx.key is None:
             if grant is not None:  # never: wait_turn hands over only with both
-                self._give_back_slot(grant.slot)
                 self._free_later(grant.name, grant.section)
             if job.exclusive is None:
                 return await call_next()
             # A keyed job always has one (the client and the worker both set it); a
             # message from elsewhere without the field's value cannot be placed.
             raise Defer(self._pause(), reason=f"no {job.key} to take section {job.exclusive}")
-        section = _section(job.exclusive, ctx.key, job.exclusive_limit)
-        if grant is not None:
-            self._give_back_slot(grant.slot)  # not taken by the worker: not this job's
+        section = (job.exclusive, ctx.key, job.exclusive_limit)
         if stepping_aside:
             self.turned_away += 1
             reason = f"section {job.exclusive}/{ctx.key}: other workers' turn"

@@ -46,6 +46,13 @@ class Slots:
         self._hand_out()
         return reservation
 
+    def give_up(self, reservation: asyncio.Future[None]) -> None:
+        """A reservation no longer wanted: cancelled, or its slot released if granted."""
+        if reservation.done() and not reservation.cancelled():
+            self.release()
+        else:
+            reservation.cancel()
+
     async def acquire(self, high: bool = False) -> None:
         if not self.locked():
             self._free -= 1

@@ -983,16 +983,11 @@ class Worker:
             try:
                 await asyncio.wait([reserved], timeout=sections.local_wait)
             except asyncio.CancelledError:
-                if reserved.done() and not reserved.cancelled():
-                    self._sem.release()
-                reserved.cancel()
+                self._sem.give_up(reserved)
                 raise
-            if not reserved.done():
-                reserved.cancel()
-            elif not self._stop.is_set():
+            if reserved.done() and not self._stop.is_set():
                 return True
-            else:
-                self._sem.release()
+            self._sem.give_up(reserved)
             sections.forfeit(ctx)
         return await self._acquire_slot(high)
 
