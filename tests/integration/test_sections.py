@@ -8,7 +8,8 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 from pydantic import BaseModel
@@ -17,7 +18,7 @@ from amqp_jobs import Job, JobApp, JobClient, JobContext, RetryPolicy, Worker
 from amqp_jobs.errors import ContractError, Defer
 from amqp_jobs.sections import MAX_HAND_OVERS, CriticalSections, lock_names
 from amqp_jobs.testing import Namespace
-from amqp_jobs.transport import transport_for
+from amqp_jobs.transport import Session, transport_for
 from tests.support import eventually, running
 
 
@@ -199,6 +200,25 @@ def job_context(job: Job[UserArgs], n: int, key: str) -> JobContext:
     return JobContext(job, f"job-{n}", 1, job.queue, None, None, log, key=key)
 
 
+@asynccontextmanager
+async def sections_and_another(
+    namespace: Namespace,
+) -> AsyncIterator[tuple[CriticalSections, Session]]:
+    """A worker's sections on a session of their own (hand-overs waited for up to 30 s,
+    however slow this machine), and another session to try its locks from."""
+    transport = transport_for(namespace.url)
+    session = await transport.session(name="worker", give_up_after=10)
+    other = await transport.session(name="other", give_up_after=10)
+    sections = CriticalSections(namespace.name)
+    sections.local_wait = 30
+    sections.attach(session)
+    try:
+        yield sections, other
+    finally:
+        await session.close()
+        await other.close()
+
+
 async def hand_on(
     sections: CriticalSections, holder: JobContext, waiter: JobContext | None
 ) -> asyncio.Task[None] | None:
@@ -223,34 +243,15 @@ async def test_a_lock_handed_to_a_job_that_never_runs_is_given_back(
 ) -> None:
     """Handed over to a job whose attempt never came (its worker stopping): ``forfeit``
     frees it for everyone else; until then it stays held."""
-    transport = transport_for(namespace.url)
-    session = await transport.session(name="worker", give_up_after=10)
-    other = await transport.session(name="other", give_up_after=10)
-    sections = CriticalSections(namespace.name)
-    sections.local_wait = 30
-    sections.attach(session)
     first, second = job_context(RECONCILE, 0, "9"), job_context(RECONCILE, 1, "9")
-    inside, let_go = asyncio.Event(), asyncio.Event()
-
-    async def work() -> None:
-        inside.set()
-        await let_go.wait()
-
     (lock,) = lock_names(namespace.name, "finance", "9", 1)
-    try:
-        holder = asyncio.create_task(sections.attempt(first, work))
-        await asyncio.wait_for(inside.wait(), 10)
-        waiter = asyncio.create_task(sections.wait_turn(second))
-        await eventually(lambda: sections.waiting == 1, timeout=10, what="the 2nd waiting")
-        let_go.set()
-        await asyncio.wait_for(asyncio.gather(holder, waiter), 10)
+    async with sections_and_another(namespace) as (sections, other):
+        await hand_on(sections, first, second)
+        assert sections.is_granted(second)
         assert not await other.claim(lock), "handed over, so still held"
         sections.forfeit(second)
         await eventually(lambda: other.claim(lock), timeout=5, what="the lock given back")
         assert_nothing_left(sections)
-    finally:
-        await session.close()
-        await other.close()
 
 
 async def test_a_lock_goes_back_to_the_broker_after_a_run_of_hand_overs(
@@ -259,16 +260,10 @@ async def test_a_lock_goes_back_to_the_broker_after_a_run_of_hand_overs(
     """However many jobs of a key a worker has, MAX_HAND_OVERS of them hold its lock in
     a row; then it is freed, and the job waiting its turn steps aside (is deferred), so
     that other workers' jobs of the key get a chance."""
-    transport = transport_for(namespace.url)
-    session = await transport.session(name="worker", give_up_after=10)
-    other = await transport.session(name="other", give_up_after=10)
-    sections = CriticalSections(namespace.name)
-    sections.local_wait = 30
-    sections.attach(session)
     n = MAX_HAND_OVERS + 1
     jobs = [job_context(RECONCILE, i, "3") for i in range(n)]
     (lock,) = lock_names(namespace.name, "finance", "3", 1)
-    try:
+    async with sections_and_another(namespace) as (sections, other):
         for i in range(n - 1):
             await hand_on(sections, jobs[i], jobs[i + 1])
         assert (sections.entered, sections.handed_over) == (MAX_HAND_OVERS, MAX_HAND_OVERS - 1)
@@ -277,16 +272,12 @@ async def test_a_lock_goes_back_to_the_broker_after_a_run_of_hand_overs(
             await sections.attempt(jobs[-1], asyncio.Event().wait)  # never let in
         assert sections.turned_away == 1
         assert_nothing_left(sections)
-    finally:
-        await session.close()
-        await other.close()
 
 
 async def test_a_lock_is_never_handed_across_limits(namespace: Namespace) -> None:
     """Two job types share a group with limits 2 and 1: the limit-2 jobs hold both
     locks, a limit-1 job waits, and is handed neither (one would let two limit-1 jobs
     run at once): it takes its lock from the broker once they are free."""
-    session = await transport_for(namespace.url).session(name="worker", give_up_after=10)
     wide = Job(
         "finance.wide",
         UserArgs,
@@ -295,9 +286,6 @@ async def test_a_lock_is_never_handed_across_limits(namespace: Namespace) -> Non
         exclusive="finance",
         exclusive_limit=2,
     )
-    sections = CriticalSections(namespace.name)
-    sections.local_wait = 30
-    sections.attach(session)
     a, b = job_context(wide, 0, "4"), job_context(wide, 1, "4")
     narrow = job_context(RECONCILE, 2, "4")
     inside = asyncio.Event()
@@ -307,7 +295,7 @@ async def test_a_lock_is_never_handed_across_limits(namespace: Namespace) -> Non
         inside.set()
         await let_go.wait()
 
-    try:
+    async with sections_and_another(namespace) as (sections, _):
         first = asyncio.create_task(sections.attempt(a, hold))
         await asyncio.wait_for(inside.wait(), 10)
         inside.clear()
@@ -327,8 +315,6 @@ async def test_a_lock_is_never_handed_across_limits(namespace: Namespace) -> Non
         assert ran.is_set()
         assert (sections.entered, sections.handed_over) == (3, 0)
         assert_nothing_left(sections)
-    finally:
-        await session.close()
 
 
 async def test_a_closed_holder_frees_its_section_at_once(namespace: Namespace) -> None:
