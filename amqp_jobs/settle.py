@@ -323,7 +323,11 @@ async def release(delivery: Delivery, link: Link, queue: str) -> None:
     try:
         await link.retrying(back, give_up_after=RELEASE_RETRY_FOR)
     except Exception as exc:
-        log.debug("re-publishing released %s: %s; nacking it", delivery.message_id, describe(exc))
+        log.warning(
+            "could not give job %s back unchanged (%s); returning it by nack",
+            delivery.message_id,
+            describe(exc),
+        )
         await _nack(delivery)
         return
     try:

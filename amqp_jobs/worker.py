@@ -11,10 +11,11 @@ consumed one message at a time, and runs alone: the worker pauses its other cons
 finishes what it holds first. If it kills the process again, only its own delivery count
 grows, so the broker's delivery limit dead-letters it and not its neighbours.
 
-Only process deaths may count. A living worker never returns a delivery with a nack (see
-``settle.release``), and when the broker takes deliveries back from a living worker (a
-lost connection or node, a consumer_timeout) the worker vouches for them: when they come
-back it resets their count instead of suspecting them. No job runs past the broker's
+Only process deaths may count. A living worker returns a delivery by storing a copy and
+acking it (see ``settle.release``), and when it must nack one instead (no copy could be
+stored) or the broker takes deliveries back from it (a lost connection or node, a
+consumer_timeout), the worker vouches for them: when they come back it resets their
+count instead of suspecting them. No job runs past the broker's
 consumer_timeout: one without a timeout of its own is stopped and retried just before.
 A consumer the broker cancels (its queue was deleted) is declared and consumed again.
 """
@@ -1064,8 +1065,11 @@ class Worker:
             event=event,
             reply=reply,
         )
-        if not settled and msg.channel.is_closed:
-            self._vouch(msg)  # the broker took it back from this living process
+        if not settled:
+            # given back by this living process (a nack when its copy could not be
+            # stored), or taken back from it (its channel closed): a count that comes
+            # back with it was no death
+            self._vouch(msg)
         return settled
 
     # -- idleness (tests, demo) ------------------------------------------------------

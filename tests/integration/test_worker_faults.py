@@ -8,6 +8,7 @@ and a living worker's own returns spent delivery counts until it quarantined its
 import asyncio
 import logging
 import time
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -201,3 +202,60 @@ async def test_stop_while_the_broker_cannot_be_reached_returns_at_once(
     await asyncio.sleep(0)  # it starts connecting
     worker.stop()
     await asyncio.wait_for(task, 5)  # not connect_timeout: a stop ends the attempts
+
+
+async def test_a_job_given_back_by_nack_does_not_spend_the_delivery_count(
+    namespace: Namespace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A living worker gives a delivery back by storing a copy; when no copy can be
+    stored (a queue's leader moving in a cluster) it nacks, and the broker counts that.
+    Those counts were no death: three nacks in a row must not quarantine the job. (A
+    rolling restart of a cluster quarantined a whole prefetch window this way.)"""
+    app = namespace.app()
+    job = Job("t.nacked", N, queue="nacked")
+    ran: list[int] = []
+
+    @app.handler(job)
+    async def run(args: N) -> None:
+        ran.append(args.n)
+
+    import amqp_jobs.settle as settle_module
+    import amqp_jobs.worker as worker_module
+    from amqp_jobs.errors import PublishRefusedError
+
+    real_decode = worker_module._decode_args
+    decoded = 0
+
+    def broken_twice(*args: Any, **kwargs: Any) -> Any:
+        nonlocal decoded
+        decoded += 1
+        if decoded <= 2:  # enough to quarantine the job, were the nacks counted
+            raise RuntimeError("a bug in the worker")
+        return real_decode(*args, **kwargs)
+
+    def nacks() -> int:
+        return sum("returning it by nack" in r.message for r in caplog.records)
+
+    monkeypatch.setattr(worker_module, "_decode_args", broken_twice)
+    monkeypatch.setattr(settle_module, "RELEASE_RETRY_FOR", 0.3)
+    caplog.set_level(logging.WARNING, logger="amqp_jobs.settle")
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1})
+    worker = namespace.worker(app)
+    real_send = worker.link.send_to_queue
+
+    async def refused_thrice(queue_name: str, message: Any) -> None:
+        if nacks() < 3:
+            raise PublishRefusedError(f"{queue_name}: refused (injected)")
+        await real_send(queue_name, message)
+
+    monkeypatch.setattr(worker.link, "send_to_queue", refused_thrice)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: ran == [1], timeout=30, what="the job run once")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+    assert nacks() >= 3
+    assert worker.stats.quarantined == 0, "our own nacks spend no delivery count"
+    assert await queue_count(namespace.url, quarantine_queue(namespace.name, "nacked")) == 0
