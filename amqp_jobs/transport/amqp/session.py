@@ -101,6 +101,8 @@ class AmqpChannel:
 
 #: Idle channels a session keeps for lock operations (a held lock keeps its own).
 MAX_SPARES = 64
+#: Spare channels being opened at once, at most, for those refused claims cost.
+MAX_OPENING = 8
 #: How long a lock queue nobody holds lasts before the broker deletes it (ms): a key
 #: used again within it costs no declaration. (Its queue is durable: RabbitMQ 4.3
 #: refuses transient queues that are not exclusive, closing the connection.)
@@ -155,7 +157,8 @@ class AmqpSession:
         self._spares: list[tuple[AbstractChannel, aiormq.Channel]] = []
         #: locks held: the channel each one's consumer lives on, and its tag
         self._locks: dict[str, tuple[tuple[AbstractChannel, aiormq.Channel], str]] = {}
-        self._opening = False
+        #: spare channels being opened in the background
+        self._opening = 0
         #: lock queues this session used lately, and when (the newest MAX_RECENT)
         self._recent: OrderedDict[str, float] = OrderedDict()
         self._background: set[asyncio.Future[None]] = set()
@@ -235,10 +238,15 @@ class AmqpSession:
 
     def _replenish(self) -> None:
         """Open a spare in the background for the one a refused claim cost: the next
-        claim then takes one round trip, not two."""
-        if self._opening or len(self._spares) >= MAX_SPARES or not is_alive(self._connection):
+        claim then takes one round trip, not two. Refusals come in bursts (a busy key
+        wanted by several jobs at once), so several are opened at once."""
+        if (
+            self._opening >= MAX_OPENING
+            or len(self._spares) + self._opening >= MAX_SPARES
+            or not is_alive(self._connection)
+        ):
             return
-        self._opening = True
+        self._opening += 1
 
         async def open_one() -> None:
             try:
@@ -246,7 +254,7 @@ class AmqpSession:
             except Exception as exc:
                 log.debug("opening a spare channel: %s", describe(exc))
             finally:
-                self._opening = False
+                self._opening -= 1
 
         self._background.add(task := asyncio.ensure_future(open_one()))
         task.add_done_callback(self._background.discard)
