@@ -5,7 +5,8 @@ before its handler runs: ``Session.claim`` of ``{ns}.lock.{digest}.{slot}``, on 
 an exclusive consumer on that queue. A second taker is refused, and the broker drops the
 consumer the instant the holder's connection closes: a killed worker frees its sections
 at once, with no TTL to tune and nothing to reap. With ``exclusive_limit=N`` there are N
-such locks per key; any free one will do.
+such locks per key; any free one will do. The lock is freed in the background as the
+attempt ends: the job's settlement (and its slot) need not wait for the broker.
 
 A job that finds every slot taken is deferred (``Defer``) by a short random delay: no
 attempt is counted, and no worker slot is held while it waits in the broker.
@@ -105,9 +106,9 @@ class CriticalSections(Middleware):
         self.entered = 0
         self.handed_over = 0
         self.turned_away = 0
-        #: what taking and freeing a section cost, per job let in (ms; the newest 10,000)
+        #: what its section cost each job let in (ms; the newest 10,000): taking it, and
+        #: handing it on or sending its free off (the job does not wait for the free)
         self.lock_ms: deque[float] = deque(maxlen=10_000)
-        self.take_ms: deque[float] = deque(maxlen=10_000)
 
     @property
     def waiting(self) -> int:
@@ -171,23 +172,15 @@ class CriticalSections(Middleware):
         if slot is not None and self.slots is not None:  # reserved only with slots
             self.slots.give_up(slot)
 
-    def _free_later(self, name: str, section: Section) -> None:
-        session = self._session
+    def _free_later(self, name: str, section: Section, session: Session | None = None) -> None:
+        """Free ``name`` in the background: the job done with it need not wait for the
+        broker, nor hold its slot meanwhile. It stays in ``_held`` until then, so no job
+        here asks the broker for it in between (one may wait for it, and goes on then)."""
+        session = session or self._session
         if session is None:
             self._freed(name, section)
             return
-
-        async def free() -> None:
-            try:
-                await session.release(name)
-            except ConnectionLostError as exc:  # and the lock with it
-                log.debug("section lock %s went with its connection: %s", name, describe(exc))
-            except AmqpJobsError as exc:
-                log.warning("could not free section lock %s: %s", name, describe(exc))
-            finally:
-                self._freed(name, section)
-
-        task = asyncio.ensure_future(free())
+        task = asyncio.ensure_future(self._release(session, name, section))
         self._freeing.add(task)
         task.add_done_callback(self._freeing.discard)
 
@@ -261,7 +254,6 @@ class CriticalSections(Middleware):
             self.handed_over += 1
             chain = self._chains.pop(held, 0) + 1
         took = time.perf_counter() - began
-        self.take_ms.append(took * 1000)
         try:
             return await call_next()
         finally:
@@ -275,7 +267,7 @@ class CriticalSections(Middleware):
             else:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(Turn.STEP_ASIDE)
-                await self._release(session, held, section)
+                self._free_later(held, section, session)
             self.lock_ms.append((took + time.perf_counter() - began) * 1000)
 
     async def _release(self, session: Session, held: str, section: Section) -> None:
@@ -311,14 +303,11 @@ class CriticalSections(Middleware):
         """One line for the log: how many got in, were turned away, and what it cost."""
         costs = sorted(self.lock_ms)
         cost = (
-            f"; taking and freeing a section p50 {costs[len(costs) // 2]:.1f} ms,"
+            f"; a section cost its job p50 {costs[len(costs) // 2]:.1f} ms,"
             f" p99 {costs[min(len(costs) - 1, len(costs) * 99 // 100)]:.1f} ms"
             if costs
             else ""
         )
-        takes = sorted(self.take_ms)
-        if takes:
-            cost += f"; taking alone p50 {takes[len(takes) // 2]:.1f} ms"
         return (
             f"critical sections: {self.entered} let in ({self.handed_over} handed over in"
             f" this process), {self.turned_away} turned away{cost}"

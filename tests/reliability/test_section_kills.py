@@ -6,7 +6,7 @@ WORKERS worker processes at CONCURRENCY run JOBS exclusive jobs over KEYS keys (
 ledger file of its process, unbuffered. Worker processes are SIGKILLed at random
 moments, KILLS times, and replaced. At the end, per key, no two runs overlap (a run
 cut by a kill ends when its process died, as its lock did), every job ran to its end,
-and the workers' own report says what taking and freeing a section cost (reported, not
+and the workers' own report says what a section cost its job (reported, not
 asserted: `python -m bench.sections_cost` measures it).
 
 The full run (FULL_*: 4 workers at concurrency 32, 10,000 jobs over 100 keys) runs
@@ -171,7 +171,7 @@ async def test_sections_hold_under_kills(namespace: Namespace, tmp_path: Path) -
         f"critical sections: {jobs} jobs over {keys} keys, {SIZE['workers']} workers at"
         f" concurrency {SIZE['concurrency']}, {SIZE['kills']} SIGKILLs, {took:.0f} s;"
         f" {len(overlaps)} overlaps, {jobs - len(ended())} jobs never ended, {len(open_runs)}"
-        f" runs cut by a kill; taking and freeing a section p50 {p50:.1f} ms"
+        f" runs cut by a kill; a section cost its job p50 {p50:.1f} ms"
         f" (per surviving worker: {', '.join(f'{c:.1f}' for c in costs)}), which let in"
         f" {let_in} ({handed_over} handed over in the worker) and turned away"
         f" {turned_away}; a handler's {WORK_MS[0]:g} to {WORK_MS[1]:g} ms sleep lasted p50"
