@@ -10,12 +10,14 @@ lost; at worst a job runs twice, which is why job ids stay stable across copies.
 A living worker returns a delivery without spending its delivery count: RabbitMQ counts
 every nack as a failed delivery, and the count is how a job that kills workers is told
 apart from its neighbours. So a release re-publishes the delivery, unchanged, to the
-queue it came from and acks it; only if that fails is it nacked.
+queue it came from and acks it; only if that fails is it nacked (``Fate.RETURNED``: the
+worker then vouches for it, see ``worker``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -37,6 +39,18 @@ HOLD_PAUSE = 1.0
 MAX_HOLD_PAUSE = 15.0
 #: How long a release may try to re-publish before it falls back to a nack.
 RELEASE_RETRY_FOR = 2.0
+
+
+class Fate(enum.Enum):
+    """What became of a delivery once ``settle`` is done with it."""
+
+    #: acked, its replacement (if any) stored first: done with
+    ACKED = "acked"
+    #: given back as an unchanged copy, the original acked: its count starts again
+    COPIED = "copied"
+    #: left with the broker unsettled (nacked, or its channel or ack lost): delivered
+    #: again, and a quorum queue counts it
+    RETURNED = "returned"
 
 
 @dataclass(frozen=True)
@@ -161,30 +175,32 @@ async def settle(
     hold_until: float,
     event: JobEvent | None = None,
     reply: Reply | None = None,
-) -> bool:
+) -> Fate:
     """Carry out ``action`` for ``delivery`` consumed from ``queue``'s queues; ``event``,
     the lifecycle event that records it, and ``reply``, the outcome a client waits for,
     are confirmed before the ack, like a copy.
 
-    Returns True when the delivery was acked, False when it stays with the broker (to be
-    delivered again): its channel is gone, or the action was Release, or the replacement
-    copy (or the event) could not be confirmed by ``hold_until`` (loop time).
+    ACKED when the action was carried out. Otherwise the delivery is given back: COPIED
+    (a Release, or a replacement copy or event not confirmed by ``hold_until``, loop
+    time, then released) or RETURNED (its channel gone, or nacked when not even an
+    unchanged copy could be stored).
     """
     if delivery.channel.is_closed:
         log.info(
             "channel of job %s closed before settling; the broker delivers it again",
             delivery.message_id,
         )
-        return False
+        return Fate.RETURNED
     match action:
         case Release():
-            await release(delivery, link, queue)
-            return False
+            return await release(delivery, link, queue)
         case Ack() if event is None and reply is None:
             pass
         case _:
-            if not await _store(delivery, action, link, queue, hold_until, event, reply):
-                return False
+            if (
+                given_back := await _store(delivery, action, link, queue, hold_until, event, reply)
+            ) is not None:
+                return given_back
     try:
         await delivery.ack()
     except ConnectionLostError as exc:
@@ -193,8 +209,8 @@ async def settle(
             delivery.message_id,
             describe(exc),
         )
-        return False
-    return True
+        return Fate.RETURNED
+    return Fate.ACKED
 
 
 async def _store(
@@ -205,10 +221,10 @@ async def _store(
     until: float,
     event: JobEvent | None,
     reply: Reply | None = None,
-) -> bool:
+) -> Fate | None:
     """Store the copy that replaces ``delivery``, the event that records it and the reply
     to a waiting client, each once, together, trying again with backoff until
-    ``until``; False (and the delivery released) if they could not be."""
+    ``until``: None once stored; if they could not be, how the delivery went back."""
     parts: dict[str, Callable[[], Awaitable[None]]] = {}
     match action:
         case Republish(envelope):
@@ -269,7 +285,7 @@ async def _store(
             )
         try:
             await storing
-            return True
+            return None
         except Exception as exc:
             left = until - loop.time()
             if delivery.channel.is_closed:
@@ -280,7 +296,7 @@ async def _store(
                     delivery.message_id,
                     describe(exc),
                 )
-                return False
+                return Fate.RETURNED
             if left <= pause:
                 log.error(
                     "could not store the %s of job %s: %s; giving it back to the broker",
@@ -288,8 +304,7 @@ async def _store(
                     delivery.message_id,
                     describe(exc),
                 )
-                await release(delivery, link, queue)
-                return False
+                return await release(delivery, link, queue)
             log.warning(
                 "could not store the %s of job %s: %s; keeping the job, trying again in %.0fs",
                 what,
@@ -310,11 +325,12 @@ async def _send_reply(link: Link, reply: Reply) -> None:
         log.debug("reply queue %s of job %s is gone", reply.queue, reply.event.job_id)
 
 
-async def release(delivery: Delivery, link: Link, queue: str) -> None:
+async def release(delivery: Delivery, link: Link, queue: str) -> Fate:
     """Give a delivery back without spending its delivery count: re-publish it unchanged
-    to the queue it came from, then ack; nack it only if that copy cannot be stored."""
+    to the queue it came from, then ack (COPIED); nack it only if that copy cannot be
+    stored (RETURNED)."""
     if delivery.channel.is_closed:
-        return
+        return Fate.RETURNED
     copy = moved_message(delivery, queue)
 
     async def back() -> None:
@@ -329,12 +345,14 @@ async def release(delivery: Delivery, link: Link, queue: str) -> None:
             describe(exc),
         )
         await _nack(delivery)
-        return
+        return Fate.RETURNED
     try:
         await delivery.ack()
     except ConnectionLostError as exc:
         # the copy is stored and the original comes back too: a duplicate, never a loss
         log.debug("ack of released %s lost: %s", delivery.message_id, describe(exc))
+        return Fate.RETURNED
+    return Fate.COPIED
 
 
 async def _nack(delivery: Delivery) -> None:

@@ -100,6 +100,7 @@ from amqp_jobs.sections import CriticalSections
 from amqp_jobs.settle import (
     RELEASE_RETRY_FOR,
     Action,
+    Fate,
     Park,
     Quarantine,
     Release,
@@ -333,6 +334,9 @@ class Worker:
         self._margin_for, self._margin = -1.0, 0.0
         self._vouched: OrderedDict[str, None] = OrderedDict()
         self._troubled: OrderedDict[str, int] = OrderedDict()
+        #: vouched-for job ids whose count could not be reset (nacked again): they run
+        #: as they are next time, not round the broker once more
+        self._not_reset: OrderedDict[str, None] = OrderedDict()
         self._lost = asyncio.Event()
         self._prefetch = {
             # With events, each settlement waits for its event's confirm: twice as many
@@ -630,12 +634,14 @@ class Worker:
         try:
             if source is Source.QUARANTINE:
                 await self._run_alone(task, msg, queue)
-            elif self._vouched_for(msg):
+            elif (vouched := self._vouched_for(msg)) and msg.message_id not in self._not_reset:
                 # returned by the broker while this process lived: reset its count
-                await self._settle(msg, Release(), queue)
-            elif self._suspect(msg):
+                await self._reset(msg, queue)
+            elif not vouched and self._suspect(msg):
                 await self._quarantine(msg, queue)
             else:
+                if vouched:  # its count could not be reset: it runs as it is
+                    self._not_reset.pop(msg.message_id or "", None)
                 await self._pipeline(
                     msg, queue, is_due=source is Source.DUE, high=source is Source.HIGH
                 )
@@ -673,6 +679,18 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), pause)
         await self._settle(msg, Release(), queue)
+
+    async def _reset(self, msg: Delivery, queue: str) -> None:
+        """Give a vouched-for delivery back as an unchanged copy, whose count starts
+        again. If even that copy cannot be stored, it is nacked (vouched for again) and
+        runs as it is when it comes back: never a loop of resets, each spending a count
+        until the broker's delivery limit dead-letters a job that never ran."""
+        await self._settle(msg, Release(), queue)
+        job_id = msg.message_id
+        if job_id and job_id in self._vouched and not msg.channel.is_closed:
+            self._not_reset[job_id] = None  # nacked: its copy could not be stored
+            if len(self._not_reset) > 1000:
+                self._not_reset.popitem(last=False)
 
     def _vouched_for(self, msg: Delivery) -> bool:
         """This process gave the delivery back while alive, and the broker counted it."""
@@ -1054,9 +1072,10 @@ class Worker:
         reply: Reply | None = None,
     ) -> bool:
         """Settle ``msg`` once: its fate (acked, replaced or given back) is then decided,
-        and a later failure on its task must not give it back a second time."""
+        and a later failure on its task must not give it back a second time. True if it
+        was acked; vouched for if it went back counted."""
         self._decided.add(msg)
-        settled = await settle(
+        fate = await settle(
             msg,
             action,
             self.link,
@@ -1065,12 +1084,12 @@ class Worker:
             event=event,
             reply=reply,
         )
-        if not settled:
-            # given back by this living process (a nack when its copy could not be
+        if fate is Fate.RETURNED:
+            # nacked by this living process (not even an unchanged copy could be
             # stored), or taken back from it (its channel closed): a count that comes
             # back with it was no death
             self._vouch(msg)
-        return settled
+        return fate is Fate.ACKED
 
     # -- idleness (tests, demo) ------------------------------------------------------
 

@@ -15,8 +15,10 @@ from pydantic import BaseModel
 
 from amqp_jobs import Job, JobContext, RetryPolicy
 from amqp_jobs.message import H_ERROR_MESSAGE, H_ERROR_TYPE
+from amqp_jobs.settle import Release
 from amqp_jobs.testing import Namespace
 from amqp_jobs.topology import dead_queue, quarantine_queue, work_queue
+from amqp_jobs.transport import Delivery, transport_for
 from tests.support import Admin, drain, eventually, queue_count
 
 
@@ -209,8 +211,10 @@ async def test_a_job_given_back_by_nack_does_not_spend_the_delivery_count(
 ) -> None:
     """A living worker gives a delivery back by storing a copy; when no copy can be
     stored (a queue's leader moving in a cluster) it nacks, and the broker counts that.
-    Those counts were no death: three nacks in a row must not quarantine the job. (A
-    rolling restart of a cluster quarantined a whole prefetch window this way.)"""
+    Those counts were no death: the job is never quarantined. And a job whose count
+    cannot be reset runs as it is, rather than go round the broker until its delivery
+    limit dead-letters it. (A rolling restart of a cluster quarantined a whole prefetch
+    window this way.)"""
     app = namespace.app()
     job = Job("t.nacked", N, queue="nacked")
     ran: list[int] = []
@@ -242,20 +246,56 @@ async def test_a_job_given_back_by_nack_does_not_spend_the_delivery_count(
     async with namespace.client() as client:
         await client.enqueue(job, {"n": 1})
     worker = namespace.worker(app)
-    real_send = worker.link.send_to_queue
 
-    async def refused_thrice(queue_name: str, message: Any) -> None:
-        if nacks() < 3:
-            raise PublishRefusedError(f"{queue_name}: refused (injected)")
-        await real_send(queue_name, message)
+    async def refused(queue_name: str, message: Any) -> None:
+        raise PublishRefusedError(f"{queue_name}: refused (injected)")
 
-    monkeypatch.setattr(worker.link, "send_to_queue", refused_thrice)
+    monkeypatch.setattr(worker.link, "send_to_queue", refused)
     task = asyncio.create_task(worker.run())
     try:
         await eventually(lambda: ran == [1], timeout=30, what="the job run once")
     finally:
         worker.stop()
         await asyncio.wait_for(task, 15)
-    assert nacks() >= 3
+    assert nacks() >= 4  # two resets that failed among them
     assert worker.stats.quarantined == 0, "our own nacks spend no delivery count"
     assert await queue_count(namespace.url, quarantine_queue(namespace.name, "nacked")) == 0
+
+
+async def test_a_job_given_back_as_a_copy_is_not_vouched_for(namespace: Namespace) -> None:
+    """Only a delivery that went back counted (nacked, or its channel lost) is vouched
+    for. One given back as a copy starts its count again; a vouch left for its id would
+    forgive the count of a later copy that did kill workers."""
+    app = namespace.app()
+    job = Job("t.copied", N, queue="copied")
+
+    @app.handler(job)
+    async def run(args: N) -> None:
+        pass
+
+    async with namespace.client() as client:
+        await client.enqueue(job, {"n": 1})
+    worker = namespace.worker(app)
+    session = await transport_for(namespace.url).session(name="test", give_up_after=10)
+    try:
+        channel = await session.channel(1)
+        queue = work_queue(namespace.name, "copied")
+
+        got: list[Delivery] = []
+
+        async def taken() -> bool:
+            delivery = await channel.get(queue)
+            if delivery is not None:
+                got.append(delivery)
+            return bool(got)
+
+        async def copy_ready() -> bool:
+            return await queue_count(namespace.url, queue) == 1
+
+        await eventually(taken, timeout=10, what="the job")
+        assert not await worker._settle(got[0], Release(), "copied")
+        assert got[0].message_id not in worker._vouched
+        await eventually(copy_ready, timeout=10, what="its copy in the queue")
+    finally:
+        await session.close()
+        await worker.link.close()
