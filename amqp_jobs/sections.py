@@ -285,6 +285,8 @@ class CriticalSections(Middleware):
                 held,
                 describe(exc),
             )
+        except Exception:  # freed in the background: nobody else would hear of it
+            log.exception("freeing section %s/%s (%s) failed", section[0], section[1], held)
         finally:
             self._freed(held, section)  # only now: a claim meanwhile would be refused
 

@@ -279,10 +279,12 @@ async def test_a_job_does_not_wait_for_its_section_to_be_freed(
         async def run() -> None:
             ran.set()
 
-        await asyncio.wait_for(sections.attempt(job, run), 10)
-        assert ran.is_set()
-        assert not await other.claim(lock), "held until its free is through"
-        let_go.set()
+        try:
+            await asyncio.wait_for(sections.attempt(job, run), 10)
+            assert ran.is_set()
+            assert not await other.claim(lock), "held until its free is through"
+        finally:
+            let_go.set()
         await eventually(lambda: other.claim(lock), timeout=5, what="the lock freed")
         await assert_nothing_left(sections)
 
