@@ -144,6 +144,13 @@ MAX_TROUBLE_PAUSE = 60.0
 MAX_RECONNECT_PAUSE = 2.0
 
 
+class Vouch(enum.Enum):
+    """How a living worker forgives a count it caused (see ``_vouched_for``)."""
+
+    RESET = "reset"  # give it back as an unchanged copy, whose count starts again
+    RUN = "run"  # its reset failed last time: run it as it is
+
+
 def consumer_timeout_margin(consumer_timeout: float) -> float:
     """How long before the broker's consumer_timeout a job is stopped and settled."""
     return min(60.0, max(2.0, consumer_timeout / 10))
@@ -330,6 +337,8 @@ class Worker:
         self._held: dict[asyncio.Task[Any], Delivery] = {}
         #: deliveries whose settlement has begun (never released again after that)
         self._decided: set[Delivery] = set()
+        #: deliveries whose settlement gave them back counted (Fate.RETURNED)
+        self._returned: set[Delivery] = set()
         #: consumer_timeout_margin of the consumer_timeout it was computed for
         self._margin_for, self._margin = -1.0, 0.0
         self._vouched: OrderedDict[str, None] = OrderedDict()
@@ -634,14 +643,12 @@ class Worker:
         try:
             if source is Source.QUARANTINE:
                 await self._run_alone(task, msg, queue)
-            elif (vouched := self._vouched_for(msg)) and msg.message_id not in self._not_reset:
+            elif (vouch := self._vouched_for(msg)) is Vouch.RESET:
                 # returned by the broker while this process lived: reset its count
                 await self._reset(msg, queue)
-            elif not vouched and self._suspect(msg):
+            elif vouch is None and self._suspect(msg):
                 await self._quarantine(msg, queue)
-            else:
-                if vouched:  # its count could not be reset: it runs as it is
-                    self._not_reset.pop(msg.message_id or "", None)
+            else:  # not suspect, or vouched for but its count could not be reset
                 await self._pipeline(
                     msg, queue, is_due=source is Source.DUE, high=source is Source.HIGH
                 )
@@ -660,6 +667,7 @@ class Worker:
             self._tasks.discard(task)
             self._held.pop(task, None)
             self._decided.discard(msg)
+            self._returned.discard(msg)
 
     async def _trouble(self, msg: Delivery, queue: str) -> None:
         """Processing failed where it never should: log it, pause (longer each time for
@@ -687,18 +695,22 @@ class Worker:
         until the broker's delivery limit dead-letters a job that never ran."""
         await self._settle(msg, Release(), queue)
         job_id = msg.message_id
-        if job_id and job_id in self._vouched and not msg.channel.is_closed:
+        if job_id and msg in self._returned and not msg.channel.is_closed:
             self._not_reset[job_id] = None  # nacked: its copy could not be stored
-            if len(self._not_reset) > 1000:
+            if len(self._not_reset) > VOUCH_MEMORY:
                 self._not_reset.popitem(last=False)
 
-    def _vouched_for(self, msg: Delivery) -> bool:
-        """This process gave the delivery back while alive, and the broker counted it."""
+    def _vouched_for(self, msg: Delivery) -> Vouch | None:
+        """This process gave the delivery back while alive, and the broker counted it:
+        reset its count, or run it as it is if its last reset failed (None: neither)."""
         job_id = msg.message_id
         if job_id is None or job_id not in self._vouched:
-            return False
+            return None
         del self._vouched[job_id]
-        return msg.delivery_count > 0 and self.settings.queue_type == "quorum"
+        reset_failed = self._not_reset.pop(job_id, 0) is None
+        if msg.delivery_count == 0 or self.settings.queue_type != "quorum":
+            return None
+        return Vouch.RUN if reset_failed else Vouch.RESET
 
     def _suspect(self, msg: Delivery) -> bool:
         """Handed out ``SUSPECT_AFTER`` times (or up to a lower limit) and never settled."""
@@ -1089,6 +1101,7 @@ class Worker:
             # stored), or taken back from it (its channel closed): a count that comes
             # back with it was no death
             self._vouch(msg)
+            self._returned.add(msg)
         return fate is Fate.ACKED
 
     # -- idleness (tests, demo) ------------------------------------------------------

@@ -295,6 +295,7 @@ async def test_a_job_given_back_as_a_copy_is_not_vouched_for(namespace: Namespac
         await eventually(taken, timeout=10, what="the job")
         assert not await worker._settle(got[0], Release(), "copied")
         assert got[0].message_id not in worker._vouched
+        assert not worker._not_reset
         await eventually(copy_ready, timeout=10, what="its copy in the queue")
     finally:
         await session.close()
