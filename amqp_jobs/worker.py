@@ -707,7 +707,8 @@ class Worker:
         if job_id is None or job_id not in self._vouched:
             return None
         del self._vouched[job_id]
-        reset_failed = self._not_reset.pop(job_id, 0) is None
+        reset_failed = job_id in self._not_reset
+        self._not_reset.pop(job_id, None)  # used up with the vouch
         if msg.delivery_count == 0 or self.settings.queue_type != "quorum":
             return None
         return Vouch.RUN if reset_failed else Vouch.RESET
