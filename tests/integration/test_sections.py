@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -413,6 +414,39 @@ async def test_locks_hold_through_refusals_and_come_back_when_their_queue_is_gon
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.rabbitmq_only
+async def test_a_keys_first_claim_waits_for_one_answer(
+    namespace: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock queue not used lately is declared unanswered, ahead of the consume on the
+    same channel: a key's first claim waits for the broker once, as any other does."""
+    import aiormq
+
+    transport = transport_for(namespace.url)
+    session = await transport.session(name="a", give_up_after=10)
+    other = await transport.session(name="b", give_up_after=10)
+    warm, first = lock_names(namespace.name, "locks", "first", 2)
+    answered: list[str] = []
+    rpc = aiormq.Channel.rpc
+
+    async def counting(channel: aiormq.Channel, frame: Any, timeout: Any = None) -> Any:
+        if frame.synchronous and not getattr(frame, "nowait", False):
+            answered.append(type(frame).__name__)
+        return await rpc(channel, frame, timeout)
+
+    try:
+        assert await session.claim(warm)  # opens a channel for it ...
+        await session.release(warm)  # ... kept as a spare: the next claim opens none
+        monkeypatch.setattr(aiormq.Channel, "rpc", counting)
+        assert await session.claim(first)
+        assert answered == ["Consume"], answered
+        monkeypatch.undo()
+        assert not await other.claim(first), "its queue was declared, and it is held"
+    finally:
+        await session.close()
+        await other.close()
 
 
 @pytest.mark.rabbitmq_only

@@ -297,12 +297,19 @@ class AmqpSession:
             if not self._locks[name][0][1].is_closed:
                 return True
             del self._locks[name]  # its channel went (with the connection): not held
+        declare = not self._known(name)
         try:
-            if not self._known(name):
-                await self._declare_lock(name)
             for _ in range(2):
                 spare = await self._spare()
                 try:
+                    if declare:
+                        # unanswered, ahead of the consume on the same channel: the
+                        # consume's answer (or the channel's close) says how it went.
+                        # A key's first use costs one round trip, as any other.
+                        arguments: dict[str, Any] = {"x-expires": LOCK_EXPIRES_MS}
+                        await spare[1].queue_declare(
+                            name, durable=True, arguments=arguments, nowait=True
+                        )
                     ok = await spare[1].basic_consume(name, _nothing, exclusive=True, no_ack=True)
                 except (
                     aiormq.exceptions.ChannelAccessRefused,  # another's consumer holds it
@@ -312,7 +319,8 @@ class AmqpSession:
                     self._replenish()
                     return False  # and the broker closed the channel
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    await self._declare_lock(name)  # expired after all: then again
+                    declare = True  # expired after all: then again, declared
+                    self._replenish()  # the broker closed that channel too
                     continue
                 assert ok.consumer_tag is not None
                 self._locks[name] = (spare, ok.consumer_tag)
@@ -332,15 +340,6 @@ class AmqpSession:
         self._recent.move_to_end(name)
         while len(self._recent) > MAX_RECENT:
             self._recent.popitem(last=False)
-
-    async def _declare_lock(self, name: str) -> None:
-        spare = await self._spare()
-        try:
-            arguments: dict[str, Any] = {"x-expires": LOCK_EXPIRES_MS}
-            await spare[1].queue_declare(name, durable=True, arguments=arguments)
-            self._used(name)
-        finally:
-            self._done_with(spare)
 
     async def release(self, name: str) -> None:
         held = self._locks.pop(name, None)
