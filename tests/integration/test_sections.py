@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from amqp_jobs import Job, JobApp, JobClient, JobContext, RetryPolicy, Worker
-from amqp_jobs.errors import ContractError, Defer
+from amqp_jobs.errors import AmqpJobsError, ConnectionLostError, ContractError, Defer
 from amqp_jobs.sections import MAX_HAND_OVERS, CriticalSections, lock_names
 from amqp_jobs.testing import Namespace
 from amqp_jobs.transport import Session, transport_for
@@ -445,6 +445,34 @@ async def test_a_keys_first_claim_waits_for_one_answer(
         monkeypatch.undo()
         assert not await other.claim(first), "its queue was declared, and it is held"
     finally:
+        await session.close()
+        await other.close()
+
+
+@pytest.mark.rabbitmq_only
+async def test_a_claim_the_broker_refuses_for_itself_is_an_error_not_taken(
+    namespace: Namespace,
+) -> None:
+    """A lock queue the broker will not declare (a reserved name here; no permission, in
+    life), or one declared with other arguments: the claim raises the broker's refusal,
+    never reads as "another holds it" (a job would be turned away for ever), and the
+    session claims other locks after it."""
+    transport = transport_for(namespace.url)
+    session = await transport.session(name="a", give_up_after=10)
+    other = await transport.session(name="b", give_up_after=10)
+    clashing, fine = lock_names(namespace.name, "locks", "refused", 2)
+    try:
+        with pytest.raises(AmqpJobsError, match="refused") as refused:
+            await session.claim(f"amq.{namespace.name}.lock")
+        assert not isinstance(refused.value, ConnectionLostError)
+        await other.declare_queue(clashing, {"x-expires": 1234})  # not a lock's arguments
+        with pytest.raises(AmqpJobsError, match="PRECONDITION_FAILED") as clash:
+            await session.claim(clashing)
+        assert not isinstance(clash.value, ConnectionLostError)
+        assert await session.claim(fine), "the session claims on after both"
+        assert not await other.claim(fine)
+    finally:
+        await other.delete_queue(clashing)
         await session.close()
         await other.close()
 

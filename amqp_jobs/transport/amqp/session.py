@@ -232,7 +232,12 @@ class AmqpSession:
     def _done_with(self, spare: tuple[AbstractChannel, aiormq.Channel]) -> None:
         if not spare[1].is_closed and len(self._spares) < MAX_SPARES:
             self._spares.append(spare)
-        elif not spare[1].is_closed:
+        else:
+            self._discard(spare)
+
+    def _discard(self, spare: tuple[AbstractChannel, aiormq.Channel]) -> None:
+        """Close a spare in the background, if the broker has not."""
+        if not spare[1].is_closed:
             task = asyncio.ensure_future(spare[0].close())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -298,6 +303,7 @@ class AmqpSession:
                 return True
             del self._locks[name]  # its channel went (with the connection): not held
         declare = not self._known(name)
+        gone: BaseException | None = None
         try:
             for _ in range(2):
                 spare = await self._spare()
@@ -312,22 +318,31 @@ class AmqpSession:
                         )
                     ok = await spare[1].basic_consume(name, _nothing, exclusive=True, no_ack=True)
                 except (
-                    aiormq.exceptions.ChannelAccessRefused,  # another's consumer holds it
+                    aiormq.exceptions.ChannelAccessRefused,  # held, or a refused declare
                     aiormq.exceptions.ChannelLockedResource,  # an exclusive queue (<= 0.13)
-                ):
+                ) as exc:
+                    if not _held_by_another(exc):
+                        raise  # refused for itself (permissions, a reserved name): say so
                     self._used(name)
                     self._replenish()
                     return False  # and the broker closed the channel
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    declare = True  # expired after all: then again, declared
+                except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                    gone, declare = exc, True  # expired after all: then again, declared
                     self._replenish()  # the broker closed that channel too
                     continue
+                except BaseException:
+                    # cut off between the declare and the consume (cancelled, say): a
+                    # channel a declare may yet fail on goes, not back among the spares
+                    self._discard(spare)
+                    raise
                 assert ok.consumer_tag is not None
                 self._locks[name] = (spare, ok.consumer_tag)
                 return True
         except (*TRANSIENT, *LOST) as exc:
             raise ours(f"claiming {name}", exc) from exc
-        raise ConnectionLostError(f"claiming {name}: its queue vanished as it was declared")
+        raise ConnectionLostError(
+            f"claiming {name}: its queue vanished as it was declared ({describe(gone)})"
+        )
 
     def _known(self, name: str) -> bool:
         """Whether ``name`` was used so recently that it cannot have expired: then it
@@ -432,6 +447,13 @@ class AmqpSession:
             await self._connection.close()
         except Exception as exc:
             log.debug("closing connection: %s", describe(exc))
+
+
+def _held_by_another(exc: BaseException) -> bool:
+    """Whether a refused claim was refused because another consumer holds the lock
+    (RabbitMQ: "... in exclusive use"), not for itself: a declare refused for want of
+    permission, or for a reserved name, must not read as "taken" for ever."""
+    return isinstance(exc, aiormq.exceptions.ChannelLockedResource) or "exclusive use" in str(exc)
 
 
 async def _nothing(_: object) -> None:
