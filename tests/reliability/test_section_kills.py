@@ -104,6 +104,16 @@ async def probe_claims(namespace: Namespace, stop: asyncio.Event) -> list[float]
     return sorted(took)
 
 
+def count_quarantined(directory: Path) -> int:
+    """Deliveries the workers (killed ones too) quarantined: held by two workers killed
+    in turn, most waiting for their ETA or a slot. Each runs alone, its worker drained
+    first, which slows a run down."""
+    return sum(
+        path.read_text().count("quarantining it to run alone")
+        for path in directory.glob("*.worker-*.out")
+    )
+
+
 def read_ledgers(paths: list[Path]) -> list[dict[str, object]]:
     lines = []
     for path in paths:
@@ -209,6 +219,7 @@ async def test_sections_hold_under_kills(
         for (_, a1, an), (b0, _, bn) in itertools.pairwise(spans):
             if b0 < a1:
                 overlaps.append((key, an, bn, round(a1 - b0, 4)))
+    quarantined = count_quarantined(tmp_path)
     p50 = statistics.median(costs) if costs else float("nan")
     lasted = statistics.median(b - a for spans in runs.values() for a, b, _ in spans) * 1000
     report = (
@@ -220,7 +231,7 @@ async def test_sections_hold_under_kills(
         f" {let_in} ({handed_over} handed over in the worker) and turned away"
         f" {turned_away}; a handler's {work_ms.replace(',', ' to ')} ms sleep lasted p50"
         f" {lasted:.1f} ms; the same claim from the test's own (idle) event loop took p50"
-        f" {statistics.median(probed):.1f} ms"
+        f" {statistics.median(probed):.1f} ms; {quarantined} deliveries quarantined"
     )
     print(report)
     REPORTS.append(report)
