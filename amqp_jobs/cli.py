@@ -22,7 +22,7 @@ from typing import Any
 from amqp_jobs import __version__, commands
 from amqp_jobs.commands import UsageError, load_app, parse_duration, parse_when, plural, scrub
 from amqp_jobs.contract import Namespace
-from amqp_jobs.errors import AmqpJobsError, ContractError
+from amqp_jobs.errors import AmqpJobsError, ContractError, describe
 from amqp_jobs.serving import serve, serve_supervisor
 from amqp_jobs.supervised import (
     CHILD_SLOT,
@@ -773,8 +773,17 @@ def _supervise(args: argparse.Namespace) -> int:
 
 
 async def _together(worker: Worker, recorder: Any) -> None:
-    """A worker and a recorder in one process: the recorder stops when the worker has."""
+    """A worker and a recorder in one process: the recorder stops when the worker has.
+    A recorder that fails (its lock refused, its store unreachable at start) stops the
+    worker, and says why at once: never a worker running on with nothing recorded."""
     recording = asyncio.ensure_future(recorder.run())
+
+    def ended(task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("the job log's recorder failed: %s; stopping the worker", describe(exc))
+            worker.stop()
+
+    recording.add_done_callback(ended)
     try:
         await worker.run()
     finally:

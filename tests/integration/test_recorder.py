@@ -3,6 +3,7 @@ over from where it stopped; a client asks the log for jobs it did not enqueue.""
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 from pydantic import BaseModel
 
 from amqp_jobs import Job, JobContext, RetryPolicy
-from amqp_jobs.cli import main
-from amqp_jobs.errors import JobFailedError, UnknownJobError
+from amqp_jobs.cli import _together, main
+from amqp_jobs.errors import AmqpJobsError, JobFailedError, UnknownJobError
 from amqp_jobs.joblog import JobLog
 from amqp_jobs.joblog.recorder import Recorder
 from amqp_jobs.testing import Namespace, run_until_idle
@@ -201,3 +202,24 @@ async def test_a_queued_job_is_in_the_log_before_it_runs(
             worker.stop()
             async with asyncio.timeout(WAIT):
                 await running
+
+
+async def test_a_worker_whose_recorder_fails_stops_and_says_why(
+    namespace: Namespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``worker --store``: a recorder that fails for good (its lock refused, say) stops
+    the worker at once, logged as the recorder's failure, not at the worker's next stop."""
+
+    class Refused:
+        async def run(self) -> None:
+            raise AmqpJobsError("the broker refused claiming the recorder's lock")
+
+        def stop(self) -> None:
+            pass
+
+    app, _ = charge_app(namespace)
+    worker = namespace.worker(app, events=True, started_after=0)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, "amqp_jobs.cli"), pytest.raises(AmqpJobsError):
+        async with asyncio.timeout(WAIT):
+            await _together(worker, Refused())
+    assert "the job log's recorder failed" in caplog.text, caplog.text

@@ -465,7 +465,7 @@ async def test_a_claim_the_broker_refuses_for_itself_is_an_error_not_taken(
         with pytest.raises(AmqpJobsError, match="refused") as refused:
             await session.claim(f"amq.{namespace.name}.lock")
         assert not isinstance(refused.value, ConnectionLostError)
-        await other.declare_queue(clashing, {"x-expires": 1234})  # not a lock's arguments
+        await other.declare_queue(clashing, {"x-expires": 120_000})  # not a lock's
         with pytest.raises(AmqpJobsError, match="PRECONDITION_FAILED") as clash:
             await session.claim(clashing)
         assert not isinstance(clash.value, ConnectionLostError)

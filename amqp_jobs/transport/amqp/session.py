@@ -330,7 +330,7 @@ class AmqpSession:
                     gone, declare = exc, True  # expired after all: then again, declared
                     self._replenish()  # the broker closed that channel too
                     continue
-                except BaseException:
+                except (Exception, asyncio.CancelledError):
                     # cut off between the declare and the consume (cancelled, say): a
                     # channel a declare may yet fail on goes, not back among the spares
                     self._discard(spare)
@@ -450,10 +450,17 @@ class AmqpSession:
 
 
 def _held_by_another(exc: BaseException) -> bool:
-    """Whether a refused claim was refused because another consumer holds the lock
-    (RabbitMQ: "... in exclusive use"), not for itself: a declare refused for want of
-    permission, or for a reserved name, must not read as "taken" for ever."""
-    return isinstance(exc, aiormq.exceptions.ChannelLockedResource) or "exclusive use" in str(exc)
+    """Whether a refused claim was refused because another consumer holds the lock, not
+    for itself: a declare refused for want of permission, or for a reserved name, must
+    not read as "taken" for ever. RabbitMQ says "ACCESS_REFUSED - queue 'N' in vhost 'V'
+    in exclusive use", cut to 255 bytes with "..." when the names are long; its other
+    refusals read "... access to queue ..." or "queue name ...", never "queue '"."""
+    if isinstance(exc, aiormq.exceptions.ChannelLockedResource):
+        return True
+    text = str(exc)
+    return "in exclusive use" in text or (
+        text.startswith("ACCESS_REFUSED - queue '") and text.endswith("...")
+    )
 
 
 async def _nothing(_: object) -> None:
