@@ -204,22 +204,33 @@ def job_context(job: Job[UserArgs], n: int, key: str) -> JobContext:
 
 
 @asynccontextmanager
+async def two_sessions(
+    namespace: Namespace, first: str = "a", second: str = "b"
+) -> AsyncIterator[tuple[Session, Session]]:
+    """Two sessions (connections) on the namespace's broker, closed on the way out."""
+    transport = transport_for(namespace.url)
+    one = await transport.session(name=first, give_up_after=10)
+    try:
+        two = await transport.session(name=second, give_up_after=10)
+        try:
+            yield one, two
+        finally:
+            await two.close()
+    finally:
+        await one.close()
+
+
+@asynccontextmanager
 async def sections_and_another(
     namespace: Namespace,
 ) -> AsyncIterator[tuple[CriticalSections, Session]]:
     """A worker's sections on a session of their own (hand-overs waited for up to 30 s,
     however slow this machine), and another session to try its locks from."""
-    transport = transport_for(namespace.url)
-    session = await transport.session(name="worker", give_up_after=10)
-    other = await transport.session(name="other", give_up_after=10)
-    sections = CriticalSections(namespace.name)
-    sections.local_wait = 30
-    sections.attach(session)
-    try:
+    async with two_sessions(namespace, "worker", "other") as (session, other):
+        sections = CriticalSections(namespace.name)
+        sections.local_wait = 30
+        sections.attach(session)
         yield sections, other
-    finally:
-        await session.close()
-        await other.close()
 
 
 async def hand_on(
@@ -393,11 +404,8 @@ async def test_locks_hold_through_refusals_and_come_back_when_their_queue_is_gon
     """The transport's lock: a refused claim costs the refused session nothing it holds
     (on RabbitMQ the refusal closes a channel), a release lets the other in, and a lock
     whose queue vanished (expired, or deleted) is taken again."""
-    transport = transport_for(namespace.url)
-    a = await transport.session(name="a", give_up_after=10)
-    b = await transport.session(name="b", give_up_after=10)
     x, y = lock_names(namespace.name, "locks", "x", 2)
-    try:
+    async with two_sessions(namespace) as (a, b):
         assert await a.claim(x)
         assert await a.claim(y)
         assert await a.claim(x), "a holder claiming again holds it still"
@@ -411,9 +419,6 @@ async def test_locks_hold_through_refusals_and_come_back_when_their_queue_is_gon
         await a.delete_queue(y)
         assert await a.claim(y), "a lock whose queue is gone is taken on a new one"
         assert not await b.claim(y)
-    finally:
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.rabbitmq_only
@@ -424,9 +429,6 @@ async def test_a_keys_first_claim_waits_for_one_answer(
     same channel: a key's first claim waits for the broker once, as any other does."""
     import aiormq
 
-    transport = transport_for(namespace.url)
-    session = await transport.session(name="a", give_up_after=10)
-    other = await transport.session(name="b", give_up_after=10)
     warm, first = lock_names(namespace.name, "locks", "first", 2)
     answered: list[str] = []
     rpc = aiormq.Channel.rpc
@@ -436,7 +438,7 @@ async def test_a_keys_first_claim_waits_for_one_answer(
             answered.append(type(frame).__name__)
         return await rpc(channel, frame, timeout)
 
-    try:
+    async with two_sessions(namespace) as (session, other):
         assert await session.claim(warm)  # opens a channel for it ...
         await session.release(warm)  # ... kept as a spare: the next claim opens none
         monkeypatch.setattr(aiormq.Channel, "rpc", counting)
@@ -444,9 +446,6 @@ async def test_a_keys_first_claim_waits_for_one_answer(
         assert answered == ["Consume"], answered
         monkeypatch.undo()
         assert not await other.claim(first), "its queue was declared, and it is held"
-    finally:
-        await session.close()
-        await other.close()
 
 
 @pytest.mark.rabbitmq_only
@@ -457,24 +456,20 @@ async def test_a_claim_the_broker_refuses_for_itself_is_an_error_not_taken(
     life), or one declared with other arguments: the claim raises the broker's refusal,
     never reads as "another holds it" (a job would be turned away for ever), and the
     session claims other locks after it."""
-    transport = transport_for(namespace.url)
-    session = await transport.session(name="a", give_up_after=10)
-    other = await transport.session(name="b", give_up_after=10)
     clashing, fine = lock_names(namespace.name, "locks", "refused", 2)
-    try:
-        with pytest.raises(AmqpJobsError, match="refused") as refused:
-            await session.claim(f"amq.{namespace.name}.lock")
-        assert not isinstance(refused.value, ConnectionLostError)
-        await other.declare_queue(clashing, {"x-expires": 120_000})  # not a lock's
-        with pytest.raises(AmqpJobsError, match="PRECONDITION_FAILED") as clash:
-            await session.claim(clashing)
-        assert not isinstance(clash.value, ConnectionLostError)
-        assert await session.claim(fine), "the session claims on after both"
-        assert not await other.claim(fine)
-    finally:
-        await other.delete_queue(clashing)
-        await session.close()
-        await other.close()
+    async with two_sessions(namespace) as (session, other):
+        try:
+            with pytest.raises(AmqpJobsError, match="refused") as refused:
+                await session.claim(f"amq.{namespace.name}.lock")
+            assert not isinstance(refused.value, ConnectionLostError)
+            await other.declare_queue(clashing, {"x-expires": 120_000})  # not a lock's
+            with pytest.raises(AmqpJobsError, match="PRECONDITION_FAILED") as clash:
+                await session.claim(clashing)
+            assert not isinstance(clash.value, ConnectionLostError)
+            assert await session.claim(fine), "the session claims on after both"
+            assert not await other.claim(fine)
+        finally:
+            await other.delete_queue(clashing)
 
 
 @pytest.mark.rabbitmq_only
@@ -483,21 +478,15 @@ async def test_a_lock_lost_while_held_is_reported_as_the_sessions_loss(
 ) -> None:
     """Its queue deleted under it (by hand, or with a cluster node): the holder hears of
     it through on_lost, never runs on unaware beside the next holder."""
-    transport = transport_for(namespace.url)
-    holder = await transport.session(name="holder", give_up_after=10)
-    other = await transport.session(name="other", give_up_after=10)
     lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    holder.on_lost(lambda reason, _: lost.done() or lost.set_result(reason))
     (lock,) = lock_names(namespace.name, "locks", "gone", 1)
-    try:
+    async with two_sessions(namespace, "holder", "other") as (holder, other):
+        holder.on_lost(lambda reason, _: lost.done() or lost.set_result(reason))
         assert await holder.claim(lock)
         await other.delete_queue(lock)
         reason = await asyncio.wait_for(lost, 10)
         assert lock in reason and "cancelled" in reason
         assert await other.claim(lock), "the lock is free for the next holder"
-    finally:
-        await holder.close()
-        await other.close()
 
 
 @pytest.mark.rabbitmq_only
