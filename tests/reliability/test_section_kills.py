@@ -172,17 +172,19 @@ async def test_sections_hold_under_kills(
     started = time.monotonic()
     probing = asyncio.Event()
     probe = asyncio.ensure_future(probe_claims(namespace, probing))
-    for k in range(SIZE["kills"]):
-        # kill at a random share of the way through the jobs
-        target = jobs * (k + 1) / (SIZE["kills"] + 1) * rng.uniform(0.8, 1.0)
-        await eventually(lambda t=target: len(ended()) >= t, timeout=180, what="progress")
-        pid = rng.choice(sorted(workers))
-        killed_at[pid] = time.time()
-        workers.pop(pid).kill()
-        start_worker()
-    await eventually(lambda: len(ended()) == jobs, timeout=300, what="every job's end")
-    took = time.monotonic() - started
-    probing.set()
+    try:
+        for k in range(SIZE["kills"]):
+            # kill at a random share of the way through the jobs
+            target = jobs * (k + 1) / (SIZE["kills"] + 1) * rng.uniform(0.8, 1.0)
+            await eventually(lambda t=target: len(ended()) >= t, timeout=180, what="progress")
+            pid = rng.choice(sorted(workers))
+            killed_at[pid] = time.time()
+            workers.pop(pid).kill()
+            start_worker()
+        await eventually(lambda: len(ended()) == jobs, timeout=300, what="every job's end")
+        took = time.monotonic() - started
+    finally:
+        probing.set()  # a run that fails closes the probe's session too
     probed = await asyncio.wait_for(probe, 30)
     costs: list[float] = []
     let_in = handed_over = turned_away = 0
